@@ -1,0 +1,34 @@
+"""xnn_toolkit: post-hoc explanations of pretrained CNNs.
+
+Model + data -> hooks -> activation bank -> heads -> attribution -> metrics -> report.
+"""
+
+from .errors import (
+    AssetError,
+    BankError,
+    InputError,
+    LayerNotFoundError,
+    NotFittedError,
+    SpecError,
+    XnnError,
+)
+from .hooks import Recording, record
+from .layers import default_read_layer, list_layers, resolve_layer, stages
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssetError",
+    "BankError",
+    "InputError",
+    "LayerNotFoundError",
+    "NotFittedError",
+    "Recording",
+    "SpecError",
+    "XnnError",
+    "default_read_layer",
+    "list_layers",
+    "record",
+    "resolve_layer",
+    "stages",
+]

@@ -1,0 +1,257 @@
+"""Find layers of a model: by dotted name, by module object, or by stage.
+
+Stages follow timm's ``feature_info`` when the model has it; known torchvision families
+(ResNet, VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, RegNet, ...) are described by
+name patterns; any other network falls back to a shape probe that ends a stage at every
+change of spatial resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import LayerNotFoundError, close_matches
+
+__all__ = ["Stage", "LayerSpec", "list_layers", "resolve_layer", "stages", "default_read_layer"]
+
+LayerSpec = str | nn.Module | int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a backbone: its last module, its channels and its stride to the input.
+
+    Attributes
+    ----------
+    name : str
+        Dotted module name of the stage's output.
+    channels : int or None
+        Number of output channels, when known.
+    reduction : int or None
+        Total stride relative to the input, when known.
+    """
+
+    name: str
+    channels: int | None = None
+    reduction: int | None = None
+
+
+def list_layers(model: nn.Module, kind: type | tuple[type, ...] | None = None) -> list[str]:
+    """Dotted names of the model's modules (the root excluded), in definition order.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any network.
+    kind : type or tuple of types, optional
+        Keep only modules of these types (e.g. ``nn.Conv2d``).
+
+    Returns
+    -------
+    list of str
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and (kind is None or isinstance(module, kind))
+    ]
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+    """Turn a layer specification into ``(dotted_name, module)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network that holds the layer.
+    layer : str, nn.Module or int
+        A dotted name (``"layer3"``, ``"features.23"``), the module object itself, an
+        integer stage index into :func:`stages` (negative counts from the end), or the
+        strings ``"stage:N"`` / ``"default"`` (see :func:`default_read_layer`).
+
+    Returns
+    -------
+    (str, nn.Module)
+
+    Raises
+    ------
+    LayerNotFoundError
+        When nothing matches; the message lists the closest names.
+    """
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer and name:
+                return name, module
+        raise LayerNotFoundError(
+            f"the module {type(layer).__name__} is not a submodule of "
+            f"{type(model).__name__}; pass one of its own modules or a dotted name"
+        )
+    if isinstance(layer, bool) or not isinstance(layer, int | str):
+        raise LayerNotFoundError(
+            f"layer must be a dotted name, a module or a stage index, got {type(layer).__name__}"
+        )
+    if isinstance(layer, str) and layer == "default":
+        return resolve_layer(model, default_read_layer(model))
+    if isinstance(layer, str) and layer.startswith("stage:"):
+        try:
+            layer = int(layer.split(":", 1)[1])
+        except ValueError:
+            raise LayerNotFoundError(f"bad stage spec {layer!r}; expected 'stage:N'") from None
+    if isinstance(layer, int):
+        st = stages(model)
+        if not -len(st) <= layer < len(st):
+            raise LayerNotFoundError(
+                f"stage {layer} out of range: {type(model).__name__} has {len(st)} stages "
+                f"({', '.join(s.name for s in st)})"
+            )
+        name = st[layer].name
+        return name, model.get_submodule(name)
+    modules = dict(model.named_modules())
+    if layer in modules and layer:
+        return layer, modules[layer]
+    raise LayerNotFoundError(
+        f"no layer named {layer!r} in {type(model).__name__}; "
+        + close_matches(layer, [n for n in modules if n])
+    )
+
+
+def _timm_stages(model: nn.Module) -> list[Stage] | None:
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list | tuple) or not info:
+        return None
+    out = []
+    names = dict(model.named_modules())
+    for entry in info:
+        if not isinstance(entry, dict) or "module" not in entry:
+            return None
+        name = entry["module"]
+        if name not in names:
+            # timm names some stages with '_' where the module path has '.'
+            alt = name.replace("_", ".")
+            if alt not in names:
+                return None
+            name = alt
+        out.append(Stage(name, entry.get("num_chs"), entry.get("reduction")))
+    return out
+
+
+def _pattern_stages(model: nn.Module) -> list[Stage] | None:
+    names = [n for n, _ in model.named_modules() if n]
+    top = set(names)
+    if {"layer1", "layer2", "layer3", "layer4"} <= top:  # torchvision ResNet / ResNeXt
+        return [Stage(f"layer{i}") for i in range(1, 5)]
+    dense = [n for n in names if n.startswith("features.denseblock") and n.count(".") == 1]
+    if dense:  # torchvision DenseNet: every dense block ends a stage
+        return [Stage(n) for n in dense]
+    feats = getattr(model, "features", None)
+    if isinstance(feats, nn.Sequential):
+        pools = [
+            f"features.{i}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)
+        ]
+        if len(pools) >= 3:  # VGG-style: stages end at the pooling layers
+            return [Stage(p) for p in pools]
+    return None
+
+
+def _probe_stages(model: nn.Module) -> list[Stage]:
+    """End a stage at the last body block before each change of spatial size.
+
+    The body is the ``features`` (or ``trunk_output``) sequence when the model has one,
+    otherwise its top-level children; their outputs are NCHW in every torchvision family.
+    """
+    from ._guard import model_guard
+
+    body_name = next(
+        (n for n in ("features", "trunk_output") if isinstance(getattr(model, n, None), nn.Module)),
+        "",
+    )
+    body = model.get_submodule(body_name) if body_name else model
+    prefix = body_name + "." if body_name else ""
+    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    size = 64
+    order: list[tuple[str, int, int]] = []
+
+    def make(name: str):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                order.append((name, int(out.shape[-1]), int(out.shape[1])))
+
+        return hook
+
+    with model_guard(model, eval_mode=True):
+        handles = [
+            m.register_forward_hook(make(prefix + n)) for n, m in body.named_children()
+        ]
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, in_ch, size, size))
+        except Exception:  # noqa: BLE001 - a failed probe only means "no stages known"
+            order.clear()
+        finally:
+            for h in handles:
+                h.remove()
+    # Global pools emit 1 x 1 maps and some blocks upsample: keep only outputs no smaller
+    # than anything after them.
+    kept: list[tuple[str, int, int]] = []
+    largest_after = 0
+    for item in reversed(order):
+        if item[1] > 1 and item[1] >= largest_after:
+            kept.append(item)
+            largest_after = item[1]
+    kept.reverse()
+    out = []
+    for i, (name, width, ch) in enumerate(kept):
+        if i + 1 == len(kept) or kept[i + 1][1] != width:
+            out.append(Stage(name, ch, size // width))
+    return out
+
+
+def stages(model: nn.Module) -> list[Stage]:
+    """The model's stages, shallow to deep.
+
+    From timm's ``feature_info`` when present, from known torchvision layouts otherwise,
+    and else from a probe forward pass on a 64 x 64 input.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    list of Stage
+    """
+    return _timm_stages(model) or _pattern_stages(model) or _probe_stages(model)
+
+
+def default_read_layer(model: nn.Module) -> str:
+    """The layer where heatmaps are read by default (METHODS §2.1).
+
+    VGG-style nets: the fourth pooling layer (pool4); ResNets: the end of stage 3
+    (``layer3``); otherwise the middle stage.
+
+    Parameters
+    ----------
+    model : nn.Module
+
+    Returns
+    -------
+    str
+        A dotted layer name.
+    """
+    names = {n for n, _ in model.named_modules()}
+    if "layer3" in names:
+        return "layer3"
+    feats = getattr(model, "features", None)
+    if isinstance(feats, nn.Sequential):
+        pools = [f"features.{i}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
+        if len(pools) >= 4:
+            return pools[3]
+    st = stages(model)
+    if not st:
+        raise LayerNotFoundError(
+            f"could not find stages in {type(model).__name__}; pass layer= explicitly"
+        )
+    return st[len(st) // 2].name
