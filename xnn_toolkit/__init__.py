@@ -12,7 +12,7 @@ from .errors import (
     SpecError,
     XnnError,
 )
-from .hooks import Recording, record
+from .hooks import Recording, intervene, record
 from .layers import default_read_layer, list_layers, resolve_layer, stages
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "XnnError",
     "default_read_layer",
     "list_layers",
+    "intervene",
     "record",
     "resolve_layer",
     "stages",

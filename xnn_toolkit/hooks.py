@@ -18,7 +18,7 @@ from ._guard import model_guard
 from .errors import InputError
 from .layers import LayerSpec, resolve_layer
 
-__all__ = ["Recording", "record"]
+__all__ = ["Recording", "intervene", "record"]
 
 
 @dataclass
@@ -139,6 +139,65 @@ def _make_hook(rec: Recording, name: str, gradients: bool, detach: bool):
         # Hand the rest of the network a private copy: an in-place op downstream (ReLU,
         # ``out += identity``) then changes the copy, never the tensor we hooked.
         new = out.clone()
+        if isinstance(output, torch.Tensor):
+            return new
+        return type(output)([new, *list(output)[1:]])
+
+    return hook
+
+
+@contextmanager
+def intervene(
+    model: nn.Module,
+    edits: dict[LayerSpec, object] | None = None,
+    *,
+    eval_mode: bool = True,
+    freeze: bool = False,
+) -> Iterator[nn.Module]:
+    """Replace the outputs of layers by a function of them during forwards inside the block.
+
+    Used to run a network with a reconstructed activation (NMF ``M S``), a masked one (class
+    paths) or a gated one (CSG). The model is restored exactly on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    edits : dict
+        Maps a layer spec to a callable ``fn(activation: Tensor) -> Tensor`` whose result
+        (same shape) replaces the layer's output.
+    eval_mode, freeze : bool
+        As in :func:`record`.
+
+    Yields
+    ------
+    nn.Module
+        The same model, edited while the block runs.
+    """
+    resolved = [(resolve_layer(model, k), fn) for k, fn in (edits or {}).items()]
+    for (name, _), fn in resolved:
+        if not callable(fn):
+            raise InputError(f"the edit for layer {name!r} must be callable, got {fn!r}")
+    with model_guard(model, eval_mode=eval_mode, freeze=freeze):
+        handles = []
+        try:
+            for (name, module), fn in resolved:
+                handles.append(module.register_forward_hook(_make_edit(name, fn)))
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _make_edit(name: str, fn):
+    def hook(_module: nn.Module, _inputs: object, output: object):
+        out = _first_tensor(name, output)
+        new = fn(out)
+        if not isinstance(new, torch.Tensor) or new.shape != out.shape:
+            raise InputError(
+                f"the edit of layer {name!r} must return a tensor of shape {tuple(out.shape)}, "
+                f"got {getattr(new, 'shape', type(new).__name__)}"
+            )
         if isinstance(output, torch.Tensor):
             return new
         return type(output)([new, *list(output)[1:]])
