@@ -1,0 +1,958 @@
+"""XNN explanation heads: SRAE and its NN / SAE / CAE baselines, all classes in one module.
+
+METHODS.md §1 (seed 002, ch. 3). An XNN attached to a layer with activation ``Z`` explains
+one logit ``ŷ_c`` through a few x-features ``E(Z) ∈ R^n`` and a linear predictor
+``ȳ = vᵀE(Z)``. One head per class (one-vs-all); the ``C`` heads of a layer live in one
+module with grouped weights (``G x out x in``) and train together, which is exactly
+equivalent to training them one by one with the same per-head batches (every parameter
+belongs to one head and Adam is elementwise) but runs as a few batched matrix products.
+
+Conventions
+-----------
+- Fully connected layers: ``Z`` is ``N x D``. Conv layers (the conv variant of §1, thesis
+  §3.3.4): ``Z`` is ``N x D x H x W``; encoder and decoder are 1x1 convolutions (the same
+  per-position MLP), the x-feature maps are average-pooled over positions and the predictor
+  is fully connected on the pooled x-features, so a contribution ``v_i E_i`` stays a scalar.
+- ``Z`` is divided by one scalar (its root mean square over the training set, kept in
+  ``scale_``) before entering the head, so ``q`` in the log penalty does not depend on the
+  layer's units. Targets ``ŷ`` are logits (not softmax), in their own units.
+- x-features pass through a ReLU (``x_activation="relu"``, the default) so that they are
+  non-negative, as Excitation Backprop needs for their heatmaps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._io import atomic_write, atomic_write_text
+from ..errors import AssetError, InputError, NotFittedError
+
+__all__ = [
+    "XNN",
+    "LassoXNN",
+    "faithfulness_loss",
+    "pull_away_loss",
+    "sparse_reconstruction_loss",
+    "reconstruction_error_per_dim",
+]
+
+KINDS = ("srae", "nn", "sae", "cae")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def faithfulness_loss(
+    y_bar: torch.Tensor, y_hat: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Faithfulness ``L_FS = Σ_i w_i (ȳ_i − ŷ_i)² / Σ_i w_i`` (METHODS §1, thesis eq. 3.1).
+
+    Parameters
+    ----------
+    y_bar, y_hat : Tensor
+        ``... x M`` predictions of the head and target logits (leading dims are heads).
+    weight : Tensor, optional
+        ``... x M`` sample weights (positives up-weighted); uniform when omitted, which gives
+        the thesis's ``1/M Σ_i``.
+
+    Returns
+    -------
+    Tensor
+        ``...`` one loss per head.
+    """
+    sq = (y_bar - y_hat) ** 2
+    if weight is None:
+        return sq.mean(-1)
+    return (sq * weight).sum(-1) / weight.sum(-1).clamp_min(1e-12)
+
+
+def reconstruction_error_per_dim(z_rec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    r"""``Q_k = 1/M Σ_i (E⁻¹(E(Z_i))_k − Z_ik)²`` (METHODS §1, thesis eq. 3.2 / 3.5).
+
+    Parameters
+    ----------
+    z_rec, z : Tensor
+        ``... x M x S_z`` reconstruction and input.
+
+    Returns
+    -------
+    Tensor
+        ``... x S_z``.
+    """
+    return ((z_rec - z) ** 2).mean(-2)
+
+
+def sparse_reconstruction_loss(q_k: torch.Tensor, q: float) -> torch.Tensor:
+    r"""Log penalty ``L_SR = 1/S_z Σ_k log(1 + q·Q_k)`` (METHODS §1, thesis eq. 3.5).
+
+    Parameters
+    ----------
+    q_k : Tensor
+        ``... x S_z`` per-dimension reconstruction errors ``Q_k``.
+    q : float
+        Sparsity parameter, ``q > 0``.
+
+    Returns
+    -------
+    Tensor
+        ``...``.
+    """
+    return torch.log1p(q * q_k).mean(-1)
+
+
+def pull_away_loss(e: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""Pull-away term ``L_PT = 1/(n(n−1)) Σ_{l≠l'} (E_lᵀE_l' / (‖E_l‖‖E_l'‖))²``.
+
+    METHODS §1, thesis eq. 3.3. ``E_l`` is x-feature ``l`` over the batch. 0 for orthogonal
+    x-features, 1 when all are identical (up to positive scale).
+
+    Parameters
+    ----------
+    e : Tensor
+        ``... x M x n`` x-features.
+    eps : float
+        Guards all-zero x-features (their cosine is taken as 0).
+
+    Returns
+    -------
+    Tensor
+        ``...``.
+    """
+    n = e.shape[-1]
+    if n < 2:
+        return e.new_zeros(e.shape[:-2])
+    unit = e / e.norm(dim=-2, keepdim=True).clamp_min(eps)
+    cos = unit.transpose(-1, -2) @ unit
+    off = cos.pow(2).sum((-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).pow(2).sum(-1)
+    return off / (n * (n - 1))
+
+
+# --------------------------------------------------------------------------- module
+
+
+class _GroupedLinear(nn.Module):
+    """``G`` independent linear maps: ``x (G x R x in) -> G x R x out``."""
+
+    def __init__(self, groups: int, d_in: int, d_out: int, bias: bool = True) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(d_in)
+        self.weight = nn.Parameter(torch.empty(groups, d_out, d_in).uniform_(-bound, bound))
+        b = torch.empty(groups, d_out).uniform_(-bound, bound)
+        self.bias = nn.Parameter(b) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class _GroupedXNN(nn.Module):
+    """Encoder, predictor and decoder of ``G`` heads (METHODS §1)."""
+
+    def __init__(
+        self, groups: int, d_in: int, hidden: Sequence[int], n: int, decoder: bool, relu_x: bool
+    ) -> None:
+        super().__init__()
+        sizes = [d_in, *hidden, n]
+        self.encoder = nn.ModuleList(
+            _GroupedLinear(groups, a, b) for a, b in zip(sizes[:-1], sizes[1:])
+        )
+        self.relu_x = relu_x
+        self.v = nn.Parameter(torch.randn(groups, n) / math.sqrt(n))
+        back = sizes[::-1]
+        self.decoder = (
+            nn.ModuleList(_GroupedLinear(groups, a, b) for a, b in zip(back[:-1], back[1:]))
+            if decoder
+            else None
+        )
+
+    def encode_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """``G x R x D`` rows (positions of images) -> ``G x R x n`` x-feature values."""
+        h = z
+        last = len(self.encoder) - 1
+        for i, layer in enumerate(self.encoder):
+            h = layer(h)
+            if i < last or self.relu_x:
+                h = torch.relu(h)
+        return h
+
+    def decode_rows(self, e: torch.Tensor) -> torch.Tensor:
+        h = e
+        assert self.decoder is not None
+        last = len(self.decoder) - 1
+        for i, layer in enumerate(self.decoder):
+            h = layer(h)
+            if i < last:
+                h = torch.relu(h)
+        return h
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    z: torch.Tensor  # N x P x D (P = 1 for fully connected layers)
+    spatial: tuple[int, int] | None
+    logits: torch.Tensor  # N x K
+    labels: torch.Tensor  # N
+
+
+def _as_data(
+    X: object, layer: str | None, logits: torch.Tensor | None, labels: torch.Tensor | None
+) -> _Data:
+    if hasattr(X, "activations") and callable(X.activations):
+        bank = X
+        if layer is None:
+            if len(bank.layers) != 1:
+                raise InputError(
+                    f"the bank holds layers {bank.layers}; pass layer= to say which one to explain"
+                )
+            layer = bank.layers[0]
+        z = bank.activations(layer)
+        logits = bank.logits if logits is None else logits
+        labels = bank.labels if labels is None else labels
+    elif isinstance(X, torch.Tensor):
+        z = X
+    else:
+        raise InputError(
+            f"expected an activation tensor (N x D or N x D x H x W) or an ActivationBank, "
+            f"got {type(X).__name__}"
+        )
+    if logits is None:
+        raise InputError("logits are needed (the head mimics them): pass logits= or a bank")
+    z = torch.as_tensor(z).float()
+    logits = torch.as_tensor(logits).float()
+    if z.dim() not in (2, 4):
+        raise InputError(
+            f"activations must be N x D (fully connected) or N x D x H x W (conv), got "
+            f"shape {tuple(z.shape)}"
+        )
+    if len(z) == 0:
+        raise InputError("no examples: the activations are empty")
+    if logits.dim() != 2 or len(logits) != len(z):
+        raise InputError(
+            f"logits must be N x K with N = {len(z)}, got shape {tuple(logits.shape)}"
+        )
+    if not torch.isfinite(z).all():
+        raise InputError("the activations hold NaN or inf values; check the model and the data")
+    if not torch.isfinite(logits).all():
+        raise InputError("the logits hold NaN or inf values")
+    if labels is None:
+        labels = logits.argmax(1)
+    labels = torch.as_tensor(labels).long()
+    if labels.shape != (len(z),):
+        raise InputError(f"labels must have shape ({len(z)},), got {tuple(labels.shape)}")
+    if z.dim() == 4:
+        n, d, h, w = z.shape
+        return _Data(z.flatten(2).transpose(1, 2), (h, w), logits, labels)
+    return _Data(z.unsqueeze(1), None, logits, labels)
+
+
+def _split_head_indices(
+    labels: torch.Tensor,
+    classes: Sequence[int],
+    n_pos: int,
+    n_neg: int | None,
+    val_fraction: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per head, sample positives and negatives and split them into train / validation.
+
+    Returns ``train_idx, train_pos, val_idx, val_pos``, each ``G x L`` (indices into the
+    data and a bool mask of positives); every head gets the same counts.
+    """
+    n_neg_avail = min(int((labels != c).sum()) for c in classes)
+    if n_neg is None or n_neg > n_neg_avail:
+        if n_neg is not None:
+            warnings.warn(
+                f"asked for {n_neg} negatives per class but only {n_neg_avail} exist for some "
+                "class; using all of them",
+                stacklevel=3,
+            )
+        n_neg = n_neg_avail
+    nv_pos = int(round(n_pos * val_fraction))
+    nv_neg = int(round(n_neg * val_fraction))
+    tr_idx, tr_pos, va_idx, va_pos = [], [], [], []
+    for c in classes:
+        pos = torch.nonzero(labels == c).flatten()
+        neg = torch.nonzero(labels != c).flatten()
+        pos = pos[torch.randperm(len(pos), generator=gen)[:n_pos]]
+        neg = neg[torch.randperm(len(neg), generator=gen)[:n_neg]]
+        tr = torch.cat([pos[nv_pos:], neg[nv_neg:]])
+        va = torch.cat([pos[:nv_pos], neg[:nv_neg]])
+        tr_idx.append(tr)
+        va_idx.append(va)
+        tr_pos.append(torch.arange(len(tr)) < n_pos - nv_pos)
+        va_pos.append(torch.arange(len(va)) < nv_pos)
+    return (torch.stack(tr_idx), torch.stack(tr_pos), torch.stack(va_idx), torch.stack(va_pos))
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+class _HeadsBase:
+    """Shared prediction API of fitted heads (x-features, ȳ, contributions)."""
+
+    classes_: torch.Tensor
+    spatial_: tuple[int, int] | None
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classes_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
+    def _rows(self, Z: object, layer: str | None = None) -> torch.Tensor:
+        self._check_fitted()
+        if hasattr(Z, "activations") and callable(Z.activations):
+            layer = layer or getattr(self, "layer", None) or Z.layers[0]
+            Z = Z.activations(layer)
+        z = torch.as_tensor(Z).float()
+        want = 4 if self.spatial_ is not None else 2
+        if z.dim() != want or z.shape[1] != self.n_inputs_:
+            shape = "N x D x H x W" if want == 4 else "N x D"
+            raise InputError(
+                f"expected activations of shape {shape} with D = {self.n_inputs_}, got "
+                f"{tuple(z.shape)}"
+            )
+        return z.flatten(2).transpose(1, 2) if want == 4 else z.unsqueeze(1)
+
+    def transform(self, Z: object, layer: str | None = None) -> torch.Tensor:
+        """x-features ``E(Z)`` of every head.
+
+        Parameters
+        ----------
+        Z : Tensor or ActivationBank
+            ``N x D`` (or ``N x D x H x W`` for conv heads).
+
+        Returns
+        -------
+        Tensor
+            ``N x C x n``: x-features of each of the ``C`` class heads.
+        """
+        return self._features(self._rows(Z, layer))
+
+    def predict(self, Z: object, layer: str | None = None) -> torch.Tensor:
+        """The heads' predictions ``ȳ_c = vᵀE(Z) (+ b)``, ``N x C``."""
+        e = self.transform(Z, layer)
+        return (e * self._v().unsqueeze(0)).sum(-1) + self._intercept().unsqueeze(0)
+
+    def contributions(self, Z: object, layer: str | None = None) -> torch.Tensor:
+        """Contribution ``v_i · E_i(Z)`` of every x-feature of every head, ``N x C x n``."""
+        return self.transform(Z, layer) * self._v().unsqueeze(0)
+
+    def _intercept(self) -> torch.Tensor:
+        return torch.zeros(len(self.classes_))
+
+
+class XNN(_HeadsBase):
+    """One-vs-all XNN heads of one layer, trained together (METHODS §1, seed 002 ch. 3).
+
+    Parameters
+    ----------
+    n_features : int
+        ``n``, number of x-features per head (the thesis uses 5).
+    kind : {"srae", "nn", "sae", "cae"}
+        ``srae``: ``L_FS + β L_SR + η L_PT`` (eq. 3.6); ``nn``: ``L_FS`` only; ``sae``:
+        ``L_FS + β·mean_k Q_k`` (plain squared reconstruction); ``cae``: reconstruction only,
+        the predictor ``v`` fitted afterwards by weighted least squares.
+    hidden : sequence of int
+        Encoder hidden sizes (thesis: 800, 100); the decoder mirrors them.
+    beta, q, eta : float
+        Weights of the reconstruction term, log-penalty sparsity and pull-away term.
+    classes : sequence of int, optional
+        Which logits to explain (default: every class present in the labels).
+    n_positive, n_negative : int
+        Examples per head (thesis, CUB: 50 and 8 000). Too few positives is an error; too few
+        negatives uses all with a warning. ``n_negative=None`` uses all negatives.
+    positive_weight : "balanced" or float
+        Weight of positives in ``L_FS``; ``"balanced"`` gives positives and negatives equal
+        total weight.
+    val_fraction : float
+        Share of each head's examples held out for early stopping.
+    max_epochs, patience, batch_size, lr, weight_decay : training schedule (Adam).
+    x_activation : {"relu", "linear"}
+        Activation of the x-layer.
+    random_state : int
+        Seed of sampling, initialisation and batch order.
+    device : str or torch.device, optional
+        Where to train (default: CPU).
+    layer : str, optional
+        Layer to read from an activation bank.
+
+    Attributes
+    ----------
+    classes_ : Tensor
+        ``C`` explained class indices.
+    module_ : nn.Module
+        The grouped heads.
+    scale_ : float
+        Root mean square of the training activations (inputs are divided by it).
+    history_ : list of dict
+        Per-epoch mean train / validation losses.
+    best_epoch_ : Tensor
+        ``C`` epoch of the kept weights of each head.
+    """
+
+    def __init__(
+        self,
+        n_features: int = 5,
+        kind: str = "srae",
+        hidden: Sequence[int] = (800, 100),
+        beta: float = 1.0,
+        q: float = 1.0,
+        eta: float = 1.0,
+        classes: Sequence[int] | None = None,
+        n_positive: int = 50,
+        n_negative: int | None = 8000,
+        positive_weight: str | float = "balanced",
+        val_fraction: float = 0.1,
+        max_epochs: int = 100,
+        patience: int = 10,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        x_activation: str = "relu",
+        random_state: int = 0,
+        device: str | torch.device | None = None,
+        layer: str | None = None,
+    ) -> None:
+        self.n_features = n_features
+        self.kind = kind
+        self.hidden = hidden
+        self.beta = beta
+        self.q = q
+        self.eta = eta
+        self.classes = classes
+        self.n_positive = n_positive
+        self.n_negative = n_negative
+        self.positive_weight = positive_weight
+        self.val_fraction = val_fraction
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.x_activation = x_activation
+        self.random_state = random_state
+        self.device = device
+        self.layer = layer
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self, data: _Data) -> list[int]:
+        if self.kind not in KINDS:
+            raise InputError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.x_activation not in ("relu", "linear"):
+            raise InputError(f"x_activation must be 'relu' or 'linear', got {self.x_activation!r}")
+        d = data.z.shape[-1]
+        if not 1 <= self.n_features < d:
+            raise InputError(
+                f"n_features must be between 1 and dim Z - 1 = {d - 1}, got {self.n_features}: "
+                "an explanation space as large as Z explains nothing"
+            )
+        if self.q <= 0 or self.beta < 0 or self.eta < 0:
+            raise InputError("q must be > 0 and beta, eta >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        k = data.logits.shape[1]
+        present = sorted(set(data.labels.tolist()))
+        classes = list(self.classes) if self.classes is not None else present
+        bad = [c for c in classes if not 0 <= c < k]
+        if bad:
+            raise InputError(f"classes {bad} are out of range for {k} logits")
+        absent = [c for c in classes if c not in present]
+        if absent:
+            raise InputError(
+                f"classes {absent} have no examples in the data; pass classes= to choose "
+                "classes that are present"
+            )
+        counts = {c: int((data.labels == c).sum()) for c in classes}
+        short = {c: n for c, n in counts.items() if n < self.n_positive}
+        if short:
+            raise InputError(
+                f"n_positive={self.n_positive} but some classes have fewer examples: {short}; "
+                "lower n_positive or extract more data"
+            )
+        if int(round(self.n_positive * self.val_fraction)) < 1:
+            raise InputError(
+                f"n_positive * val_fraction = {self.n_positive * self.val_fraction:.2f} leaves "
+                "no positive for validation; raise one of them"
+            )
+        return classes
+
+    # ---------------------------------------------------------------- fitting
+    def fit(
+        self,
+        X: object,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> XNN:
+        """Fit all class heads together.
+
+        Parameters
+        ----------
+        X : Tensor or ActivationBank
+            Activations ``N x D`` (fully connected) or ``N x D x H x W`` (conv variant), or a
+            bank (its ``logits`` and ``labels`` are used unless given).
+        logits : Tensor, optional
+            ``N x K`` pre-softmax outputs of the network (the targets ``ŷ``).
+        labels : Tensor, optional
+            ``N`` class labels that define positives (default: the network's argmax).
+
+        Returns
+        -------
+        XNN
+            ``self``.
+        """
+        data = _as_data(X, self.layer, logits, labels)
+        classes = self._validate(data)
+        device = torch.device(self.device or "cpu")
+        gen = torch.Generator().manual_seed(self.random_state)
+        torch.manual_seed(self.random_state)
+        tr_idx, tr_pos, va_idx, va_pos = _split_head_indices(
+            data.labels, classes, self.n_positive, self.n_negative, self.val_fraction, gen
+        )
+        g = len(classes)
+        cls = torch.tensor(classes)
+        scale = float(data.z[tr_idx.unique()].pow(2).mean().sqrt().clamp_min(1e-12))
+        z_all = (data.z / scale).to(device)
+        y_all = data.logits[:, cls].to(device)  # N x G
+        w_pos = self._w_pos(tr_pos)
+
+        module = _GroupedXNN(
+            g,
+            data.z.shape[-1],
+            self.hidden,
+            self.n_features,
+            decoder=self.kind != "nn",
+            relu_x=self.x_activation == "relu",
+        ).to(device)
+        opt = torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best = torch.full((g,), float("inf"))
+        best_epoch = torch.zeros(g, dtype=torch.long)
+        best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        waited = torch.zeros(g, dtype=torch.long)
+        history = []
+        n_tr = tr_idx.shape[1]
+        heads = torch.arange(g)
+        for epoch in range(self.max_epochs):
+            module.train()
+            order = torch.stack([torch.randperm(n_tr, generator=gen) for _ in range(g)])
+            tot, steps = 0.0, 0
+            for s in range(0, n_tr, self.batch_size):
+                cols = order[:, s : s + self.batch_size]
+                idx = tr_idx.gather(1, cols)
+                pos = tr_pos.gather(1, cols)
+                losses = self._losses(module, z_all, y_all, idx.to(device), pos.to(device), w_pos)
+                loss = losses["total"].sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) / g
+                steps += 1
+            val = self._evaluate(module, z_all, y_all, va_idx, va_pos, w_pos, device)
+            improved = val < best
+            for k, v in module.state_dict().items():
+                best_state[k][heads[improved]] = v.detach()[heads[improved]]
+            best = torch.where(improved, val, best)
+            best_epoch[improved] = epoch
+            waited = torch.where(improved, torch.zeros_like(waited), waited + 1)
+            history.append({"epoch": epoch, "train": tot / max(steps, 1), "val": float(val.mean())})
+            if bool((waited >= self.patience).all()):
+                break
+        module.load_state_dict(best_state)
+        module.eval()
+        if self.kind == "cae":
+            self._fit_predictor(module, z_all, y_all, tr_idx, tr_pos, w_pos, device)
+        self.module_ = module
+        self.classes_ = cls
+        self.scale_ = scale
+        self.spatial_ = data.spatial
+        self.n_inputs_ = data.z.shape[-1]
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.best_val_loss_ = best
+        return self
+
+    def _w_pos(self, pos: torch.Tensor) -> float:
+        if self.positive_weight == "balanced":
+            n_p = int(pos[0].sum())
+            return (pos.shape[1] - n_p) / max(n_p, 1)
+        return float(self.positive_weight)
+
+    def _losses(
+        self,
+        module: _GroupedXNN,
+        z_all: torch.Tensor,
+        y_all: torch.Tensor,
+        idx: torch.Tensor,
+        pos: torch.Tensor,
+        w_pos: float,
+    ) -> dict[str, torch.Tensor]:
+        g, b = idx.shape
+        p, d = z_all.shape[1], z_all.shape[2]
+        z = z_all[idx]  # G x B x P x D
+        y = y_all[idx, torch.arange(g, device=idx.device).unsqueeze(1)]  # G x B
+        w = torch.where(pos, torch.as_tensor(w_pos, device=idx.device), 1.0)
+        rows = z.reshape(g, b * p, d)
+        e_rows = module.encode_rows(rows)
+        e = e_rows.reshape(g, b, p, -1).mean(2)  # G x B x n
+        y_bar = (e * module.v.unsqueeze(1)).sum(-1)
+        out = {"fs": faithfulness_loss(y_bar, y, w)}
+        zero = out["fs"].new_zeros(g)
+        if module.decoder is not None:
+            rec = module.decode_rows(e_rows).reshape(g, b, p, d)
+            # Q_k: per input dimension (channel for conv layers), mean over examples and
+            # positions.
+            q_k = reconstruction_error_per_dim(rec.reshape(g, b * p, d), rows)
+            if self.kind == "srae":
+                out["sr"] = sparse_reconstruction_loss(q_k, self.q)
+            else:
+                out["sr"] = q_k.mean(-1)
+        else:
+            out["sr"] = zero
+        out["pt"] = pull_away_loss(e) if self.kind == "srae" else zero
+        if self.kind == "cae":
+            out["total"] = out["sr"]
+        elif self.kind == "nn":
+            out["total"] = out["fs"]
+        else:
+            total = out["fs"] + self.beta * out["sr"]
+            out["total"] = total + self.eta * out["pt"] if self.kind == "srae" else total
+        return out
+
+    @torch.no_grad()
+    def _evaluate(self, module, z_all, y_all, va_idx, va_pos, w_pos, device) -> torch.Tensor:
+        module.eval()
+        losses = self._losses(module, z_all, y_all, va_idx.to(device), va_pos.to(device), w_pos)
+        return losses["total"].cpu()
+
+    @torch.no_grad()
+    def _fit_predictor(self, module, z_all, y_all, tr_idx, tr_pos, w_pos, device) -> None:
+        """CAE: ``v = argmin Σ_i w_i (vᵀE_i − ŷ_i)²`` per head, in closed form."""
+        g = tr_idx.shape[0]
+        idx = tr_idx.to(device)
+        z = z_all[idx]
+        b, p, d = z.shape[1:]
+        e = module.encode_rows(z.reshape(g, b * p, d)).reshape(g, b, p, -1).mean(2)
+        y = y_all[idx, torch.arange(g, device=device).unsqueeze(1)]
+        w = torch.where(tr_pos.to(device), torch.as_tensor(w_pos, device=device), 1.0)
+        ew = e * w.unsqueeze(-1)
+        gram = ew.transpose(1, 2) @ e + 1e-6 * torch.eye(e.shape[-1], device=device)
+        rhs = (ew * y.unsqueeze(-1)).sum(1, keepdim=True).transpose(1, 2)
+        module.v.copy_(torch.linalg.solve(gram, rhs).squeeze(-1))
+
+    # ---------------------------------------------------------------- inference
+    def _v(self) -> torch.Tensor:
+        return self.module_.v.detach().cpu()
+
+    @torch.no_grad()
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        device = next(self.module_.parameters()).device
+        n, p, d = rows.shape
+        g = len(self.classes_)
+        out = []
+        for s in range(0, n, 4096):
+            chunk = (rows[s : s + 4096] / self.scale_).to(device)
+            m = chunk.shape[0]
+            x = chunk.reshape(1, m * p, d).expand(g, -1, -1)
+            e = self.module_.encode_rows(x).reshape(g, m, p, -1).mean(2)
+            out.append(e.transpose(0, 1).cpu())
+        return torch.cat(out)
+
+    def as_target_module(self, class_index: int) -> nn.Module:
+        """The encoder of one head as a plain module, for heatmaps of its x-features.
+
+        Parameters
+        ----------
+        class_index : int
+            A class explained by this model (a value in ``classes_``).
+
+        Returns
+        -------
+        nn.Module
+            Fully connected layers: ``N x D -> N x n`` (Linear/ReLU stack, the ``1/scale_``
+            folded into the first layer). Conv heads: ``N x D x H x W -> N x n`` (1x1 convs,
+            ReLUs, adaptive average pooling, flatten). Its last linear / conv layer is the
+            x-layer, whose negation gives the contrastive dual (METHODS §2.1).
+        """
+        self._check_fitted()
+        hits = (self.classes_ == class_index).nonzero().flatten()
+        if len(hits) == 0:
+            raise InputError(
+                f"class {class_index} has no head; explained classes: {self.classes_.tolist()}"
+            )
+        g = int(hits[0])
+        conv = self.spatial_ is not None
+        layers: list[nn.Module] = []
+        last = len(self.module_.encoder) - 1
+        for i, gl in enumerate(self.module_.encoder):
+            w = gl.weight.detach()[g].cpu().clone()
+            b = gl.bias.detach()[g].cpu().clone()
+            if i == 0:
+                w = w / self.scale_
+            if conv:
+                lin: nn.Module = nn.Conv2d(w.shape[1], w.shape[0], 1)
+                lin.weight.data.copy_(w[:, :, None, None])
+            else:
+                lin = nn.Linear(w.shape[1], w.shape[0])
+                lin.weight.data.copy_(w)
+            lin.bias.data.copy_(b)
+            layers.append(lin)
+            if i < last or self.x_activation == "relu":
+                layers.append(nn.ReLU())
+        if conv:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        return nn.Sequential(*layers).eval()
+
+    # ---------------------------------------------------------------- persistence
+    def get_params(self) -> dict:
+        """Hyperparameters as given to ``__init__`` (JSON-serialisable)."""
+        keys = [
+            "n_features", "kind", "hidden", "beta", "q", "eta", "classes", "n_positive",
+            "n_negative", "positive_weight", "val_fraction", "max_epochs", "patience",
+            "batch_size", "lr", "weight_decay", "x_activation", "random_state", "layer",
+        ]  # fmt: skip
+        out = {k: getattr(self, k) for k in keys}
+        out["hidden"] = list(out["hidden"])
+        out["classes"] = None if out["classes"] is None else list(out["classes"])
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (configuration).
+
+        Both are written to temporary files and moved into place, so a failure leaves no
+        half-written head.
+        """
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        path = os.fspath(path)
+        meta = {
+            "type": "XNN",
+            "params": self.get_params(),
+            "classes_": self.classes_.tolist(),
+            "scale_": self.scale_,
+            "spatial_": list(self.spatial_) if self.spatial_ else None,
+            "n_inputs_": self.n_inputs_,
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
+        atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
+        atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> XNN:
+        """Read a head written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        path = os.fspath(path)
+        try:
+            with open(path + ".json") as f:
+                meta = json.load(f)
+            tensors = load_file(path + ".safetensors")
+        except (OSError, ValueError) as exc:
+            raise AssetError(f"could not read the XNN saved at {path!r}: {exc}") from exc
+        if meta.get("type") != "XNN":
+            raise AssetError(f"{path}.json does not describe an XNN head")
+        self = cls(**meta["params"])
+        g = len(meta["classes_"])
+        module = _GroupedXNN(
+            g,
+            meta["n_inputs_"],
+            self.hidden,
+            self.n_features,
+            decoder=self.kind != "nn",
+            relu_x=self.x_activation == "relu",
+        )
+        try:
+            module.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise AssetError(f"{path}.safetensors does not match its configuration: {exc}") from exc
+        self.module_ = module.to(torch.device(device or "cpu")).eval()
+        self.classes_ = torch.tensor(meta["classes_"])
+        self.scale_ = meta["scale_"]
+        self.spatial_ = tuple(meta["spatial_"]) if meta["spatial_"] else None
+        self.n_inputs_ = meta["n_inputs_"]
+        return self
+
+
+class LassoXNN(_HeadsBase):
+    """Lasso baseline: select ``n`` dimensions of Z per class (METHODS §1, Tables A.1 / A.3).
+
+    For each class a :class:`sklearn.linear_model.Lasso` is fitted on the same sampled,
+    weighted examples as :class:`XNN` for every ``alpha`` of a sweep; the model kept is the
+    one with the lowest validation error among those with at most ``n_features`` non-zero
+    coefficients. Its x-features are the selected dimensions of Z (spatially averaged for
+    conv layers) and its predictor the Lasso coefficients plus intercept.
+
+    Parameters
+    ----------
+    n_features : int
+        Maximum number of selected dimensions.
+    alphas : sequence of float, optional
+        The sweep (default, per class: 100 values log-spaced from ``α_max``, the smallest
+        alpha that zeroes every coefficient, down to ``1e-3·α_max``).
+    classes, n_positive, n_negative, positive_weight, val_fraction, random_state, layer
+        As in :class:`XNN`.
+
+    Attributes
+    ----------
+    selected_ : Tensor
+        ``C x n`` selected dimension per x-feature (``-1`` where fewer were selected).
+    coef_ : Tensor
+        ``C x n`` coefficients ``v``.
+    intercept_ : Tensor
+        ``C``.
+    alpha_ : Tensor
+        ``C`` chosen alpha.
+    path_ : list of list of dict
+        Per class, the sweep: alpha, non-zeros, train and validation error.
+    """
+
+    def __init__(
+        self,
+        n_features: int = 5,
+        alphas: Sequence[float] | None = None,
+        classes: Sequence[int] | None = None,
+        n_positive: int = 50,
+        n_negative: int | None = 8000,
+        positive_weight: str | float = "balanced",
+        val_fraction: float = 0.1,
+        random_state: int = 0,
+        layer: str | None = None,
+    ) -> None:
+        self.n_features = n_features
+        self.alphas = alphas
+        self.classes = classes
+        self.n_positive = n_positive
+        self.n_negative = n_negative
+        self.positive_weight = positive_weight
+        self.val_fraction = val_fraction
+        self.random_state = random_state
+        self.layer = layer
+
+    def fit(
+        self,
+        X: object,
+        logits: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LassoXNN:
+        """Fit one Lasso per class over the alpha sweep; see :meth:`XNN.fit`."""
+        from sklearn.linear_model import lasso_path
+
+        data = _as_data(X, self.layer, logits, labels)
+        proxy = XNN(
+            n_features=self.n_features,
+            classes=self.classes,
+            n_positive=self.n_positive,
+            n_negative=self.n_negative,
+            val_fraction=self.val_fraction,
+        )
+        classes = proxy._validate(data)
+        gen = torch.Generator().manual_seed(self.random_state)
+        tr_idx, tr_pos, va_idx, va_pos = _split_head_indices(
+            data.labels, classes, self.n_positive, self.n_negative, self.val_fraction, gen
+        )
+        w_pos = self._w(tr_pos)
+        zbar = data.z.mean(1).double().numpy()  # N x D (positions averaged)
+        n = self.n_features
+        sel = torch.full((len(classes), n), -1, dtype=torch.long)
+        coef = torch.zeros(len(classes), n)
+        icpt = torch.zeros(len(classes))
+        chosen = torch.zeros(len(classes))
+        paths = []
+        for g, c in enumerate(classes):
+            tr, va = tr_idx[g].numpy(), va_idx[g].numpy()
+            w_tr = np.where(tr_pos[g].numpy(), w_pos, 1.0)
+            w_va = np.where(va_pos[g].numpy(), w_pos, 1.0)
+            y = data.logits[:, c].double().numpy()
+            # Weighted Lasso as sklearn defines it (weights rescaled to sum to the sample
+            # count), solved along the whole alpha path with warm starts on centred,
+            # sqrt-weighted data; the intercept is recovered from the weighted means.
+            w_n = w_tr * len(tr) / w_tr.sum()
+            x_mean = np.average(zbar[tr], axis=0, weights=w_n)
+            y_mean = float(np.average(y[tr], weights=w_n))
+            sw = np.sqrt(w_n)[:, None]
+            xs, ys = (zbar[tr] - x_mean) * sw, (y[tr] - y_mean) * sw[:, 0]
+            if self.alphas is not None:
+                alphas = np.sort(np.asarray(self.alphas, dtype=float))[::-1]
+            else:  # from the smallest alpha that zeroes every coefficient down to 1e-3 of it
+                a_max = float(np.abs(xs.T @ ys).max() / len(tr))
+                alphas = a_max * np.logspace(0, -3, 100)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, coefs, _ = lasso_path(xs, ys, alphas=alphas, max_iter=5000)
+            best, path = None, []
+            for j, a in enumerate(alphas):
+                beta = coefs[:, j]
+                b0 = y_mean - float(x_mean @ beta)
+                nz = int((beta != 0).sum())
+                err_tr = float(np.average((zbar[tr] @ beta + b0 - y[tr]) ** 2, weights=w_tr))
+                err_va = float(np.average((zbar[va] @ beta + b0 - y[va]) ** 2, weights=w_va))
+                path.append({"alpha": float(a), "nonzero": nz, "train": err_tr, "val": err_va})
+                if 0 < nz <= n and (best is None or err_va < best[0]):
+                    best = (err_va, float(a), beta, b0)
+            paths.append(path)
+            if best is None:
+                raise InputError(
+                    f"no alpha in the sweep selects between 1 and {n} dimensions for class {c}; "
+                    "pass alphas= with larger values"
+                )
+            _, a, beta, b0 = best
+            order = [k for k in np.argsort(-np.abs(beta))[:n] if beta[k] != 0]
+            sel[g, : len(order)] = torch.tensor(order, dtype=torch.long)
+            coef[g, : len(order)] = torch.tensor(beta[order], dtype=torch.float32)
+            icpt[g] = b0
+            chosen[g] = a
+        self.classes_ = torch.tensor(classes)
+        self.selected_ = sel
+        self.coef_ = coef
+        self.intercept_ = icpt
+        self.alpha_ = chosen
+        self.path_ = paths
+        self.spatial_ = data.spatial
+        self.n_inputs_ = data.z.shape[-1]
+        self.scale_ = 1.0
+        return self
+
+    def _w(self, pos: torch.Tensor) -> float:
+        return XNN(positive_weight=self.positive_weight)._w_pos(pos)
+
+    def _v(self) -> torch.Tensor:
+        return self.coef_
+
+    def _intercept(self) -> torch.Tensor:
+        return self.intercept_
+
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        zbar = rows.mean(1)  # N x D
+        safe = self.selected_.clamp_min(0)
+        e = zbar[:, safe]  # N x C x n
+        return torch.where(self.selected_.unsqueeze(0) >= 0, e, torch.zeros_like(e))
+
+    def as_target_module(self, class_index: int) -> nn.Module:
+        """Selection of the class's dimensions as a module (``N x D -> N x n``)."""
+        self._check_fitted()
+        hits = (self.classes_ == class_index).nonzero().flatten()
+        if len(hits) == 0:
+            raise InputError(f"class {class_index} has no head")
+        sel = self.selected_[int(hits[0])]
+        lin = nn.Linear(self.n_inputs_, len(sel), bias=False)
+        lin.weight.data.zero_()
+        for i, k in enumerate(sel.tolist()):
+            if k >= 0:
+                lin.weight.data[i, k] = 1.0
+        mods: list[nn.Module] = [lin]
+        if self.spatial_ is not None:
+            conv = nn.Conv2d(self.n_inputs_, len(sel), 1, bias=False)
+            conv.weight.data.copy_(lin.weight.data[:, :, None, None])
+            mods = [conv, nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        return nn.Sequential(*mods).eval()
