@@ -1,0 +1,44 @@
+"""Figures: the XNN layout's ordering and labels, file formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xnn_toolkit.errors import InputError
+from xnn_toolkit.report.figures import annotated_samples, heatmap_grid, save_figure, xnn_figure
+
+
+def test_xnn_figure_sorts_by_contribution():
+    imgs = torch.rand(2, 3, 16, 16)
+    feats = torch.rand(2, 3, 16, 16)
+    contrib = torch.tensor([[0.5, 2.0, -1.0], [3.0, 1.0, 2.0]])
+    fig = xnn_figure(imgs, torch.rand(2, 16, 16), feats, contrib, labels=["a", "b"])
+    titles = [[ax.get_title() for ax in row] for row in (fig.axes[:5], fig.axes[5:10])]
+    assert titles[0] == ["image", "1-heatmap", "#2: 2", "#1: 0.5", "#3: -1"]
+    assert titles[1] == ["image", "1-heatmap", "#1: 3", "#3: 2", "#2: 1"]
+    # the panel of x-feature #3 on row 2 shows that x-feature's map
+    shown = fig.axes[5 + 3].get_images()[1].get_array()
+    ref = feats[1, 2] / feats[1, 2].max()
+    torch.testing.assert_close(torch.as_tensor(shown.data, dtype=torch.float32), ref)
+
+
+def test_save_all_formats(tmp_path):
+    fig = heatmap_grid(torch.rand(1, 1, 8, 8), torch.rand(1, 2, 8, 8), col_labels=["x", "a", "b"])
+    paths = save_figure(fig, tmp_path / "grid", formats=("png", "svg", "pdf"))
+    assert open(paths[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in open(paths[1], "rb").read(2000)
+    assert open(paths[2], "rb").read(5) == b"%PDF-"
+    with pytest.raises(InputError, match="formats"):
+        save_figure(fig, tmp_path / "g", formats=("gif",))
+
+
+def test_annotated_samples_and_errors():
+    kp = torch.tensor([[[2.0, 3.0], [5.0, 5.0]]])
+    fig = annotated_samples(torch.rand(1, 3, 8, 8), kp, torch.tensor([[True, False]]),
+                            torch.tensor([[1.0, 1.0, 6.0, 6.0]]), part_names=["beak", "tail"])
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 1  # only the visible keypoint is drawn
+    assert tuple(lines[0].get_xydata()[0]) == (2.0, 3.0)
+    with pytest.raises(InputError):
+        heatmap_grid(torch.rand(2, 3, 8, 8), torch.rand(1, 2, 8, 8))

@@ -1,0 +1,268 @@
+"""Figures for notebooks, reports and papers: overlays, grids and the XNN layout.
+
+Every function returns a matplotlib ``Figure`` and never calls ``plt.show``; use
+:func:`save_figure` to write PNG / SVG / PDF atomically. Heatmaps use one colour map
+(``"jet"`` over the image by default, as in the source papers) normalised per map unless
+``shared_scale=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .._io import atomic_write  # noqa: E402
+from ..errors import InputError  # noqa: E402
+
+__all__ = [
+    "to_image",
+    "overlay",
+    "heatmap_grid",
+    "xnn_figure",
+    "annotated_samples",
+    "save_figure",
+]
+
+FORMATS = ("png", "svg", "pdf")
+
+
+def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``C x H x W`` (or ``H x W``) tensor in [0, 1] → ``H x W x 3`` float array for imshow."""
+    a = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, -1)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise InputError(f"expected an image C x H x W with C in (1, 3), got shape {a.shape}")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _norm(h: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    h = np.nan_to_num(np.asarray(h, float))
+    top = vmax if vmax is not None else float(h.max())
+    return h / top if top > 0 else np.zeros_like(h)
+
+
+def overlay(
+    ax: plt.Axes,
+    image: torch.Tensor | np.ndarray,
+    heatmap: torch.Tensor | np.ndarray | None,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    vmax: float | None = None,
+    title: str | None = None,
+) -> None:
+    """Draw an image with a heatmap (``H x W``, normalised to [0, 1]) over it on ``ax``."""
+    img = to_image(image)
+    ax.imshow(img)
+    if heatmap is not None:
+        h = heatmap.detach().cpu().numpy() if isinstance(heatmap, torch.Tensor) else heatmap
+        if h.shape != img.shape[:2]:
+            raise InputError(f"heatmap shape {h.shape} differs from the image's {img.shape[:2]}")
+        ax.imshow(_norm(h, vmax), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def heatmap_grid(
+    images: torch.Tensor,
+    heatmaps: torch.Tensor,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    titles: Sequence[Sequence[str]] | None = None,
+    cmap: str = "jet",
+    size: float = 1.6,
+    shared_scale: bool = False,
+    colorbar: bool = True,
+) -> plt.Figure:
+    """Rows of images, each followed by its heatmaps.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``N x C x H x W`` in [0, 1].
+    heatmaps : Tensor
+        ``N x M x H x W``: ``M`` heatmaps per image.
+    row_labels, col_labels : sequence of str, optional
+        ``N`` and ``M + 1`` labels (the first column is the image).
+    titles : N x (M + 1) strings, optional
+        A title per panel (overrides ``col_labels``).
+    shared_scale : bool
+        Normalise all heatmaps of a row by the row's maximum instead of each by its own.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if images.dim() != 4 or heatmaps.dim() != 4 or len(images) != len(heatmaps):
+        raise InputError(
+            f"expected images N x C x H x W and heatmaps N x M x H x W with the same N, got "
+            f"{tuple(images.shape)} and {tuple(heatmaps.shape)}"
+        )
+    n, m = heatmaps.shape[:2]
+    fig, axes = plt.subplots(n, m + 1, figsize=(size * (m + 1), size * n), squeeze=False)
+    for i in range(n):
+        vmax = float(heatmaps[i].max()) if shared_scale else None
+        overlay(axes[i, 0], images[i], None)
+        for j in range(m):
+            overlay(axes[i, j + 1], images[i], heatmaps[i, j], cmap=cmap, vmax=vmax)
+        for j in range(m + 1):
+            if titles is not None:
+                axes[i, j].set_title(titles[i][j], fontsize=8)
+            elif col_labels is not None and i == 0:
+                axes[i, j].set_title(col_labels[j], fontsize=8)
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+    if colorbar:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 1))
+        fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="relative")
+    return fig
+
+
+def xnn_figure(
+    images: torch.Tensor,
+    one_heatmaps: torch.Tensor,
+    feature_heatmaps: torch.Tensor,
+    contributions: torch.Tensor,
+    *,
+    labels: Sequence[str] | None = None,
+    cmap: str = "jet",
+    size: float = 1.6,
+) -> plt.Figure:
+    """The thesis's layout (seed 002, Fig. 3.1 / 3.8): image, 1-heatmap, sorted x-features.
+
+    Each row shows the image, the heatmap of the explained logit ``ŷ`` ("1-heatmap"), then
+    one heatmap per x-feature, sorted by contribution ``v_i E_i`` (largest first), with the
+    contribution written above it.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``N x C x H x W`` in [0, 1].
+    one_heatmaps : Tensor
+        ``N x H x W``.
+    feature_heatmaps : Tensor
+        ``N x n x H x W``.
+    contributions : Tensor
+        ``N x n``, ``v_i E_i`` of each x-feature on each image.
+    labels : sequence of str, optional
+        Row labels (e.g. class names).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    n_img, n = feature_heatmaps.shape[:2]
+    if contributions.shape != (n_img, n) or one_heatmaps.shape[0] != n_img:
+        raise InputError(
+            f"contributions must be N x n = {(n_img, n)} and one_heatmaps N x H x W; got "
+            f"{tuple(contributions.shape)} and {tuple(one_heatmaps.shape)}"
+        )
+    order = torch.argsort(contributions, dim=1, descending=True)
+    maps = torch.cat(
+        [one_heatmaps.unsqueeze(1), feature_heatmaps.gather(
+            1, order[:, :, None, None].expand_as(feature_heatmaps))], 1
+    )
+    titles = []
+    for i in range(n_img):
+        row = ["image", "1-heatmap"]
+        row += [f"#{int(k) + 1}: {float(contributions[i, k]):.3g}" for k in order[i]]
+        titles.append(row)
+    return heatmap_grid(images, maps, titles=titles, row_labels=labels, cmap=cmap, size=size)
+
+
+def annotated_samples(
+    images: torch.Tensor,
+    keypoints: torch.Tensor | None = None,
+    visible: torch.Tensor | None = None,
+    bbox: torch.Tensor | None = None,
+    *,
+    titles: Sequence[str] | None = None,
+    part_names: Sequence[str] | None = None,
+    cols: int = 8,
+    size: float = 1.5,
+) -> plt.Figure:
+    """A grid of images with their keypoints (visible ones) and boxes drawn.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``N x C x H x W`` in [0, 1].
+    keypoints, visible : Tensor, optional
+        ``N x P x 2`` ``(x, y)`` and ``N x P`` bool.
+    bbox : Tensor, optional
+        ``N x 4`` ``(x0, y0, x1, y1)``.
+    titles : sequence of str, optional
+    part_names : sequence of str, optional
+        Adds a legend of part colours.
+    """
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    cols = min(cols, n)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(to_image(images[i]))
+        if bbox is not None:
+            x0, y0, x1, y1 = (float(v) for v in bbox[i])
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1,
+                                       fill=False, ec="white", lw=0.8))  # fmt: skip
+        if keypoints is not None:
+            for p in range(keypoints.shape[1]):
+                if visible is None or bool(visible[i, p]):
+                    x, y = (float(v) for v in keypoints[i, p])
+                    ax.plot(x, y, "o", ms=2.5, color=colours[p % 20], mec="black", mew=0.3)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    if part_names is not None and keypoints is not None:
+        handles = [
+            plt.Line2D([], [], marker="o", ls="", color=colours[p % 20], label=name)
+            for p, name in enumerate(part_names)
+        ]
+        fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6)
+    return fig
+
+
+def save_figure(
+    fig: plt.Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png",), dpi: int = 150
+) -> list[str]:
+    """Save a figure as ``<stem>.<fmt>`` for each format, each file written atomically.
+
+    Parameters
+    ----------
+    fig : Figure
+    stem : path without extension
+    formats : sequence of {"png", "svg", "pdf"}
+
+    Returns
+    -------
+    list of str
+        The written paths.
+    """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise InputError(f"unknown figure formats {bad}; use some of {FORMATS}")
+    paths = []
+    for fmt in formats:
+        path = f"{os.fspath(stem)}.{fmt}"
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(
+            tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        paths.append(path)
+    return paths
