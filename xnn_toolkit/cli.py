@@ -1,0 +1,204 @@
+"""The ``xnn`` command.
+
+``xnn demo`` explains a bundled model end to end into an HTML report; ``xnn models`` lists
+the bundled models; ``xnn data`` draws annotated samples of a dataset; ``xnn extract``
+streams activations into a bank on disk; ``xnn explain`` runs the whole explanation pipeline
+on any model spec, layer and dataset; ``xnn score`` scores heatmap methods into tables;
+``xnn figures`` writes heatmap figures. Every command takes ``--device`` and ``--seed``;
+errors print one line that says what was wrong and what to try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import InputError, XnnError
+
+__all__ = ["main", "build_parser"]
+
+
+def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda:0, ... (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    if out_default is not None:
+        p.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace a non-empty output folder"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``xnn`` (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="xnn",
+        description="Explain pretrained CNNs post hoc: XNN heads, NMF concepts, class paths, "
+        "class-specific gates, Excitation Backprop / CAM heatmaps and their metrics.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="explain a bundled model end to end into an HTML report")
+    _common(p, "xnn-report")
+    p.add_argument("--model", default="vgg_synth", help="bundled model (default: vgg_synth)")
+    p.add_argument(
+        "--quick", action="store_true", help="small sample sizes (about a minute; for smoke tests)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("models", help="list the bundled models and their cards")
+    p.add_argument("--json", action="store_true", help="print the cards as JSON")
+
+    p = sub.add_parser("data", help="write sample images of a dataset with their annotations")
+    _common(p, "xnn-data")
+    p.add_argument(
+        "--dataset", default="synthetic",
+        help="synthetic | fashion-mnist | cub:PATH | masks:IMAGES:MASKS (default: synthetic)",
+    )  # fmt: skip
+    p.add_argument("--n", type=int, default=24, help="number of samples (default: 24)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+
+    p = sub.add_parser("extract", help="stream activations of layers into a bank on disk")
+    _common(p, "xnn-bank")
+    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
+                   "torchvision:NAME or a weights file")  # fmt: skip
+    p.add_argument("--layer", action="append", required=True, help="layer name (repeatable)")
+    p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=1000, help="number of images (default: 1000)")
+    p.add_argument("--pool", choices=["avg", "max"], default=None, help="pool spatial maps")
+    p.add_argument("--float16", action="store_true", help="store float16")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``xnn``; returns the exit status (0 on success, 2 on a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _COMMANDS[args.command](args)
+    except XnnError as exc:
+        print(f"xnn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    cards = [zoo.model_card(n) for n in zoo.bundled_names()]
+    if args.json:
+        print(json.dumps(cards, indent=1))
+        return 0
+    if not cards:
+        print("no bundled models found in", zoo.assets_dir())
+        return 0
+    print(f"{'name':16} {'arch':14} {'dataset':22} {'input':12} {'test acc':>8}")
+    for c in cards:
+        size = "x".join(str(v) for v in c["input_size"])
+        print(
+            f"{c['name']:16} {c['arch']:14} {str(c['dataset'])[:22]:22} {size:12} "
+            f"{100 * float(c['test_accuracy']):7.2f}%"
+        )
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .report.figures import annotated_samples, save_figure
+
+    ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed)
+    n = min(args.n, len(ds))
+    if n < 1:
+        raise InputError(f"the dataset {args.dataset!r} is empty")
+    images, annotations, titles = [], [], []
+    names = getattr(ds, "classes", None)
+    for i in range(n):
+        item = ds[i]
+        images.append(item[0])
+        label = int(item[1])
+        titles.append(names[label] if names else str(label))
+        annotations.append(item[2] if len(item) > 2 else None)
+    import torch
+
+    x = torch.stack(images)
+    kp = vis = box = None
+    if all(a is not None for a in annotations):
+        kp = torch.stack([a.keypoints for a in annotations])
+        vis = torch.stack([a.visible for a in annotations])
+        box = torch.stack([a.bbox for a in annotations])
+    fig = annotated_samples(x, kp, vis, box, titles=titles,
+                            part_names=getattr(ds, "part_names", None))  # fmt: skip
+    out = _prepare_out(args.out, args.overwrite)
+    paths = save_figure(fig, os.path.join(out, "samples"), formats=("png", "pdf"))
+    print("\n".join(paths))
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .features import extract
+    from .models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed,
+                      preprocessing=lm.preprocessing)  # fmt: skip
+    out = _prepare_out(args.out, args.overwrite)
+    import torch
+
+    bank = extract(
+        lm.model, ds, args.layer, pool=args.pool,
+        dtype=torch.float16 if args.float16 else torch.float32, path=out,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"wrote {len(bank)} examples of layers {', '.join(bank.layers)} to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    index = run_demo(
+        out=args.out, overwrite=args.overwrite, model=args.model, device=args.device,
+        seed=args.seed, quick=args.quick, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"report written to {index}")
+    return 0
+
+
+def _prepare_out(out: str, overwrite: bool) -> str:
+    out = os.path.abspath(out)
+    if os.path.isfile(out):
+        raise InputError(f"--out {out!r} is a file; give a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(
+            f"--out {out!r} exists and is not empty; pass --overwrite or another --out"
+        )
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create --out {out!r}: {exc}") from exc
+    if not os.access(out, os.W_OK):
+        raise InputError(f"--out {out!r} is not writable; choose another folder")
+    return out
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "models": _cmd_models,
+    "data": _cmd_data,
+    "extract": _cmd_extract,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
