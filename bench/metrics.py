@@ -1,0 +1,185 @@
+"""Benchmark the metrics against their references, side by side in one run.
+
+1. Voronoi part probabilities (thesis Algorithm 3): ``xnn_toolkit.metrics`` (vectorised) vs the
+   literal per-pixel implementation in ``tests/metrics/literal.py``, on the same heatmaps in
+   the thesis's CUB setting (15 parts, 5 x-features, 224 x 224 float32 maps); same numbers
+   (max abs difference) and the speed-up. The speed-up grows with the image size and the
+   number of maps per image (the geometry is computed once per image).
+2. Localisation metrics vs Quantus (pointing game without tolerance, attribution
+   localisation = energy pointing game, top-k intersection) on the same heatmaps and masks:
+   agreement and the time ratio ``Quantus / ours``.
+
+Timings alternate ours / reference, repeat, and report medians. Both sides run on one CPU
+thread (``torch.set_num_threads(1)``), as numpy does for these operations.
+
+Usage: ``.venv/bin/python bench/metrics.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from metrics.literal import voronoi_literal  # noqa: E402
+
+from xnn_toolkit.metrics import (  # noqa: E402
+    energy_pointing_game,
+    pointing_game,
+    top_k_intersection,
+    voronoi_part_probabilities,
+)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _alternate(ours, ref, reps):
+    """Median seconds of ``ours`` and ``ref``, run alternately ``reps`` times each."""
+    t_ours, t_ref, out_ours, out_ref = [], [], None, None
+    for _ in range(reps):
+        dt, out_ours = _timed(ours)
+        t_ours.append(dt)
+        dt, out_ref = _timed(ref)
+        t_ref.append(dt)
+    return statistics.median(t_ours), statistics.median(t_ref), out_ours, out_ref
+
+
+def _parts(n, p, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    kp = torch.rand(n, p, 2, generator=g, dtype=torch.float64) * torch.tensor([w - 1.0, h - 1.0])
+    vis = torch.rand(n, p, generator=g) > 0.2
+    x0 = torch.rand(n, generator=g, dtype=torch.float64) * w / 4
+    y0 = torch.rand(n, generator=g, dtype=torch.float64) * h / 4
+    bbox = torch.stack([x0, y0, x0 + w / 2, y0 + h / 2], 1)
+    return kp, vis, bbox
+
+
+def bench_voronoi(quick: bool) -> None:
+    # the thesis's CUB setting: 15 parts, n = 5 x-features, 224 x 224 heatmaps
+    n, k, p = (2, 2, 15) if quick else (2, 5, 15)
+    size = (32, 32) if quick else (224, 224)
+    reps = 1 if quick else 3
+    kp, vis, bbox = _parts(n, p, size, seed=0)
+    # float32 heatmaps, as attribution methods produce them; the geometry is float64 anyway
+    maps = torch.rand(n, k, *size, generator=torch.Generator().manual_seed(1))
+
+    def ours():
+        return voronoi_part_probabilities(maps, keypoints=kp, visible=vis, bbox=bbox)
+
+    def literal():
+        return torch.tensor(
+            [
+                voronoi_literal(maps[m].tolist(), kp[m].tolist(), vis[m].tolist(), bbox[m].tolist())
+                for m in range(n)
+            ],
+            dtype=torch.float64,
+        )
+
+    # Ours is fast: time it over many calls so the clock resolution does not matter.
+    inner = 20
+
+    def ours_many():
+        out = None
+        for _ in range(inner):
+            out = ours()
+        return out
+
+    t_ours, t_ref, a, b = _alternate(ours_many, literal, reps)
+    t_ours /= inner
+    diff = float((a.double() - b).abs().max())
+    print(
+        f"voronoi  {n} images x {k} maps, {size[0]}x{size[1]}, {p} parts: "
+        f"ours {t_ours * 1e3:.2f} ms, literal Algorithm 3 {t_ref * 1e3:.0f} ms, "
+        f"max |diff| {diff:.2e}"
+    )
+    print(f"RESULT voronoi_speedup_vs_literal {t_ref / t_ours:.0f} ratio")
+    print(f"RESULT voronoi_max_abs_diff_vs_literal {diff:.2e} abs")
+
+
+def _quantus_scores(name, maps, masks, **kw):
+    import quantus
+
+    n = maps.shape[0]
+    a = maps.numpy()[:, None]
+    s = masks.numpy().astype(np.float64)[:, None]
+    x = np.zeros((n, 1) + tuple(maps.shape[-2:]))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        metric = getattr(quantus, name)(disable_warnings=True, normalise=False, abs=False, **kw)
+        out = metric(model=None, x_batch=x, y_batch=np.zeros(n, dtype=int), a_batch=a, s_batch=s)
+    return torch.tensor(np.asarray(out, dtype=np.float64))
+
+
+def bench_localisation(quick: bool) -> None:
+    n, size = (16, (32, 32)) if quick else (256, (64, 64))
+    reps = 2 if quick else 7
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randn(n, *size, generator=g, dtype=torch.float64)
+    ys, xs = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    cy = torch.randint(0, size[0], (n, 1, 1), generator=g)
+    cx = torch.randint(0, size[1], (n, 1, 1), generator=g)
+    masks = (ys - cy) ** 2 + (xs - cx) ** 2 <= (size[0] // 4) ** 2
+    k = size[0] * size[1] // 10
+    cases = [
+        (
+            "pointing_game",
+            lambda: pointing_game(maps, masks, tolerance=0).double(),
+            "PointingGame",
+            {},
+        ),
+        (
+            "energy_pointing_game",
+            lambda: energy_pointing_game(maps, masks),
+            "AttributionLocalisation",
+            {"positive_attributions": True},
+        ),
+        (
+            "top_k_intersection",
+            lambda: top_k_intersection(maps, masks, k).double(),
+            "TopKIntersection",
+            {"k": k},
+        ),
+    ]
+    _quantus_scores("PointingGame", maps[:2], masks[:2])  # import and warm up
+    for name, ours, qname, kw in cases:
+        t_ours, t_ref, a, b = _alternate(
+            ours, lambda q=qname, kw=kw: _quantus_scores(q, maps, masks, **kw), reps
+        )
+        diff = float((a - b).abs().max())
+        print(
+            f"{name:22s} {n} maps {size[0]}x{size[1]}: ours {t_ours * 1e3:.2f} ms, "
+            f"quantus {t_ref * 1e3:.2f} ms, max |diff| {diff:.1e}"
+        )
+        print(f"RESULT {name}_quantus_over_ours {t_ref / t_ours:.1f} ratio")
+        print(f"RESULT {name}_max_abs_diff_vs_quantus {diff:.1e} abs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, CPU")
+    bench_voronoi(args.quick)
+    bench_localisation(args.quick)
+
+
+if __name__ == "__main__":
+    main()
