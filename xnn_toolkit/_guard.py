@@ -65,6 +65,10 @@ def model_guard(
         for m in modules
     ]
     try:
+        # A backward inside the block accumulates into ``.grad`` in place; hand it fresh
+        # slots so the user's gradients come back untouched.
+        for p in params:
+            p.grad = None
         if eval_mode:
             model.eval()
         if freeze:

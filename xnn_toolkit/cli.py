@@ -159,6 +159,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         lm.model, ds, args.layer, pool=args.pool,
         dtype=torch.float16 if args.float16 else torch.float32, path=out,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+        resume=not args.overwrite,
     )  # fmt: skip
     print(f"wrote {len(bank)} examples of layers {', '.join(bank.layers)} to {out}")
     return 0

@@ -159,13 +159,17 @@ def _pattern_stages(model: nn.Module) -> list[Stage] | None:
 def _probe_stages(model: nn.Module) -> list[Stage]:
     """End a stage at the last body block before each change of spatial size.
 
-    The body is the ``features`` (or ``trunk_output``) sequence when the model has one,
+    The body is the ``features`` (or ``trunk_output``, ``layers``) sequence when the model has one,
     otherwise its top-level children; their outputs are NCHW in every torchvision family.
     """
     from ._guard import model_guard
 
     body_name = next(
-        (n for n in ("features", "trunk_output") if isinstance(getattr(model, n, None), nn.Module)),
+        (
+            n
+            for n in ("features", "trunk_output", "layers")
+            if isinstance(getattr(model, n, None), nn.Module)
+        ),
         "",
     )
     body = model.get_submodule(body_name) if body_name else model
