@@ -301,4 +301,4 @@ class Report:
 
 
 def _md(text: str) -> str:
-    return html.escape(text).replace("|", "\\|")
+    return html.escape(text, quote=False).replace("|", "\\|")

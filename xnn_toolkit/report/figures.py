@@ -180,7 +180,7 @@ def xnn_figure(
     titles = []
     for i in range(n_img):
         row = ["image", "1-heatmap"]
-        row += [f"#{int(k) + 1}: {float(contributions[i, k]):.3g}" for k in order[i]]
+        row += [f"#{int(k) + 1}: {float(contributions[i, k]) + 0.0:.3g}" for k in order[i]]
         titles.append(row)
     return heatmap_grid(images, maps, titles=titles, row_labels=labels, cmap=cmap, size=size)
 
