@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    p = sub.add_parser("explain", help="explain any model on a dataset into an HTML report")
+    _common(p, "xnn-report")
+    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
+                   "torchvision:NAME or a weights file with its card")  # fmt: skip
+    p.add_argument("--dataset", default="synthetic", help="as in `xnn data` (default: synthetic)")
+    p.add_argument("--fc-layer", default=None, help="layer of the XNN heads (default: fc6)")
+    p.add_argument("--conv-layer", default=None, help="layer of heatmaps and NMF (default: "
+                   "VGG pool4, ResNet layer3, else the middle stage)")  # fmt: skip
+    p.add_argument("--stages", default=None, help="comma-separated subset of: "
+                   "model,activations,xnn,heatmaps,localization,nmf,paths,gates")  # fmt: skip
+    p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--n-test", type=int, default=600)
+    p.add_argument("--quick", action="store_true", help="small sample sizes")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     p = sub.add_parser("models", help="list the bundled models and their cards")
     p.add_argument("--json", action="store_true", help="print the cards as JSON")
 
@@ -168,6 +183,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _prepare_out(args.out, args.overwrite, create=False)
     index = run_demo(
         out=args.out, overwrite=args.overwrite, model=args.model, device=args.device,
         seed=args.seed, quick=args.quick, progress=not args.no_progress,
@@ -176,7 +192,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_out(out: str, overwrite: bool) -> str:
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .report.pipeline import ExplainConfig, run_explain
+
+    kw = dict(
+        model=args.model, dataset=args.dataset, fc_layer=args.fc_layer,
+        conv_layer=args.conv_layer, n_train=args.n_train, n_test=args.n_test,
+        device=args.device, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    cfg = ExplainConfig.quick(**kw) if args.quick else ExplainConfig(**kw)
+    stages = args.stages.split(",") if args.stages else None
+    _prepare_out(args.out, args.overwrite, create=False)
+    index = run_explain(cfg, args.out, overwrite=args.overwrite, stages=stages)
+    print(f"report written to {index}")
+    return 0
+
+
+def _prepare_out(out: str, overwrite: bool, create: bool = True) -> str:
+    """Check ``--out`` before any work: a folder, empty unless ``--overwrite``, writable."""
     out = os.path.abspath(out)
     if os.path.isfile(out):
         raise InputError(f"--out {out!r} is a file; give a folder")
@@ -184,17 +217,22 @@ def _prepare_out(out: str, overwrite: bool) -> str:
         raise InputError(
             f"--out {out!r} exists and is not empty; pass --overwrite or another --out"
         )
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create --out {out!r}: {exc}") from exc
-    if not os.access(out, os.W_OK):
+    parent = out if os.path.isdir(out) else os.path.dirname(out)
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK):
         raise InputError(f"--out {out!r} is not writable; choose another folder")
+    if create:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create --out {out!r}: {exc}") from exc
     return out
 
 
 _COMMANDS = {
     "demo": _cmd_demo,
+    "explain": _cmd_explain,
     "models": _cmd_models,
     "data": _cmd_data,
     "extract": _cmd_extract,
