@@ -1,0 +1,276 @@
+"""Benchmark: class-specific gates fitted post hoc on the synthetic-part residual network.
+
+Run: ``.venv/bin/python bench/gates.py [--quick] [--finetune]``. No network; a few minutes on
+2 idle cores (``--finetune`` adds several more).
+
+Model: the bundled ``resnet_synth`` (``xnn_toolkit.zoo.load_bundled``). When it is not bundled
+yet, a stand-in is trained once with the same recipe on fewer images and epochs
+(``xnn_toolkit.train.train``) into ``bench/out/models`` and reused by later runs; the output
+says which model was used.
+
+What is measured (METHODS §5, seed 001 App. A, G, H), on held-out images (seed 1):
+
+- accuracy of the original network vs the STD path of the post-hoc CSG head (frozen recipe;
+  with ``--finetune`` also the fine-tune recipe, on 1 000 images for 15 epochs with two CSG
+  epochs in three, since every epoch runs the network): the drop must stay within 1 point;
+- the L1-density of the gates and its interval ``[1/C, g/(CK)]``;
+- localization (ActivMap, IoU and AP50, object masks): class-specific filters on their
+  gated class vs every filter of the same layer without gating (each on its best class),
+  and CAM with the head's weights, ungated and gated;
+- the mutual-information score (binned estimator; the original vs the fine-tuned network);
+- timings on 500 images, alternating repetitions, medians: the CSG fit vs a plain linear
+  probe on the same layer (same epochs and batches), and our binned MI vs scikit-learn's
+  ``mutual_info_classif`` (the authors' estimator).
+
+Ends with ``RESULT <name> <value> <unit>`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from xnn_toolkit.data.synthetic import SyntheticParts  # noqa: E402
+from xnn_toolkit.errors import AssetError  # noqa: E402
+from xnn_toolkit.heads.gates import (  # noqa: E402
+    ClassSpecificGates,
+    gate_localization,
+    mutual_information_score,
+    one_vs_rest_mutual_information,
+)
+from xnn_toolkit.hooks import record  # noqa: E402
+from xnn_toolkit.metrics.localization import filter_localization  # noqa: E402
+from xnn_toolkit.zoo import load_bundled  # noqa: E402
+
+OUT = HERE / "out"
+NAME = "resnet_synth"
+
+
+def load_model(quick: bool) -> tuple[nn.Module, dict, str]:
+    """The bundled model, else a cached or freshly trained stand-in."""
+    try:
+        model, card = load_bundled(NAME)
+        return model, card, "bundled"
+    except AssetError as exc:
+        print(f"# bundled {NAME} unavailable ({str(exc)[:90]}...)", flush=True)
+    root = OUT / "models"
+    try:
+        model, card = load_bundled(NAME, root=root)
+        return model, card, f"stand-in (cached in {root}, {card.get('train_size')} images)"
+    except AssetError:
+        pass
+    from xnn_toolkit.train import train
+
+    root.mkdir(parents=True, exist_ok=True)
+    n, epochs = (2000, 3) if quick else (4000, 4)
+    print(f"# training a stand-in {NAME}: {n} images, {epochs} epochs", flush=True)
+    train(NAME, out=root, train_size=n, test_size=500, epochs=epochs, threads=2, verbose=True)
+    model, card = load_bundled(NAME, root=root)
+    return model, card, f"stand-in (trained now, {n} images, {epochs} epochs)"
+
+
+def render(n: int, seed: int, card: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` normalised images of ``SyntheticParts(seed)``, labels and object masks."""
+    size = int(card["input_size"][-1])
+    ds = SyntheticParts(n, size=size, seed=seed)
+    xs, ys, ms = [], [], []
+    for start in range(0, n, 256):
+        img, batch = ds.render_batch(range(start, min(n, start + 256)))
+        xs.append(img)
+        ys.append(batch.labels)
+        ms.append(batch.object_mask)
+    mean = torch.tensor(card["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(card["std"]).view(1, -1, 1, 1)
+    return (torch.cat(xs) - mean) / std, torch.cat(ys), torch.cat(ms)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    pred = torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    return float((pred == y).float().mean())
+
+
+def linear_probe(model: nn.Module, layer: str, x, y, epochs: int, batch: int, seed: int) -> float:
+    """The reference: pooled features of ``layer`` + Adam on a new linear head (seconds)."""
+    t0 = time.perf_counter()
+    with record(model, layer) as rec, torch.no_grad():
+        feats = []
+        for i in range(0, len(x), 256):
+            model(x[i : i + 256])
+            feats.append(rec.activations[layer].mean((2, 3)))
+    f = torch.cat(feats)
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(f.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(f), generator=gen)
+        for i in range(0, len(f), batch):
+            idx = order[i : i + batch]
+            loss = F.cross_entropy(head(f[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def fit_seconds(model, x, y, **kw) -> tuple[float, ClassSpecificGates]:
+    t0 = time.perf_counter()
+    est = ClassSpecificGates(**kw).fit(model, x, y)
+    return time.perf_counter() - t0, est
+
+
+def report_fit(tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int) -> dict:
+    s = est.evaluate(x_te, y_te)
+    lo, hi = s.density_bounds
+    loc = gate_localization(est, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc])
+    n_spec = [len(f) for f in est.class_specific_filters_]
+    print(f"## {tag}: layer {est.layer_}, finetune {est.finetune_}, K = {est.n_filters_}, "
+          f"g = {est.g_:g}, head from model: {est.head_from_model_}")  # fmt: skip
+    print(f"   accuracy: model {100 * model_acc:.2f} %, STD {100 * s.std_accuracy:.2f} %, "
+          f"CSG (true-class gates) {100 * s.csg_accuracy:.2f} %")  # fmt: skip
+    print(f"   density {s.density:.4f} in [{lo:.4f}, {hi:.4f}]: {lo <= s.density <= hi + 1e-9}; "
+          f"class-specific filters per class {n_spec}")  # fmt: skip
+    diag_tp = torch.nanmean(torch.diagonal(s.s_tp)).item()
+    off = s.s_tp[~torch.eye(est.n_classes_, dtype=torch.bool)]
+    print(f"   S_TP diagonal mean {diag_tp:.3f}, off-diagonal mean {torch.nanmean(off).item():.3f}")
+    print(f"   localization ({loc.n_specific} class-specific filters, {len(y_te[:n_loc])} images): "
+          f"IoU {loc.specific_iou:.4f} vs all filters {loc.all_iou:.4f}; AP50 "
+          f"{loc.specific_ap:.4f} vs {loc.all_ap:.4f}")  # fmt: skip
+    # AP at IoU >= 0.3, the threshold of the authors' ActivMap / CAM code
+    y_loc = y_te[:n_loc]
+    spec = torch.nonzero(loc.specific_class >= 0).reshape(-1)
+    hits = (loc.ious >= 0.3).double()
+    ap30_spec = float(torch.stack([
+        hits[y_loc == loc.specific_class[k], k].mean() for k in spec
+    ]).mean()) if len(spec) else float("nan")  # fmt: skip
+    ap30_all = filter_localization(loc.ious, y_loc, est.n_classes_, 0.3).ap
+    same = float(loc.filters.iou_per_filter[spec].mean()) if len(spec) else float("nan")
+    print(f"   every filter on every image (no class): IoU {loc.pooled_iou:.4f}, AP50 "
+          f"{loc.pooled_ap:.4f}, AP30 {float((loc.ious >= 0.3).double().mean()):.4f}")
+    print(f"   AP30 {ap30_spec:.4f} vs {ap30_all:.4f}; the class-specific filters on their own "
+          f"best class (ungated protocol): IoU {same:.4f}")  # fmt: skip
+    print(f"   CAM IoU {loc.cam.iou:.4f} (AP50 {loc.cam.ap:.4f}); gated CAM IoU "
+          f"{loc.cam_gated.iou:.4f} (AP50 {loc.cam_gated.ap:.4f})")  # fmt: skip
+    print(f"   mutual-information score {s.mutual_information:.4f} nats", flush=True)
+    return dict(s=s, loc=loc, ap30_spec=ap30_spec, ap30_all=ap30_all)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
+    ap.add_argument("--reps", type=int, default=None, help="timing repetitions")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also fit the fine-tune recipe (slow: it runs the network every epoch)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    quick = args.quick
+    n_fit, n_test, n_loc, n_time = (300, 200, 100, 150) if quick else (2000, 1000, 500, 500)
+    epochs = 9 if quick else 60
+    reps = args.reps or (1 if quick else 3)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    model, card, source = load_model(quick)
+    print(f"# model: {NAME} ({source}); card test accuracy {card.get('test_accuracy')}")
+    x_fit, y_fit, _ = render(n_fit, SyntheticParts.TRAIN_SEED, card)
+    x_te, y_te, m_te = render(n_test, SyntheticParts.TEST_SEED, card)
+    model_acc = accuracy(model, x_te, y_te)
+    kw = dict(epochs=epochs, batch_size=64, random_state=0)
+
+    t_frozen, est = fit_seconds(model, x_fit, y_fit, **kw)
+    frozen = report_fit("frozen recipe", est, model_acc, x_te, y_te, m_te, n_loc)
+    results = {"": (est, frozen)}
+    if args.finetune:
+        # every epoch of the fine-tune recipe runs the network: fewer images and epochs,
+        # two CSG epochs in three (the paper's fine-tuning setting) to keep the gate steps
+        n_ft = 300 if quick else 1000
+        kw_ft = dict(kw, epochs=15, warmup=0, csg_ratio=2, lr_gates=2e-2)
+        t_ft, est_ft = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], recipe="finetune",
+                                   **kw_ft)  # fmt: skip
+        results["ft_"] = (est_ft, report_fit("fine-tune recipe", est_ft, model_acc,
+                                             x_te, y_te, m_te, n_loc))  # fmt: skip
+        print(f"   fine-tune fit {t_ft:.1f} s")
+
+    # figures
+    from xnn_toolkit.report.figures import save_figure
+    from xnn_toolkit.report.gate_figures import class_filter_gallery, gate_matrix_figure
+
+    save_figure(gate_matrix_figure(est.gates_, class_names=card.get("class_names"),
+                                   title="post-hoc CSG, frozen recipe"), OUT / "gates_matrix")
+    display = x_te * torch.tensor(card["std"]).view(1, -1, 1, 1)
+    display = display + torch.tensor(card["mean"]).view(1, -1, 1, 1)
+    save_figure(class_filter_gallery(est, x_te[:100], y_te[:100], 0, display=display[:100]),
+                OUT / "gates_gallery_class0")  # fmt: skip
+
+    # timings on n_time images: CSG fit vs a plain linear probe (same layer, epochs,
+    # batches), alternating
+    t_csg, t_probe = [], []
+    xt, yt = x_fit[:n_time], y_fit[:n_time]
+    for _ in range(reps):
+        t_csg.append(fit_seconds(model, xt, yt, **kw)[0])
+        t_probe.append(linear_probe(model, est.layer_, xt, yt, epochs, 64, 0))
+    feats = est.transform(x_te)
+    f_time, y_time = feats[:n_time], y_te[:n_time]
+    t_bin, t_knn = [], []
+    from sklearn.feature_selection import mutual_info_classif
+
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one_vs_rest_mutual_information(f_time, y_time, est.n_classes_)
+        t_bin.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fx, yx = f_time.double().numpy(), y_time.numpy()
+        knn = [mutual_info_classif(fx, yx == c, random_state=0) for c in range(est.n_classes_)]
+        t_knn.append(time.perf_counter() - t0)
+    mis_knn = float(np.stack(knn, 1).max(1).mean())
+    med = statistics.median
+    print(f"# timings (median of {reps}, {n_time} images): CSG fit {med(t_csg):.2f} s, "
+          f"linear probe "
+          f"{med(t_probe):.2f} s; binned MI {med(t_bin) * 1e3:.1f} ms, sklearn kNN MI "
+          f"{med(t_knn) * 1e3:.0f} ms (kNN MIS {mis_knn:.4f})")  # fmt: skip
+
+    print(f"RESULT gates_model_accuracy {100 * model_acc:.2f} %")
+    for prefix, (_est, r) in results.items():
+        s, loc = r["s"], r["loc"]
+        lo, hi = s.density_bounds
+        p = f"gates_{prefix}"
+        print(f"RESULT {p}std_accuracy {100 * s.std_accuracy:.2f} %")
+        print(f"RESULT {p}std_accuracy_drop {100 * (model_acc - s.std_accuracy):.2f} points")
+        print(f"RESULT {p}csg_accuracy {100 * s.csg_accuracy:.2f} %")
+        print(f"RESULT {p}density {s.density:.4f} ratio")
+        print(f"RESULT {p}density_upper_bound {hi:.4f} ratio")
+        print(f"RESULT {p}density_in_bounds {int(lo <= s.density <= hi + 1e-9)} bool")
+        print(f"RESULT {p}specific_filters {loc.n_specific} count")
+        print(f"RESULT {p}specific_filter_iou {loc.specific_iou:.4f} iou")
+        print(f"RESULT {p}all_filter_iou {loc.all_iou:.4f} iou")
+        print(f"RESULT {p}specific_filter_ap50 {loc.specific_ap:.4f} ap")
+        print(f"RESULT {p}all_filter_ap50 {loc.all_ap:.4f} ap")
+        print(f"RESULT {p}pooled_filter_iou {loc.pooled_iou:.4f} iou")
+        print(f"RESULT {p}pooled_filter_ap50 {loc.pooled_ap:.4f} ap")
+        print(f"RESULT {p}specific_filter_ap30 {r['ap30_spec']:.4f} ap")
+        print(f"RESULT {p}all_filter_ap30 {r['ap30_all']:.4f} ap")
+        print(f"RESULT {p}cam_iou {loc.cam.iou:.4f} iou")
+        print(f"RESULT {p}cam_gated_iou {loc.cam_gated.iou:.4f} iou")
+        print(f"RESULT {p}mis {s.mutual_information:.4f} nats")
+    print(f"RESULT gates_mis_model {mutual_information_score(feats, y_te, est.n_classes_):.4f} "
+          "nats")  # fmt: skip
+    print(f"RESULT gates_fit_seconds_{n_time} {med(t_csg):.2f} s")
+    print(f"RESULT gates_fit_over_linear_probe {med(t_csg) / med(t_probe):.2f} ratio")
+    print(f"RESULT gates_mi_binned_speedup_over_sklearn {med(t_knn) / med(t_bin):.1f} ratio")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
