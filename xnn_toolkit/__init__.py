@@ -12,12 +12,20 @@ from .errors import (
     SpecError,
     XnnError,
 )
+from .features import ActivationBank, extract
 from .hooks import Recording, intervene, record
 from .layers import default_read_layer, list_layers, resolve_layer, stages
+from .models import LoadedModel, Preprocessing, load_model, save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationBank",
+    "LoadedModel",
+    "Preprocessing",
+    "extract",
+    "load_model",
+    "save_model",
     "AssetError",
     "BankError",
     "InputError",

@@ -6,6 +6,7 @@ scikit-learn estimator conventions: hyperparameters in ``__init__``, ``fit`` ret
 ``self``, learned attributes end in ``_``, ``save`` / ``load`` without pickle.
 """
 
+from .gates import ClassSpecificGates, GateLocalization, GateScores
 from .infodrop import InformationDropout
 from .nmf import (
     NMFConcepts,
@@ -24,6 +25,9 @@ from .xnn import XNN, LassoXNN
 __all__ = [
     "XNN",
     "ClassPaths",
+    "ClassSpecificGates",
+    "GateLocalization",
+    "GateScores",
     "HitRates",
     "InformationDropout",
     "LassoXNN",
