@@ -16,16 +16,21 @@ from .features import ActivationBank, extract
 from .hooks import Recording, intervene, record
 from .layers import default_read_layer, list_layers, resolve_layer, stages
 from .models import LoadedModel, Preprocessing, load_model, save_model
+from .report.scoring import ClassHeadTarget, ScoreResult, ScoringConfig, score_dataset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationBank",
+    "ClassHeadTarget",
     "LoadedModel",
     "Preprocessing",
     "extract",
     "load_model",
     "save_model",
+    "score_dataset",
+    "ScoreResult",
+    "ScoringConfig",
     "AssetError",
     "BankError",
     "InputError",

@@ -87,6 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float16", action="store_true", help="store float16")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("score", help="score heatmap methods with metrics into tables "
+                       "(resumable; shards over torchrun processes)")  # fmt: skip
+    _common(p, "xnn-scores")
+    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
+                   "torchvision:NAME or a weights file")  # fmt: skip
+    p.add_argument("--layer", default=None, help="read layer of EB / CAM methods (default: "
+                   "each method's own, e.g. VGG pool4)")  # fmt: skip
+    p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--methods", default="cmwp,gradcam", help="comma-separated attribution "
+                   "methods (default: cmwp,gradcam)")  # fmt: skip
+    p.add_argument("--metrics", default="auto", help="comma-separated metrics, or auto: "
+                   "every metric the dataset's ground truth supports")  # fmt: skip
+    p.add_argument("--target", default="label", choices=["label", "predicted"],
+                   help="class explained on each image (default: label)")  # fmt: skip
+    p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard "
+                   "(default: 4 x batch size)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (same arguments)")
+    p.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -208,6 +232,45 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .models import load_model
+    from .report.scoring import ScoringConfig, score_dataset
+
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun; rank 0 writes and prints
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    if args.n < 1:
+        raise InputError(f"--n must be at least 1, got {args.n}")
+    if rank == 0:
+        _prepare_out(args.out, args.overwrite or args.resume, create=False)
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(v.strip() for v in text.split(",") if v.strip())
+
+    cfg = ScoringConfig(
+        methods=names(args.methods), metrics=None if args.metrics == "auto" else
+        names(args.metrics), layer=args.layer, target=args.target, n=args.n,
+        batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
+        steps=args.steps,
+    )  # fmt: skip
+    lm = load_model(args.model, device=device)
+    ds = load_dataset(args.dataset, split=args.split, n=args.n, preprocessing=lm.preprocessing)
+    res = score_dataset(lm, ds, cfg, out=args.out, overwrite=args.overwrite,
+                        resume=args.resume, progress=not args.no_progress)  # fmt: skip
+    if rank == 0:
+        shown = list(res.manifest["metrics"])
+        print(f"{'target':10} {'method':10} " + " ".join(f"{m[:14]:>14}" for m in shown))
+        for t in res.manifest["targets"]:
+            for m in cfg.methods:
+                vals = [res.value(k, m, t) for k in shown]
+                cells = " ".join(f"{'-' if v is None else f'{v:.4f}':>14}" for v in vals)
+                print(f"{t[:10]:10} {m[:10]:10} {cells}")
+        print(f"scored {res.manifest['dataset']['scored']} images; tables in {res.out}")
+    return 0
+
+
 def _prepare_out(out: str, overwrite: bool, create: bool = True) -> str:
     """Check ``--out`` before any work: a folder, empty unless ``--overwrite``, writable."""
     out = os.path.abspath(out)
@@ -236,6 +299,7 @@ _COMMANDS = {
     "models": _cmd_models,
     "data": _cmd_data,
     "extract": _cmd_extract,
+    "score": _cmd_score,
 }
 
 

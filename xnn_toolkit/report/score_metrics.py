@@ -1,0 +1,248 @@
+"""The metrics that the batch scoring runner knows by name (METHODS §6).
+
+Each entry scores one heatmap per image (``N x H x W``, at the image's resolution) against
+what the data set knows about that image, and gives one or more per-image columns; the runner
+(:mod:`xnn_toolkit.report.scoring`) turns those into per-image and aggregate tables. The
+numbers come from :mod:`xnn_toolkit.metrics`; nothing is re-implemented here.
+
+==========================  ===============================  ===================================
+name                        per-image column(s)              needs
+==========================  ===============================  ===================================
+``pointing_game``           hit (0/1), 15 px tolerance       object masks
+``pointing_game_box``       hit against the bounding box     bounding boxes
+``energy_pointing_game``    positive mass inside the object  object masks
+``energy_pointing_game_box``  positive mass inside the box   bounding boxes
+``iou``                     IoU of the top-30 % pixels       object masks
+``apNN`` (e.g. ``ap50``)    ``[IoU >= NN %]`` (App. H)       object masks
+``voronoi_locality``        Voronoi part probabilities       part keypoints and boxes
+                            ``voronoi[<part>]`` + context
+``mask_locality``           object-mask part probabilities   part label maps
+                            ``mask_parts[<part>]``
+``deletion``                area under the deletion curve    a class to score (model only)
+``insertion``               area under the insertion curve   a class to score (model only)
+==========================  ===============================  ===================================
+
+Aggregates are the mean, standard deviation and count of each column; the two locality
+metrics also give the locality entropy ``H = −Σ_p s_p log s_p`` of the mean part histogram
+(METHODS §6), reported in the ``mean`` field of their own row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.types import PartBatch
+from ..errors import InputError, SpecError, close_matches
+from ..metrics import (
+    box_masks,
+    deletion_curve,
+    energy_pointing_game,
+    insertion_curve,
+    iou,
+    mask_part_probabilities,
+    pointing_game,
+    top_pixels,
+    voronoi_part_probabilities,
+)
+
+__all__ = ["GROUND_TRUTH", "MetricSpec", "available_metrics", "get_metric"]
+
+#: Ground truth a metric can need, with the data sets that carry it (for error messages).
+GROUND_TRUTH: dict[str, str] = {
+    "object_mask": "object masks (PartAnnotation.object_mask): SyntheticParts, MaskFolder, "
+    "CUBFolder with a segmentations/ folder",
+    "bbox": "bounding boxes (PartAnnotation.bbox): SyntheticParts, CUBFolder, MaskFolder",
+    "keypoints": "part keypoints and boxes (PartAnnotation.keypoints): SyntheticParts, "
+    "CUBFolder, MaskFolder(kind='parts')",
+    "part_mask": "part label maps (PartAnnotation.part_mask): SyntheticParts, "
+    "MaskFolder(kind='parts'), CUBFolder with a part_segmentations/ folder",
+    "class": "a class per image to score (class targets, or ClassHeadTarget heads); plain "
+    "head targets have none",
+}
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a metric sees for one batch, one target and one method.
+
+    Attributes
+    ----------
+    maps : Tensor
+        ``N x H x W`` heatmaps at image resolution, on the model's device.
+    images : Tensor
+        ``N x C x H x W`` model inputs.
+    classes : Tensor
+        ``N`` int64 class explained on each image (``-1`` where the target has none).
+    parts : PartBatch or None
+        Ground truth of the batch.
+    model : nn.Module
+        The classifier (deletion / insertion run it).
+    tolerance : float
+        Pointing-game tolerance in pixels.
+    top : float
+        Share of pixels of the top-``top`` segmentation used by ``iou`` / ``apNN``.
+    steps : int
+        Steps of the deletion / insertion curves.
+    batch_size : int
+        Perturbed images per forward pass of the curves.
+    """
+
+    maps: torch.Tensor
+    images: torch.Tensor
+    classes: torch.Tensor
+    parts: PartBatch | None
+    model: nn.Module
+    tolerance: float
+    top: float
+    steps: int
+    batch_size: int
+
+
+Compute = Callable[[ScoreInputs], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric the runner can compute.
+
+    Attributes
+    ----------
+    name : str
+    needs : tuple of str
+        Keys of :data:`GROUND_TRUTH`.
+    per_part : bool
+        One column per part (``name[part]``), plus a locality entropy aggregate.
+    context : bool
+        With ``per_part``: a last column for the heatmap mass outside the object box.
+    compute : callable
+        ``compute(inputs) -> list of N-vectors``, one per column.
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    compute: Compute
+    per_part: bool = False
+    context: bool = False
+
+    def columns(self, part_names: Sequence[str]) -> list[str]:
+        """Per-image column names (``name`` or ``prefix[part]`` per part)."""
+        if not self.per_part:
+            return [self.name]
+        prefix = "voronoi" if self.name == "voronoi_locality" else "mask_parts"
+        cols = [f"{prefix}[{p}]" for p in part_names]
+        return cols + ([f"{prefix}[context]"] if self.context else [])
+
+
+def _mask(inp: ScoreInputs) -> torch.Tensor:
+    assert inp.parts is not None and inp.parts.object_mask is not None
+    return inp.parts.object_mask
+
+
+def _box(inp: ScoreInputs) -> torch.Tensor:
+    assert inp.parts is not None
+    return box_masks(inp.parts.bbox, tuple(inp.maps.shape[-2:]))
+
+
+def _split(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t[:, j] for j in range(t.shape[1])]
+
+
+def _iou(inp: ScoreInputs) -> torch.Tensor:
+    return iou(top_pixels(inp.maps, inp.top), _mask(inp))
+
+
+def _check_classes(inp: ScoreInputs, name: str) -> torch.Tensor:
+    if bool((inp.classes < 0).any()):
+        raise InputError(
+            f"the metric {name!r} scores the model's output for a class, but this target "
+            "explains no class; use a class target ('label' / 'predicted') or a "
+            "ClassHeadTarget, or drop the metric"
+        )
+    return inp.classes.to(inp.images.device)
+
+
+def _curve_auc(inp: ScoreInputs, insertion: bool) -> torch.Tensor:
+    fn = insertion_curve if insertion else deletion_curve
+    tgt = _check_classes(inp, "insertion" if insertion else "deletion")
+    return fn(inp.model, inp.images, inp.maps, tgt, steps=inp.steps,
+              batch_size=inp.batch_size).auc  # fmt: skip
+
+
+def _ap(threshold: float) -> Compute:
+    return lambda inp: [(_iou(inp) >= threshold).double()]
+
+
+_REGISTRY: dict[str, MetricSpec] = {
+    m.name: m
+    for m in (
+        MetricSpec(
+            "pointing_game", ("object_mask",),
+            lambda inp: [pointing_game(inp.maps, _mask(inp), inp.tolerance).double()],
+        ),
+        MetricSpec(
+            "pointing_game_box", ("bbox",),
+            lambda inp: [pointing_game(inp.maps, _box(inp), inp.tolerance).double()],
+        ),
+        MetricSpec(
+            "energy_pointing_game", ("object_mask",),
+            lambda inp: [energy_pointing_game(inp.maps, _mask(inp))],
+        ),
+        MetricSpec(
+            "energy_pointing_game_box", ("bbox",),
+            lambda inp: [energy_pointing_game(inp.maps, _box(inp))],
+        ),
+        MetricSpec("iou", ("object_mask",), lambda inp: [_iou(inp)]),
+        MetricSpec(
+            "voronoi_locality", ("keypoints",),
+            lambda inp: _split(voronoi_part_probabilities(inp.maps, inp.parts, context=True)),
+            per_part=True, context=True,
+        ),
+        MetricSpec(
+            "mask_locality", ("part_mask",),
+            lambda inp: _split(mask_part_probabilities(inp.maps, inp.parts)),
+            per_part=True,
+        ),
+        MetricSpec("deletion", ("class",), lambda inp: [_curve_auc(inp, False)]),
+        MetricSpec("insertion", ("class",), lambda inp: [_curve_auc(inp, True)]),
+    )
+}  # fmt: skip
+
+_AP = re.compile(r"^ap(\d{1,2}|100)$")
+
+
+def available_metrics() -> list[str]:
+    """Names accepted by the scoring runner, sorted (``apNN`` for any ``NN`` in 1..100).
+
+    Returns
+    -------
+    list of str
+    """
+    return sorted([*_REGISTRY, "ap50"])
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The metric registered under ``name`` (``apNN``: APn with ``IoU >= NN %``).
+
+    Raises
+    ------
+    SpecError
+        Unknown name; the message lists every valid name and the closest ones.
+    """
+    if isinstance(name, str):
+        key = name.strip().lower().replace("-", "_")
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        ap = _AP.match(key)
+        if ap and int(ap.group(1)) >= 1:
+            return MetricSpec(key, ("object_mask",), _ap(int(ap.group(1)) / 100))
+    names = available_metrics()
+    hint = close_matches(str(name), names)
+    raise SpecError(
+        f"unknown metric {name!r}; {hint} Valid metrics: {', '.join(names)} (apNN for any "
+        "NN in 1..100)"
+    )
