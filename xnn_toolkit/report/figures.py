@@ -1,9 +1,10 @@
 """Figures for notebooks, reports and papers: overlays, grids and the XNN layout.
 
-Every function returns a matplotlib ``Figure`` and never calls ``plt.show``; use
-:func:`save_figure` to write PNG / SVG / PDF atomically. Heatmaps use one colour map
-(``"jet"`` over the image by default, as in the source papers) normalised per map unless
-``shared_scale=True``.
+Every function returns a matplotlib ``Figure`` built without pyplot (no global figure
+registry: nothing to close, nothing shown twice in a notebook, the caller's backend left as
+it is); use :func:`save_figure` to write PNG / SVG / PDF atomically. Heatmaps use one colour
+map (``"jet"`` over the image by default, as in the source papers), each map scaled to
+``[0, 1]`` by its own maximum unless ``shared_scale=True``, and one colour bar per figure.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from .._io import atomic_write  # noqa: E402
-from ..errors import InputError  # noqa: E402
+from .._io import atomic_write
+from ..errors import InputError
 
 __all__ = [
     "to_image",
     "overlay",
     "heatmap_grid",
+    "overlay_grid",
     "xnn_figure",
     "annotated_samples",
     "save_figure",
@@ -54,7 +59,7 @@ def _norm(h: np.ndarray, vmax: float | None = None) -> np.ndarray:
 
 
 def overlay(
-    ax: plt.Axes,
+    ax: Axes,
     image: torch.Tensor | np.ndarray,
     heatmap: torch.Tensor | np.ndarray | None,
     *,
@@ -88,7 +93,7 @@ def heatmap_grid(
     size: float = 1.6,
     shared_scale: bool = False,
     colorbar: bool = True,
-) -> plt.Figure:
+) -> Figure:
     """Rows of images, each followed by its heatmaps.
 
     Parameters
@@ -114,22 +119,86 @@ def heatmap_grid(
             f"{tuple(images.shape)} and {tuple(heatmaps.shape)}"
         )
     n, m = heatmaps.shape[:2]
-    fig, axes = plt.subplots(n, m + 1, figsize=(size * (m + 1), size * n), squeeze=False)
-    for i in range(n):
-        vmax = float(heatmaps[i].max()) if shared_scale else None
-        overlay(axes[i, 0], images[i], None)
-        for j in range(m):
-            overlay(axes[i, j + 1], images[i], heatmaps[i, j], cmap=cmap, vmax=vmax)
-        for j in range(m + 1):
-            if titles is not None:
+    for what, given, want in (("row_labels", row_labels, n), ("col_labels", col_labels, m + 1)):
+        if given is not None and len(given) != want:
+            raise InputError(f"{what} must have {want} entries, got {len(given)}")
+    panels = [[(images[i], None)] + [(images[i], heatmaps[i, j]) for j in range(m)]
+              for i in range(n)]  # fmt: skip
+    if titles is None and col_labels is not None:
+        titles = [list(col_labels)] + [[""] * (m + 1) for _ in range(n - 1)]
+    return _draw_grid(panels, row_labels, titles, cmap, size, shared_scale, colorbar)
+
+
+def overlay_grid(
+    images: torch.Tensor,
+    heatmaps: torch.Tensor,
+    *,
+    row_labels: Sequence[str] | None = None,
+    titles: Sequence[Sequence[str]] | None = None,
+    cmap: str = "jet",
+    size: float = 1.6,
+    shared_scale: bool = False,
+    colorbar: bool = True,
+) -> Figure:
+    """A grid of overlays where every panel has its own image (e.g. a concept's top images).
+
+    Parameters
+    ----------
+    images : Tensor
+        ``R x K x C x H x W`` in [0, 1]: ``R`` rows of ``K`` panels.
+    heatmaps : Tensor
+        ``R x K x H x W``, one per panel.
+    row_labels : sequence of str, optional
+        ``R`` labels.
+    titles : R x K strings, optional
+    shared_scale : bool
+        Normalise the heatmaps of a row by the row's maximum instead of each by its own.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if images.dim() != 5 or heatmaps.dim() != 4 or images.shape[:2] != heatmaps.shape[:2]:
+        raise InputError(
+            f"expected images R x K x C x H x W and heatmaps R x K x H x W, got "
+            f"{tuple(images.shape)} and {tuple(heatmaps.shape)}"
+        )
+    r, k = heatmaps.shape[:2]
+    if row_labels is not None and len(row_labels) != r:
+        raise InputError(f"row_labels must have {r} entries, got {len(row_labels)}")
+    panels = [[(images[i, j], heatmaps[i, j]) for j in range(k)] for i in range(r)]
+    return _draw_grid(panels, row_labels, titles, cmap, size, shared_scale, colorbar)
+
+
+def _draw_grid(
+    panels: list[list[tuple[torch.Tensor, torch.Tensor | None]]],
+    row_labels: Sequence[str] | None,
+    titles: Sequence[Sequence[str]] | None,
+    cmap: str,
+    size: float,
+    shared_scale: bool,
+    colorbar: bool,
+) -> Figure:
+    """Rows of (image, heatmap or None) panels with one colour bar for the whole figure."""
+    n, m = len(panels), len(panels[0])
+    if titles is not None and (len(titles) != n or any(len(t) != m for t in titles)):
+        raise InputError(f"titles must be {n} rows of {m} strings")
+    fig = Figure(figsize=(size * m, size * n))
+    axes = fig.subplots(n, m, squeeze=False)
+    for i, row in enumerate(panels):
+        maps = [h for _, h in row if h is not None]
+        vmax = float(torch.stack([torch.as_tensor(h) for h in maps]).max()) if (
+            shared_scale and maps) else None
+        for j, (image, heat) in enumerate(row):
+            overlay(axes[i, j], image, heat, cmap=cmap, vmax=vmax)
+            if titles is not None and titles[i][j]:
                 axes[i, j].set_title(titles[i][j], fontsize=8)
-            elif col_labels is not None and i == 0:
-                axes[i, j].set_title(col_labels[j], fontsize=8)
         if row_labels is not None:
             axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
     if colorbar:
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, 1))
-        fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="relative")
+        sm = ScalarMappable(cmap=cmap, norm=Normalize(0, 1))
+        label = "heatmap / row maximum" if shared_scale else "heatmap / its maximum"
+        fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label=label)
     return fig
 
 
@@ -142,7 +211,7 @@ def xnn_figure(
     labels: Sequence[str] | None = None,
     cmap: str = "jet",
     size: float = 1.6,
-) -> plt.Figure:
+) -> Figure:
     """The thesis's layout (seed 002, Fig. 3.1 / 3.8): image, 1-heatmap, sorted x-features.
 
     Each row shows the image, the heatmap of the explained logit ``ŷ`` ("1-heatmap"), then
@@ -195,7 +264,7 @@ def annotated_samples(
     part_names: Sequence[str] | None = None,
     cols: int = 8,
     size: float = 1.5,
-) -> plt.Figure:
+) -> Figure:
     """A grid of images with their keypoints (visible ones) and boxes drawn.
 
     Parameters
@@ -213,8 +282,9 @@ def annotated_samples(
     n = len(images)
     rows = max(1, -(-n // cols))
     cols = min(cols, n)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
-    colours = plt.cm.tab20(np.linspace(0, 1, 20))
+    fig = Figure(figsize=(size * cols, size * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, 20))
     for i, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if i >= n:
@@ -222,8 +292,8 @@ def annotated_samples(
         ax.imshow(to_image(images[i]))
         if bbox is not None:
             x0, y0, x1, y1 = (float(v) for v in bbox[i])
-            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1,
-                                       fill=False, ec="white", lw=0.8))  # fmt: skip
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1,
+                                   fill=False, ec="white", lw=0.8))  # fmt: skip
         if keypoints is not None:
             for p in range(keypoints.shape[1]):
                 if visible is None or bool(visible[i, p]):
@@ -233,7 +303,7 @@ def annotated_samples(
             ax.set_title(titles[i], fontsize=7)
     if part_names is not None and keypoints is not None:
         handles = [
-            plt.Line2D([], [], marker="o", ls="", color=colours[p % 20], label=name)
+            Line2D([], [], marker="o", ls="", color=colours[p % 20], label=name)
             for p, name in enumerate(part_names)
         ]
         fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=6)
@@ -241,7 +311,7 @@ def annotated_samples(
 
 
 def save_figure(
-    fig: plt.Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png",), dpi: int = 150
+    fig: Figure, stem: str | os.PathLike, formats: Sequence[str] = ("png",), dpi: int = 150
 ) -> list[str]:
     """Save a figure as ``<stem>.<fmt>`` for each format, each file written atomically.
 

@@ -16,16 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from ..errors import InputError  # noqa: E402
-from ..heads.gates import block_order  # noqa: E402
-from .figures import heatmap_grid  # noqa: E402
+from ..errors import InputError
+from ..heads.gates import block_order
+from .figures import heatmap_grid
 
 __all__ = ["gate_matrix_figure", "class_filter_gallery", "top_class_filters"]
 
@@ -38,7 +35,7 @@ def gate_matrix_figure(
     cmap: str = "viridis",
     width: float = 8.0,
     title: str | None = None,
-) -> plt.Figure:
+) -> Figure:
     """Draw the gate matrix ``G`` (rows: classes, columns: filters).
 
     Parameters
@@ -69,7 +66,8 @@ def gate_matrix_figure(
     order = block_order(g) if ordered else torch.arange(k)
     shown = g.detach().double().cpu()[:, order].numpy()
     height = max(1.5, 0.3 * c + 1.0)
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
     im = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_ylabel("class")
     ax.set_xlabel("filter" + (" (block order)" if ordered else ""))
@@ -129,7 +127,7 @@ def class_filter_gallery(
     display: torch.Tensor | None = None,
     class_names: Sequence[str] | None = None,
     size: float = 1.6,
-) -> plt.Figure:
+) -> Figure:
     """ActivMaps of a class's top filters over a few of its images (seed 001 App. G).
 
     Parameters

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..errors import InputError  # noqa: E402
-from .figures import heatmap_grid  # noqa: E402
+from ..errors import InputError
+from .figures import heatmap_grid
 
 __all__ = [
     "hit_rate_figure",
@@ -36,7 +34,7 @@ def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-def _ticks(ax: plt.Axes, names: Sequence[str] | None, n: int, axis: str) -> None:
+def _ticks(ax: Axes, names: Sequence[str] | None, n: int, axis: str) -> None:
     if names is None or n > 40:
         return
     if len(names) != n:
@@ -57,7 +55,7 @@ def path_mask_figure(
     threshold: float = 0.5,
     cmap: str = "viridis",
     width: float = 7.0,
-) -> plt.Figure:
+) -> Figure:
     """Masks of every layer, one panel per layer: classes down, channels across.
 
     Parameters
@@ -86,8 +84,8 @@ def path_mask_figure(
             raise InputError(f"masks of layer {n!r} must be K x C, got shape {tuple(m.shape)}")
     k = next(iter(mats.values())).shape[0]
     rows = len(mats)
-    fig, axes = plt.subplots(rows, 1, figsize=(width, max(1.2, 0.25 * k + 0.6) * rows),
-                             squeeze=False)  # fmt: skip
+    fig = Figure(figsize=(width, max(1.2, 0.25 * k + 0.6) * rows))
+    axes = fig.subplots(rows, 1, squeeze=False)
     im = None
     for ax, (name, m) in zip(axes[:, 0], mats.items()):
         shown = (m > threshold).float() if binary else m
@@ -112,7 +110,7 @@ def path_similarity_figure(
     annotate: bool | None = None,
     cmap: str = "magma",
     size: float = 4.5,
-) -> plt.Figure:
+) -> Figure:
     """The ``K x K`` path-similarity matrix (mean Jaccard index over layers).
 
     Parameters
@@ -134,7 +132,8 @@ def path_similarity_figure(
     if s.dim() != 2 or s.shape[0] != s.shape[1]:
         raise InputError(f"similarity must be K x K, got shape {tuple(s.shape)}")
     k = s.shape[0]
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     im = ax.imshow(s.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     _ticks(ax, class_names, k, "y")
     _ticks(ax, class_names, k, "x")
@@ -155,7 +154,7 @@ def hit_rate_figure(
     labels: Sequence[str] | None = None,
     title: str | None = None,
     size: tuple[float, float] = (5.0, 3.0),
-) -> plt.Figure:
+) -> Figure:
     """Hit rate over layers, mean ± std, with the chance line (METHODS §4).
 
     Parameters
@@ -175,7 +174,8 @@ def hit_rate_figure(
     series = list(hit_rates) if isinstance(hit_rates, list | tuple) else [hit_rates]
     if labels is not None and len(labels) != len(series):
         raise InputError(f"got {len(labels)} labels for {len(series)} series")
-    fig, ax = plt.subplots(figsize=size)
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
     chance = 0.25
     for i, hr in enumerate(series):
         mean = torch.as_tensor(hr.mean).float().cpu().numpy()
@@ -206,7 +206,7 @@ def information_heatmap_figure(
     row_labels: Sequence[str] | None = None,
     shared_scale: bool = False,
     size: float = 1.6,
-) -> plt.Figure:
+) -> Figure:
     """Images followed by their information heatmaps, one column per layer.
 
     Parameters

@@ -5,22 +5,32 @@ paths, class-specific gates) → heatmaps (Excitation Backprop, Grad-CAM, ...) �
 report. Each stage is a function that adds a section to a :class:`Report`; the data flows one
 way through the plain dataclass :class:`_Run`. Sections whose ground truth the data lacks
 (part keypoints, object masks) say so in the report instead of showing numbers.
+
+The configuration is checked once, before any work (:meth:`ExplainConfig.validate`): unknown
+XNN kinds, attribution methods, stages or figure formats fail at the door with the closest
+names.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .document import Card, Figure, Paragraph, Report, Table
 
-__all__ = ["ExplainConfig", "build_report", "run_explain"]
+__all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
+
+#: XNN variants the report compares (METHODS §1), in the order of the thesis's Table 3.1.
+XNN_KINDS = ("srae", "nn", "sae", "lasso", "cae")
 
 
 @dataclass
@@ -29,15 +39,21 @@ class ExplainConfig:
 
     Attributes
     ----------
-    model : str
-        Model spec (``bundled:vgg_synth``, ``timm:resnet18``, a weights file...).
+    model : str, nn.Module or LoadedModel
+        Model spec (``bundled:vgg_synth``, ``timm:resnet18``, a weights file...), or a model
+        already in memory (left unchanged by the run).
     dataset : str
         Dataset spec (see :func:`xnn_toolkit.data.load_dataset`).
     fc_layer : str or None
         Layer the XNN heads attach to (default: ``fc6`` when the model has it, else the
-        input of the last linear layer is not available and the read layer is used).
+        output of the last fully connected layer below the classifier).
     conv_layer : str or None
-        Conv layer for NMF concepts and heatmaps (default: the model's default read layer).
+        Conv layer for NMF concepts and heatmaps (default: the model's default read
+        layer, VGG pool4 / ResNet stage 3).
+    class_names : sequence of str, optional
+        Overrides the names of the model card or the dataset.
+    image_size : int, optional
+        Image size passed to the dataset (default: the dataset's own).
     n_train, n_test : int
         Images used to fit heads and to score them.
     n_features : int
@@ -47,33 +63,48 @@ class ExplainConfig:
     xnn_epochs : int
         Maximum epochs of the XNN heads.
     kinds : tuple of str
-        XNN variants to compare (``srae``, ``nn``, ``sae``, ``cae``, ``lasso``).
+        XNN variants to compare (:data:`XNN_KINDS`).
     nmf_rank : int
     path_epochs, gate_epochs : int
+    path_images : int
+        Training images the class paths are fitted on (at most ``n_train``).
     heatmap_images : int
         Test images that get x-feature heatmaps (for orthogonality and locality).
+    z_units : int
+        Dimensions of Z (the most active on the heatmap images) whose heatmaps give the
+        locality of the thesis's "Z" column; 0 skips it.
+    gallery_classes : int
+        Classes that get a gate filter gallery.
     methods : tuple of str
         Attribution methods compared on class logits (localization table).
+    figure_formats : tuple of str
+        Formats of every figure (PNG always; SVG and PDF on request).
     device : str
     seed : int
     progress : bool
     """
 
-    model: str = "bundled:vgg_synth"
+    model: Any = "bundled:vgg_synth"
     dataset: str = "synthetic"
     fc_layer: str | None = None
     conv_layer: str | None = None
+    class_names: Sequence[str] | None = None
+    image_size: int | None = None
     n_train: int = 3000
     n_test: int = 600
     n_features: int = 5
     hidden: tuple[int, ...] = (256, 64)
     xnn_epochs: int = 40
-    kinds: tuple[str, ...] = ("srae", "nn", "sae", "cae", "lasso")
+    kinds: tuple[str, ...] = XNN_KINDS
     nmf_rank: int = 8
     path_epochs: int = 3
+    path_images: int = 3000
     gate_epochs: int = 6
     heatmap_images: int = 200
+    z_units: int = 8
+    gallery_classes: int = 3
     methods: tuple[str, ...] = ("cmwp", "mwp", "gradcam", "saliency")
+    figure_formats: tuple[str, ...] = ("png",)
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -83,11 +114,60 @@ class ExplainConfig:
         """Small sizes for smoke tests (about a minute on 2 cores)."""
         base = dict(
             n_train=600, n_test=120, hidden=(32, 16), xnn_epochs=4, kinds=("srae", "nn"),
-            nmf_rank=4, path_epochs=1, gate_epochs=2, heatmap_images=40,
-            methods=("cmwp", "gradcam"),
+            nmf_rank=4, path_epochs=1, path_images=600, gate_epochs=2, heatmap_images=40,
+            z_units=4, gallery_classes=2, methods=("cmwp", "gradcam"),
         )  # fmt: skip
         base.update(kw)
         return cls(**base)  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        """Check every setting before any work.
+
+        Raises
+        ------
+        InputError
+            A count out of range, an unknown XNN kind or figure format, a filter method
+            among ``methods``.
+        SpecError
+            An unknown attribution method (with the closest names).
+        """
+        from .figures import FORMATS
+        from .heatmaps import class_method
+
+        for name in ("n_train", "n_test", "n_features", "xnn_epochs", "nmf_rank", "path_epochs",
+                     "path_images", "gate_epochs", "heatmap_images"):  # fmt: skip
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("z_units", "gallery_classes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InputError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.n_train < 2 or self.n_test < 2:
+            raise InputError("n_train and n_test must be at least 2")
+        kinds = tuple(self.kinds)
+        bad = [k for k in kinds if k not in XNN_KINDS]
+        if bad or not kinds:
+            raise InputError(f"unknown XNN kinds {bad or kinds}; choose from {XNN_KINDS}")
+        if not self.methods:
+            raise InputError("methods is empty; give at least one attribution method")
+        for m in self.methods:
+            class_method(m)
+        bad = [f for f in self.figure_formats if f not in FORMATS]
+        if bad:
+            raise InputError(f"unknown figure formats {bad}; choose from {FORMATS}")
+        if self.class_names is not None and not all(isinstance(c, str) for c in self.class_names):
+            raise InputError("class_names must be strings")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as JSON-friendly values (a model in memory is named by its class)."""
+        out = dict(self.__dict__)
+        if not isinstance(self.model, str | os.PathLike):
+            inner = getattr(self.model, "model", self.model)
+            out["model"] = f"module:{type(inner).__name__}"
+        else:
+            out["model"] = os.fspath(self.model)
+        return out
 
 
 @dataclass
@@ -95,8 +175,9 @@ class _Run:
     """What the stages hand each other."""
 
     cfg: ExplainConfig
-    model: torch.nn.Module
+    model: nn.Module
     loaded: object
+    spec: str
     class_names: list[str]
     x_train: torch.Tensor  # normalised N x C x H x W
     y_train: torch.Tensor
@@ -107,7 +188,10 @@ class _Run:
     fc_layer: str
     conv_layer: str
     timings: dict[str, float] = field(default_factory=dict)
-    heads: dict[str, object] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, name: str, fig: object, caption: str = "") -> Figure:
+        return Figure(name, fig, caption=caption, formats=tuple(self.cfg.figure_formats))
 
 
 def _stage(run: _Run, name: str, fn: Callable[[], None]) -> None:
@@ -117,6 +201,7 @@ def _stage(run: _Run, name: str, fn: Callable[[], None]) -> None:
 
 
 def _images(ds: object, n: int) -> tuple[torch.Tensor, torch.Tensor, object | None]:
+    """The first ``n`` items of a dataset as images in [0, 1], labels and their parts."""
     from ..data import SyntheticParts, collate_annotations
 
     inner = getattr(ds, "dataset", ds)
@@ -134,59 +219,96 @@ def _images(ds: object, n: int) -> tuple[torch.Tensor, torch.Tensor, object | No
     return images, labels, parts
 
 
+def _load(model: object, device: str) -> tuple[object, str]:
+    """A LoadedModel from a spec, a module or a LoadedModel, and the spec to print."""
+    from ..models import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        return model, model.spec
+    lm = load_model(model, device=device)
+    return lm, (os.fspath(model) if isinstance(model, str | os.PathLike) else lm.spec)
+
+
 def _prepare(cfg: ExplainConfig) -> _Run:
     from ..data import load_dataset
-    from ..layers import default_read_layer, list_layers
-    from ..models import load_model
+    from ..layers import default_read_layer, list_layers, resolve_layer
 
     torch.manual_seed(cfg.seed)
-    lm = load_model(cfg.model, device=cfg.device)
+    lm, spec = _load(cfg.model, cfg.device)
     model = lm.model
-    train = load_dataset(cfg.dataset, split="train", n=cfg.n_train)
-    test = load_dataset(cfg.dataset, split="test", n=cfg.n_test)
-    raw_train, y_train, _ = _images(train, cfg.n_train)
-    raw_test, y_test, parts = _images(test, cfg.n_test)
-    pre = lm.preprocessing
-    names = lm.class_names or getattr(train, "classes", None)
-    k = int(y_train.max()) + 1
-    class_names = list(names) if names else [str(i) for i in range(k)]
     layers = set(list_layers(model))
     fc = cfg.fc_layer or ("fc6" if "fc6" in layers else None)
     if fc is None:
-        linears = list_layers(model, torch.nn.Linear)
+        linears = list_layers(model, nn.Linear)
         if len(linears) < 2:
             raise InputError(
                 "the model has no fully connected layer below its classifier for the XNN "
                 "heads; pass fc_layer= (a layer whose output is N x D)"
             )
         fc = linears[-2]
+    fc = resolve_layer(model, fc)[0]
+    conv = resolve_layer(model, cfg.conv_layer or default_read_layer(model))[0]
+    kw = {} if cfg.image_size is None else {"size": cfg.image_size}
+    train = load_dataset(cfg.dataset, split="train", n=cfg.n_train, **kw)
+    test = load_dataset(cfg.dataset, split="test", n=cfg.n_test, **kw)
+    raw_train, y_train, _ = _images(train, cfg.n_train)
+    raw_test, y_test, parts = _images(test, cfg.n_test)
+    pre = lm.preprocessing
+    names = cfg.class_names or lm.class_names or getattr(train, "classes", None)
+    k = int(torch.cat([y_train, y_test]).max()) + 1
+    class_names = [str(c) for c in names] if names else [str(i) for i in range(k)]
+    if len(class_names) < k:
+        raise InputError(f"got {len(class_names)} class names for labels up to {k - 1}")
     return _Run(
-        cfg=cfg, model=model, loaded=lm, class_names=class_names,
+        cfg=cfg, model=model, loaded=lm, spec=spec, class_names=class_names,
         x_train=pre.normalize(raw_train), y_train=y_train, x_test=pre.normalize(raw_test),
-        y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc,
-        conv_layer=cfg.conv_layer or default_read_layer(model),
+        y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc, conv_layer=conv,
     )  # fmt: skip
+
+
+def _logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    from .._guard import model_guard
+
+    dev = next(model.parameters()).device
+    with model_guard(model), torch.no_grad():
+        return torch.cat([model(x[i : i + batch].to(dev)).cpu() for i in range(0, len(x), batch)])
+
+
+# ------------------------------------------------------------------------------- model
 
 
 def _model_section(report: Report, run: _Run) -> None:
     from .figures import annotated_samples
 
-    with torch.no_grad():
-        pred = _logits(run.model, run.x_test).argmax(1)
+    pred = _logits(run.model, run.x_test).argmax(1)
+    run.heads["pred_test"] = pred
     acc = float((pred == run.y_test).float().mean())
     card = dict(getattr(run.loaded, "card", None) or {})
     items = {
-        "model": run.cfg.model,
+        "model": run.spec,
+        "dataset": run.cfg.dataset,
         "classes": len(run.class_names),
         "measured test accuracy": f"{100 * acc:.2f} % on {len(run.y_test)} images",
         "XNN layer": run.fc_layer,
         "heatmap / NMF layer": run.conv_layer,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
     }
     for key in ("arch", "dataset", "train_command", "seed", "epochs", "test_accuracy"):
         if key in card:
             items[f"card: {key}"] = card[key]
     s = report.section("Model")
     s.add(Card(items))
+    rows = []
+    for c, name in enumerate(run.class_names):
+        sel = run.y_test == c
+        if int(sel.sum()) == 0:
+            continue
+        rows.append({
+            "class": name, "test images": int(sel.sum()),
+            "accuracy %": 100 * float((pred[sel] == c).float().mean()),
+            "predicted as": int((pred == c).sum()),
+        })  # fmt: skip
+    s.add(Table("class_accuracy", rows, caption="Per-class accuracy on the test images"))
     n = min(16, len(run.raw_test))
     p = run.parts
     titles = [run.class_names[int(c)] for c in run.y_test[:n]]
@@ -197,16 +319,11 @@ def _model_section(report: Report, run: _Run) -> None:
         None if p is None else p.bbox[:n],
         titles=titles, part_names=None if p is None else getattr(p, "part_names", None),
     )  # fmt: skip
-    s.add(Figure("samples", fig, caption="Test samples with their part keypoints and boxes"))
+    s.add(run.figure("samples", fig, "Test samples with their part keypoints and boxes"))
     run.heads["accuracy"] = acc
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    from .._guard import model_guard
-
-    dev = next(model.parameters()).device
-    with model_guard(model), torch.no_grad():
-        return torch.cat([model(x[i : i + batch].to(dev)).cpu() for i in range(0, len(x), batch)])
+# ------------------------------------------------------------------------- activations
 
 
 def _bank_section(report: Report, run: _Run) -> None:
@@ -214,7 +331,7 @@ def _bank_section(report: Report, run: _Run) -> None:
 
     from ..features import extract
 
-    layers = [run.fc_layer, run.conv_layer]
+    layers = list(dict.fromkeys([run.fc_layer, run.conv_layer]))
     kw = dict(progress=run.cfg.progress, device=run.cfg.device)
     for split, x, y in (("train", run.x_train, run.y_train), ("test", run.x_test, run.y_test)):
         run.heads[f"bank_{split}"] = extract(run.model, TensorDataset(x, y), layers, **kw)
@@ -230,17 +347,22 @@ def _bank_section(report: Report, run: _Run) -> None:
     ]))  # fmt: skip
 
 
+# --------------------------------------------------------------------------------- XNN
+
+
 def _xnn_section(report: Report, run: _Run) -> None:
     from ..heads.xnn import XNN, LassoXNN
     from ..metrics import f_cls, f_reg
 
     cfg = run.cfg
     tr, te = run.heads["bank_train"], run.heads["bank_test"]
-    per_class = int(torch.bincount(tr.labels).min())
+    counts = torch.bincount(tr.labels)
+    per_class = int(counts[counts > 0].min())
     n_pos = max(2, min(200, int(per_class * 0.8)))
-    n_neg = min(8000, len(tr) - int(torch.bincount(tr.labels).max()))
+    n_neg = min(8000, len(tr) - int(counts.max()))
     rows = []
-    for kind in cfg.kinds:
+    kinds = [k for k in XNN_KINDS if k in cfg.kinds]
+    for kind in tqdm(kinds, desc="XNN heads", disable=not cfg.progress, leave=False):
         if kind == "lasso":
             head = LassoXNN(n_features=cfg.n_features, n_positive=n_pos, n_negative=n_neg,
                             random_state=cfg.seed, layer=run.fc_layer)  # fmt: skip
@@ -257,6 +379,8 @@ def _xnn_section(report: Report, run: _Run) -> None:
             row[f"F_reg {split}"] = float(f_reg(yb, bank.logits[:, cls]).mean())
             row[f"F_cls {split} %"] = 100 * float(f_cls(yb, bank.logits, cls).mean())
         rows.append(row)
+    run.heads["xnn_rows"] = rows
+    run.heads["xnn_kinds"] = kinds
     s = report.section("XNN explanation heads")
     s.add(Paragraph(
         f"One-vs-all heads with n = {cfg.n_features} x-features on {run.fc_layer}, all classes "
@@ -267,83 +391,99 @@ def _xnn_section(report: Report, run: _Run) -> None:
     s.add(Table("xnn_faithfulness", rows))
 
 
-def _xfeature_heatmaps(run: _Run, head: object, idx: torch.Tensor) -> torch.Tensor:
-    """c-MWP heatmaps of every x-feature of each image's own class head: M x n x H x W."""
-    from ..attribution import ContrastiveExcitationBackprop, HeadOutput
+# ---------------------------------------------------------------------------- heatmaps
 
+
+def _z_heatmaps(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c-MWP heatmaps of the ``z_units`` most active dimensions of Z: M x u x H x W."""
+    from ..attribution import ContrastiveExcitationBackprop, Unit
+
+    z = run.heads["bank_test"].activations(run.fc_layer)[idx].flatten(1)
+    units = z.mean(0).argsort(descending=True)[: run.cfg.z_units]
     method = ContrastiveExcitationBackprop(run.model, layer=run.conv_layer)
-    n = run.cfg.n_features
     h, w = run.x_test.shape[-2:]
-    out = torch.zeros(len(idx), n, h, w)
-    labels = run.y_test[idx]
-    for c in labels.unique().tolist():
-        rows = (labels == c).nonzero().flatten()
-        module = head.as_target_module(c)
-        x = run.x_test[idx[rows]]
-        for i in range(n):
-            att = method.attribute(x, HeadOutput(run.fc_layer, module, i))
-            out[rows, i] = att.heatmap.cpu()
-    return out
+    out = torch.zeros(len(idx), len(units), h, w)
+    for j, u in enumerate(units.tolist()):
+        for s in range(0, len(idx), 64):
+            r = idx[s : s + 64]
+            att = method.attribute(run.x_test[r], Unit(run.fc_layer, int(u)))
+            out[s : s + len(r), j] = att.heatmap.detach().float().cpu()
+    return out, units
 
 
 def _heatmap_section(report: Report, run: _Run) -> None:
-    from ..attribution import ContrastiveExcitationBackprop
     from ..metrics import locality, orthogonality, voronoi_part_probabilities
     from .figures import xnn_figure
+    from .heatmaps import class_heatmaps, xfeature_heatmaps
 
     cfg = run.cfg
     m = min(cfg.heatmap_images, len(run.x_test))
     idx = torch.arange(m)
-    one = ContrastiveExcitationBackprop(run.model, layer=run.conv_layer)
-    one_maps = torch.cat([
-        one.attribute(run.x_test[i : min(i + 64, m)], run.y_test[i : min(i + 64, m)]).heatmap
-        for i in range(0, m, 64)
-    ])  # fmt: skip
-    rows = []
+    labels = run.y_test[idx]
+    bar = tqdm(total=len(run.heads["xnn_kinds"]) + 2, desc="heatmaps", disable=not cfg.progress,
+               leave=False)  # fmt: skip
+    one_maps = class_heatmaps(run.model, run.x_test[idx], labels, "cmwp", run.conv_layer)
+    bar.update()
+    sub = _sub_parts(run.parts, idx) if run.parts is not None else None
+    rows: dict[str, dict[str, Any]] = {r["method"]: dict(r) for r in run.heads["xnn_rows"]}
     maps_by_kind = {}
-    for kind in cfg.kinds:
+    for kind in run.heads["xnn_kinds"]:
         head = run.heads[f"xnn_{kind}"]
-        maps = _xfeature_heatmaps(run, head, idx)
+        maps = xfeature_heatmaps(run.model, run.x_test[idx], labels, head, run.fc_layer,
+                                 run.conv_layer)  # fmt: skip
         maps_by_kind[kind] = maps
-        o = [orthogonality(maps[run.y_test[idx] == c]) for c in run.y_test[idx].unique()]
-        row = {
-            "method": kind.upper(),
-            "O1": sum(float(v.o1) for v in o) / len(o),
-            "O2": sum(float(v.o2) for v in o) / len(o),
-        }
-        if run.parts is not None:
-            sub = _sub_parts(run.parts, idx)
+        o = [orthogonality(maps[labels == c]) for c in labels.unique() if (labels == c).sum() > 1]
+        row = rows[kind.upper()]
+        if o:
+            row["O1"] = sum(float(v.o1) for v in o) / len(o)
+            row["O2"] = sum(float(v.o2) for v in o) / len(o)
+        if sub is not None:
             row["locality"] = float(locality(voronoi_part_probabilities(maps, sub)).mean)
-        rows.append(row)
-    if run.parts is not None:
-        sub = _sub_parts(run.parts, idx)
-        rows.append({"method": "1-heatmap",
-                     "locality": float(locality(voronoi_part_probabilities(one_maps, sub)).mean)})
+        bar.update()
+    z_note = ""
+    if sub is not None:
+        if cfg.z_units > 0:
+            z_maps, units = _z_heatmaps(run, idx)
+            rows["Z"] = {"method": "Z",
+                         "locality": float(locality(voronoi_part_probabilities(z_maps, sub)).mean)}
+            z_note = (f" Z: the {len(units)} most active of the "
+                      f"{run.heads['bank_test'].shape(run.fc_layer)[-1]} units of {run.fc_layer}.")
+        rows["1-heatmap"] = {
+            "method": "1-heatmap",
+            "locality": float(locality(voronoi_part_probabilities(one_maps[:, None], sub)).mean),
+        }  # fmt: skip
+    bar.update()
+    bar.close()
+    metrics = ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %", "O1", "O2",
+               "locality"]  # fmt: skip
+    table = [{"metric": k, **{name: r[k] for name, r in rows.items() if k in r}} for k in metrics]
+    table = [t for t in table if len(t) > 1]
     s = report.section("x-feature heatmaps")
     s.add(Paragraph(
         f"Contrastive Excitation Backprop (c-MWP) of every x-feature, read at {run.conv_layer}, "
-        f"on {m} test images (each image explained by its own class's head). Orthogonality "
-        "O1 = ||P||_F − √n and O2 = −log det P over the heatmaps of each head, averaged over "
-        "heads; Voronoi locality = entropy of the part histogram (lower is more local; "
-        "METHODS §6)."
-        + ("" if run.parts is not None else " The data has no part keypoints: no locality.")
+        f"on {m} test images (each image explained by its own class's head); the 1-heatmap "
+        "is the c-MWP of the class logit. Orthogonality O1 = ||P||_F − √n and O2 = −log det "
+        "P over the heatmaps of each head, averaged over heads (0 is best); Voronoi locality "
+        "= entropy of the part histogram (lower is more local; METHODS §6)." + z_note
+        + ("" if sub is not None else " The data has no part keypoints: no locality.")
     ))  # fmt: skip
-    s.add(Table("xnn_heatmap_metrics", rows))
-    kind = cfg.kinds[0]
-    head = run.heads[f"xnn_{kind}"]
-    pick = torch.stack([(run.y_test[idx] == c).nonzero().flatten()[0]
-                        for c in run.y_test[idx].unique()])  # fmt: skip
-    pick = pick[:10]
-    contrib = head.contributions(run.heads["bank_test"])[idx[pick]]
-    cls_pos = torch.stack([(head.classes_ == run.y_test[i]).nonzero().flatten()[0] for i in pick])
-    contrib = contrib[torch.arange(len(pick)), cls_pos]
-    fig = xnn_figure(
-        run.raw_test[idx[pick]], one_maps[pick], maps_by_kind[kind][pick], contrib,
-        labels=[run.class_names[int(run.y_test[i])] for i in pick],
-    )  # fmt: skip
-    s.add(Figure("xnn_explanations", fig,
-                 caption=f"{kind.upper()} explanations: image, 1-heatmap, then x-features sorted "
-                 "by their contribution v_i E_i (written above)"))  # fmt: skip
+    s.add(Table("table_3_1", table, columns=["metric", *rows],
+                caption="XNN metrics per method, in the manner of the thesis's Table 3.1"))
+    pick = torch.stack([(labels == c).nonzero().flatten()[0] for c in labels.unique()])
+    for kind in run.heads["xnn_kinds"]:
+        head = run.heads[f"xnn_{kind}"]
+        contrib = head.contributions(run.heads["bank_test"])[idx[pick]]
+        cls_pos = torch.stack([(head.classes_ == labels[i]).nonzero().flatten()[0] for i in pick])
+        contrib = contrib[torch.arange(len(pick)), cls_pos]
+        fig = xnn_figure(
+            run.raw_test[idx[pick]], one_maps[pick], maps_by_kind[kind][pick], contrib,
+            labels=[run.class_names[int(labels[i])] for i in pick],
+        )  # fmt: skip
+        s.add(run.figure(
+            f"xnn_explanations_{kind}", fig,
+            f"{kind.upper()}: one test image per class; the image, its 1-heatmap, then the "
+            "x-features sorted by their contribution v_i E_i (written above each heatmap)",
+        ))  # fmt: skip
 
 
 def _sub_parts(parts: object, idx: torch.Tensor) -> object:
@@ -357,41 +497,65 @@ def _sub_parts(parts: object, idx: torch.Tensor) -> object:
     )  # fmt: skip
 
 
+# ------------------------------------------------------------------------ localization
+
+
 def _localization_section(report: Report, run: _Run) -> None:
-    from ..attribution import explain
-    from ..metrics import energy_pointing_game, pointing_game
+    from ..metrics import class_localization, energy_pointing_game, iou, pointing_game, top_pixels
+    from .figures import heatmap_grid
+    from .heatmaps import class_heatmaps, class_method
 
     s = report.section("Heatmap methods on class logits")
     if run.parts is None or run.parts.object_mask is None:
         s.add(Paragraph("The data has no object masks: no localization scores."))
         return
     m = min(run.cfg.heatmap_images, len(run.x_test))
-    rows = []
+    masks = run.parts.object_mask[:m].bool()
+    labels = run.y_test[:m]
+    h, w = masks.shape[-2:]
+    tol = 15 * min(h, w) / 224
+    rows, shown = [], []
     for method in run.cfg.methods:
-        layer = None if method in ("saliency",) else run.conv_layer
+        name = class_method(method)
         t = time.perf_counter()
-        maps = torch.cat([
-            explain(run.model, run.x_test[i : min(i + 50, m)], run.y_test[i : min(i + 50, m)],
-                    method=method, layer=layer).heatmap.cpu()
-            for i in range(0, m, 50)
-        ])  # fmt: skip
-        masks = run.parts.object_mask[:m]
+        maps = class_heatmaps(run.model, run.x_test[:m], labels, name, run.conv_layer)
+        seconds = time.perf_counter() - t
+        loc = class_localization(iou(top_pixels(maps, 0.3), masks), labels, len(run.class_names))
         rows.append({
-            "method": method,
-            "pointing game %": 100 * float(pointing_game(maps, masks).float().mean()),
+            "method": name,
+            f"pointing game % (tolerance {tol:.1f} px)": 100 * float(
+                pointing_game(maps, masks, tolerance=tol).float().mean()),
+            "pointing game % (15 px)": 100 * float(pointing_game(maps, masks).float().mean()),
             "energy pointing %": 100 * float(energy_pointing_game(maps, masks).mean()),
-            "seconds": round(time.perf_counter() - t, 2),
+            "IoU top 30 %": float(loc.iou),
+            "AP50 %": 100 * float(loc.ap),
+            "ms / image": round(1000 * seconds / m, 2),
         })  # fmt: skip
+        shown.append(maps[:8])
+    area = 100 * float(masks.float().mean())
     s.add(Paragraph(
-        f"Heatmaps of the true class's logit on {m} test images; pointing game with the "
-        "15-pixel tolerance and the energy-based pointing game against the object mask."
+        f"Heatmaps of the true class's logit on {m} test images, scored against the object "
+        f"mask (it covers {area:.1f} % of the pixels: the energy pointing game's chance "
+        f"level). Pointing game: the maximum within the tolerance of the mask (15 px at 224 "
+        f"px, i.e. {tol:.1f} px here, and the literal 15 px); IoU and AP50 of the top 30 % "
+        "of pixels (seed 001 App. H)."
     ))  # fmt: skip
     s.add(Table("localization", rows))
+    n = min(8, m)
+    grid = torch.stack([mp[:n] for mp in shown], 1)
+    fig = heatmap_grid(run.raw_test[:n], grid, col_labels=["image", *[r["method"] for r in rows]],
+                       row_labels=[run.class_names[int(c)] for c in labels[:n]])  # fmt: skip
+    s.add(run.figure("methods", fig, "The class logit's heatmap by each method"))
+
+
+# --------------------------------------------------------------------------------- NMF
 
 
 def _nmf_section(report: Report, run: _Run) -> None:
     from ..figures import concept_gallery
-    from ..heads.nmf import NMFConcepts, nmf_faithfulness
+    from ..heads.nmf import NMFConcepts, concept_importance, concept_maps, nmf_faithfulness
+    from ..heads.nmf import top_images as concept_top_images
+    from .figures import overlay_grid
 
     cfg = run.cfg
     acts = run.heads["bank_train"].activations(run.conv_layer)
@@ -411,7 +575,8 @@ def _nmf_section(report: Report, run: _Run) -> None:
         f"Non-negative factorisation of {run.conv_layer} (rank {cfg.nmf_rank}, HALS) on the "
         "training activations; test activations projected with the basis fixed. "
         "Faithfulness: the layer's activation replaced by its reconstruction M·S inside the "
-        "network."
+        "network. Importance: the drop of a class's logit when the concept is removed from "
+        "the reconstruction, on the test images of that class."
     ))  # fmt: skip
     s.add(Table("nmf_faithfulness", [{
         "rank": cfg.nmf_rank,
@@ -420,41 +585,86 @@ def _nmf_section(report: Report, run: _Run) -> None:
         "logit MAE": faith.logit_mae,
         "activation relative error (test)": faith.activation_rel_err,
     }]))  # fmt: skip
+    imp = concept_importance(run.model, run.x_test, nmf, layer=run.conv_layer, y=run.y_test)
+    imp = torch.nan_to_num(imp[:, : len(run.class_names)], nan=float("-inf"))
+    rows = []
+    for k in range(imp.shape[0]):
+        best = int(imp[k].argmax())
+        finite = imp[k][torch.isfinite(imp[k])]
+        rows.append({
+            "concept": k, "most important for": run.class_names[best],
+            "logit drop": float(imp[k, best]),
+            "mean drop over classes": float(finite.mean()) if finite.numel() else float("nan"),
+        })  # fmt: skip
+    s.add(Table("nmf_importance", rows))
     n = min(8, len(run.raw_test))
     fig = concept_gallery(run.raw_test[:n], scores[:n], ncols=4,
                           title=f"NMF concepts of {run.conv_layer}")  # fmt: skip
-    s.add(Figure("nmf_concepts", fig, caption="Each concept a colour over the image"))
+    s.add(run.figure("nmf_concepts", fig, "Each concept a colour over the image"))
+    k_img = min(6, len(run.raw_test))
+    _, top = concept_top_images(scores, k_img)
+    maps = concept_maps(scores, tuple(run.raw_test.shape[-2:]), normalize=True)
+    r = scores.shape[1]
+    grid_images = run.raw_test[top]  # r x k x C x H x W
+    grid_maps = torch.stack([maps[top[c], c] for c in range(r)])  # r x k x H x W
+    fig = overlay_grid(grid_images, grid_maps, row_labels=[f"concept {c}" for c in range(r)],
+                       titles=[[run.class_names[int(run.y_test[i])] for i in t] for t in top],
+                       shared_scale=True)  # fmt: skip
+    s.add(run.figure("nmf_top_images", fig,
+                     "Each concept's map on the test images where it is strongest"))
+
+
+# ------------------------------------------------------------------------------- paths
 
 
 def _paths_section(report: Report, run: _Run) -> None:
     from ..heads.paths import ClassPaths
-    from .path_figures import hit_rate_figure, path_similarity_figure
+    from .path_figures import hit_rate_figure, path_mask_figure, path_similarity_figure
 
     cfg = run.cfg
+    n_fit = min(cfg.path_images, len(run.x_train))
     paths = ClassPaths(objective="code", epochs=cfg.path_epochs, batch_size=32,
                        random_state=cfg.seed, device=cfg.device, min_images=2)  # fmt: skip
-    paths.fit(run.model, (run.x_train, run.y_train))
+    paths.fit(run.model, (run.x_train[:n_fit], run.y_train[:n_fit]))
     run.heads["paths"] = paths
     hits = paths.hit_rates(run.model, run.x_test, run.y_test,
                            n_composites=20 if len(run.x_test) < 300 else 60)  # fmt: skip
+    mis = paths.misclassification(run.model, (run.x_test, run.y_test))
+    names = [run.class_names[int(c)] for c in paths.classes_]
     s = report.section("Class paths")
     s.add(Paragraph(
         "Information-bottleneck channel masks per class on the frozen network (official-code "
-        f"objective, {cfg.path_epochs} epochs, all classes in one pass). A channel is on a "
-        "class's path when its mask exceeds 0.5; similarity = mean Jaccard index over layers; "
-        "hit rate on 2x2 composites of four classes (chance 25 %)."
+        f"objective, {cfg.path_epochs} epochs on {n_fit} training images, all classes in one "
+        "pass). A channel is on a class's path when its mask exceeds 0.5; similarity = mean "
+        "Jaccard index over layers; hit rate on 2x2 composites of four classes (chance 25 %)."
     ))  # fmt: skip
-    s.add(Table("path_hit_rate", [
-        {"layer": name, "hit rate mean": float(hits.mean[i]), "std": float(hits.std[i])}
-        for i, name in enumerate(hits.layers)
+    s.add(Table("path_layers", [
+        {"layer": name, "channels": int(paths.masks_[name].shape[1]),
+         "on the path per class (mean)": float(paths.paths_[name].float().sum(1).mean()),
+         "hit rate mean": float(hits.mean[hits.layers.index(name)])
+         if name in hits.layers else float("nan"),
+         "hit rate std": float(hits.std[hits.layers.index(name)])
+         if name in hits.layers else float("nan")}
+        for name in paths.layers_
     ]))  # fmt: skip
-    s.add(Figure("path_similarity", path_similarity_figure(paths.similarity(), run.class_names)))
-    s.add(Figure("path_hit_rate", hit_rate_figure(hits)))
+    s.add(Table("path_misclassification", [{
+        "misclassified test images": int(len(mis.indices)),
+        "wrong top-1 among the 3 most similar paths %": 100 * mis.rate
+        if len(mis.indices) else float("nan"),
+        "chance %": 100 * mis.chance,
+    }], caption="Misclassification analysis (METHODS §4)"))  # fmt: skip
+    s.add(run.figure("path_masks", path_mask_figure(paths.masks_, names),
+                     "Mask values μ per layer (classes down, channels across)"))
+    s.add(run.figure("path_similarity", path_similarity_figure(paths.similarity(), names)))
+    s.add(run.figure("path_hit_rate", hit_rate_figure(hits)))
+
+
+# ------------------------------------------------------------------------------- gates
 
 
 def _gates_section(report: Report, run: _Run) -> None:
-    from ..heads.gates import ClassSpecificGates
-    from .gate_figures import gate_matrix_figure
+    from ..heads.gates import ClassSpecificGates, gate_localization
+    from .gate_figures import class_filter_gallery, gate_matrix_figure
 
     cfg = run.cfg
     gates = ClassSpecificGates(epochs=cfg.gate_epochs, warmup=1, random_state=cfg.seed,
@@ -464,18 +674,51 @@ def _gates_section(report: Report, run: _Run) -> None:
     sc = gates.evaluate((run.x_test, run.y_test))
     s = report.section("Class-specific gates")
     s.add(Paragraph(
-        "Gate matrix G (classes x filters) learned post hoc on the frozen backbone with a new "
-        f"linear head, {cfg.gate_epochs} epochs alternating STD and CSG steps (METHODS §5)."
+        f"Gate matrix G (classes x filters of {gates.layer_}, the last conv layer) learned "
+        "post hoc on the frozen "
+        f"backbone with a new linear head, {cfg.gate_epochs} epochs alternating STD and CSG "
+        "steps (METHODS §5). A filter is specific to a class when its gate exceeds 0.5 "
+        "there, no other class's does and the others' mean gate is at most 0.2."
     ))  # fmt: skip
     lo, hi = sc.density_bounds
+    n_spec = sum(len(gates.class_filters(c)) for c in range(gates.gates_.shape[0]))
     s.add(Table("gates", [{
         "STD accuracy %": 100 * sc.std_accuracy,
         "CSG accuracy % (true-class gates)": 100 * sc.csg_accuracy,
         "L1 density": sc.density,
         "density bounds": f"[{lo:.3f}, {hi:.3f}]",
         "mutual information": sc.mutual_information,
+        "class-specific filters": n_spec,
     }]))  # fmt: skip
-    s.add(Figure("gate_matrix", gate_matrix_figure(gates.gates_, class_names=run.class_names)))
+    names = run.class_names[: gates.gates_.shape[0]]
+    s.add(run.figure("gate_matrix", gate_matrix_figure(gates.gates_, class_names=names),
+                     "Gate matrix, filters in block order"))
+    if run.parts is not None and run.parts.object_mask is not None:
+        m = min(cfg.heatmap_images, len(run.x_test))
+        loc = gate_localization(gates, run.model, run.x_test[:m], run.parts.object_mask[:m],
+                                run.y_test[:m])  # fmt: skip
+        rows = [
+            {"maps": "ActivMap, class-specific filters on their class", "filters": loc.n_specific,
+             "IoU": loc.specific_iou, "AP50 %": 100 * loc.specific_ap},
+            {"maps": "ActivMap, every filter on its best class", "filters": len(loc.ious[0]),
+             "IoU": loc.all_iou, "AP50 %": 100 * loc.all_ap},
+        ]  # fmt: skip
+        for label, res in (("CAM (new head)", loc.cam), ("gated CAM", loc.cam_gated)):
+            if res is not None:
+                rows.append({"maps": label, "filters": len(loc.ious[0]), "IoU": float(res.iou),
+                             "AP50 %": 100 * float(res.ap)})  # fmt: skip
+        s.add(Table("gate_localization", rows, caption=(
+            f"Localization against the object mask on {m} test images (seed 001 App. H); "
+            "ActivMaps segmented at each filter's top-30 % threshold")))  # fmt: skip
+    else:
+        s.add(Paragraph("The data has no object masks: no filter localization."))
+    present = [int(c) for c in run.y_test.unique()][: cfg.gallery_classes]
+    for c in present:
+        fig = class_filter_gallery(gates, run.x_test, run.y_test, c, top=4, n_images=3,
+                                   display=run.raw_test, class_names=names)  # fmt: skip
+        s.add(run.figure(f"gate_filters_class{c}", fig,
+                         f"{names[c]}: ActivMaps of its top filters (* class-specific; g its "
+                         "gate for the class, o the mean gate of the others)"))
 
 
 STAGES: dict[str, Callable[[Report, _Run], None]] = {
@@ -489,6 +732,27 @@ STAGES: dict[str, Callable[[Report, _Run], None]] = {
     "gates": _gates_section,
 }
 
+#: Stages another stage needs (added automatically).
+NEEDS = {"xnn": ("activations",), "heatmaps": ("xnn",), "nmf": ("activations",)}
+
+
+def _resolve_stages(stages: Sequence[str] | None) -> list[str]:
+    from ..errors import close_matches
+
+    names = list(STAGES) if stages is None else [str(n).strip() for n in stages]
+    for n in names:
+        if n not in STAGES:
+            raise InputError(f"unknown stage {n!r}; {close_matches(n, STAGES)} "
+                             f"(stages: {', '.join(STAGES)})")  # fmt: skip
+    want = set(names)
+    todo = list(want)
+    while todo:
+        for dep in NEEDS.get(todo.pop(), ()):
+            if dep not in want:
+                want.add(dep)
+                todo.append(dep)
+    return [n for n in STAGES if n in want]
+
 
 def build_report(cfg: ExplainConfig, stages: Sequence[str] | None = None) -> Report:
     """Run the stages and return the report (not yet written).
@@ -497,28 +761,37 @@ def build_report(cfg: ExplainConfig, stages: Sequence[str] | None = None) -> Rep
     ----------
     cfg : ExplainConfig
     stages : sequence of str, optional
-        Subset of :data:`STAGES` (in their order); default all.
+        Subset of :data:`STAGES` (run in their order, with the stages they need); default
+        all.
 
     Returns
     -------
     Report
+
+    Raises
+    ------
+    InputError, SpecError
+        A bad setting or stage name (before any work).
     """
-    names = list(STAGES) if stages is None else list(stages)
-    bad = [n for n in names if n not in STAGES]
-    if bad:
-        raise InputError(f"unknown stages {bad}; choose from {list(STAGES)}")
+    names = _resolve_stages(stages)
+    cfg.validate()
     t0 = time.perf_counter()
     run = _prepare(cfg)
-    report = Report(f"xnn_toolkit report: {cfg.model} on {cfg.dataset}")
+    run.timings["load model and data"] = round(time.perf_counter() - t0, 2)
+    report = Report(f"xnn_toolkit report: {run.spec} on {cfg.dataset}")
     bar = tqdm(names, desc="xnn", disable=not cfg.progress)
     for name in bar:
         bar.set_postfix_str(name)
         _stage(run, name, lambda name=name: STAGES[name](report, run))
     run.timings["total"] = round(time.perf_counter() - t0, 2)
+    versions = _versions()
     s = report.section("Run")
-    s.add(Table("timings", [{"stage": k, "seconds": v} for k, v in run.timings.items()]))
-    s.add(Card(_versions() | {"device": cfg.device, "seed": cfg.seed}))
-    report.meta.update(config=cfg.__dict__, timings=run.timings, versions=_versions())
+    s.add(Table("timings", [{"stage": k, "seconds": v} for k, v in run.timings.items()],
+                caption="Wall-clock seconds per stage"))  # fmt: skip
+    s.add(Card(versions | {"device": cfg.device, "torch threads": torch.get_num_threads(),
+                           "seed": cfg.seed, "platform": platform.platform()}))  # fmt: skip
+    report.meta.update(config=cfg.describe(), stages=names, timings=run.timings,
+                       versions=versions)  # fmt: skip
     return report
 
 
@@ -526,7 +799,8 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("xnn_toolkit", "torch", "torchvision", "timm", "captum", "scikit-learn"):
+    for pkg in ("xnn_toolkit", "torch", "torchvision", "timm", "captum", "scikit-learn",
+                "scipy", "numpy", "matplotlib"):  # fmt: skip
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -535,14 +809,36 @@ def _versions() -> dict[str, str]:
 
 
 def run_explain(
-    cfg: ExplainConfig, out: str, *, overwrite: bool = False, stages: Sequence[str] | None = None
-) -> str:
-    """Run the pipeline and write the report folder; returns the path of ``index.html``."""
-    import os
+    cfg: ExplainConfig, out: str | os.PathLike, *, overwrite: bool = False,
+    stages: Sequence[str] | None = None,
+) -> str:  # fmt: skip
+    """Run the pipeline and write the report folder.
 
-    out_abs = os.path.abspath(out)
+    The settings, the stages and ``out`` are checked before any work; the folder is written
+    next to its destination and moved into place at the end (nothing half-written).
+
+    Parameters
+    ----------
+    cfg : ExplainConfig
+    out : path
+        Report folder; it must not exist or be empty, unless ``overwrite``.
+    overwrite : bool
+    stages : sequence of str, optional
+        See :func:`build_report`.
+
+    Returns
+    -------
+    str
+        Path of ``index.html``.
+    """
+    out_abs = os.path.abspath(os.fspath(out))
+    if os.path.isfile(out_abs):
+        raise InputError(f"--out {os.fspath(out)!r} is a file; give a folder")
     if os.path.isdir(out_abs) and os.listdir(out_abs) and not overwrite:
         raise InputError(
-            f"--out {out!r} exists and is not empty; pass --overwrite or choose another folder"
+            f"--out {os.fspath(out)!r} exists and is not empty; pass --overwrite or choose "
+            "another folder"
         )
-    return build_report(cfg, stages).write(out, overwrite=overwrite)
+    _resolve_stages(stages)
+    cfg.validate()
+    return build_report(cfg, stages).write(out_abs, overwrite=overwrite)
