@@ -8,6 +8,11 @@
 2. Localisation metrics vs Quantus (pointing game without tolerance, attribution
    localisation = energy pointing game, top-k intersection) on the same heatmaps and masks:
    agreement and the time ratio ``Quantus / ours``.
+3. Batch scoring (``xnn_toolkit.report.score_dataset``, to a folder on disk: c-MWP and
+   Grad-CAM scored with the pointing games, IoU / AP50 and the Voronoi and mask part
+   probabilities) vs computing the same heatmaps alone, batch by batch from the same data
+   set; the ratio ``scoring / heatmaps`` is the runner's cost on top of the attribution
+   (metrics, the prediction pass, shards and tables).
 
 Timings alternate ours / reference, repeat, and report medians. Both sides run on one CPU
 thread (``torch.set_num_threads(1)``), as numpy does for these operations.
@@ -171,6 +176,51 @@ def bench_localisation(quick: bool) -> None:
         print(f"RESULT {name}_max_abs_diff_vs_quantus {diff:.1e} abs")
 
 
+def bench_scoring(quick: bool) -> None:
+    import tempfile
+
+    from xnn_toolkit.attribution import explain
+    from xnn_toolkit.data import Normalized, SyntheticParts
+    from xnn_toolkit.models import load_model
+    from xnn_toolkit.report import ScoringConfig, score_dataset
+
+    n, size, batch = (8, 32, 4) if quick else (96, 64, 16)
+    reps = 1 if quick else 3
+    torch.manual_seed(0)  # the weights of the untrained VGG (speed does not need training)
+    model = load_model("zoo:vgg_small", num_classes=10, in_chans=3).model
+    data = Normalized(SyntheticParts(n, size=size, seed=1, return_annotations=True),
+                      SyntheticParts.mean, SyntheticParts.std)  # fmt: skip
+    methods = ("cmwp", "gradcam")
+    cfg = ScoringConfig(
+        methods=methods, batch_size=batch, shard_size=4 * batch,
+        metrics=("pointing_game", "energy_pointing_game", "iou", "ap50", "voronoi_locality",
+                 "mask_locality"),
+    )  # fmt: skip
+    folder = tempfile.mkdtemp(prefix="xnn-bench-scoring-")
+
+    def scoring():
+        return score_dataset(model, data, cfg, out=folder, overwrite=True, progress=False)
+
+    def heatmaps():
+        maps = []
+        for a in range(0, n, batch):
+            items = data.__getitems__(list(range(a, min(a + batch, n))))
+            x = torch.stack([it[0] for it in items])
+            y = torch.tensor([it[1] for it in items])
+            maps += [explain(model, x, y, method=m).heatmap for m in methods]
+        return maps
+
+    t_score, t_maps, res, _ = _alternate(scoring, heatmaps, reps)
+    pg = res.value("pointing_game", "cmwp")
+    print(
+        f"scoring  {n} images {size}x{size}, {len(methods)} methods, {len(cfg.metrics)} "
+        f"metrics: runner {t_score:.2f} s ({n / t_score:.1f} img/s), heatmaps alone "
+        f"{t_maps:.2f} s; c-MWP pointing game {pg:.3f}"
+    )
+    print(f"RESULT batch_scoring_over_heatmaps {t_score / t_maps:.2f} ratio")
+    print(f"RESULT batch_scoring_images_per_second {n / t_score:.1f} img/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
@@ -179,6 +229,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, CPU")
     bench_voronoi(args.quick)
     bench_localisation(args.quick)
+    bench_scoring(args.quick)
 
 
 if __name__ == "__main__":

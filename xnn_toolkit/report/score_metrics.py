@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -90,6 +90,9 @@ class ScoreInputs:
         Steps of the deletion / insertion curves.
     batch_size : int
         Perturbed images per forward pass of the curves.
+    cache : dict
+        Values shared by several metrics of the same heatmaps (the IoU of ``iou`` and
+        ``apNN``).
     """
 
     maps: torch.Tensor
@@ -101,6 +104,7 @@ class ScoreInputs:
     top: float
     steps: int
     batch_size: int
+    cache: dict = field(default_factory=dict)
 
 
 Compute = Callable[[ScoreInputs], list[torch.Tensor]]
@@ -153,7 +157,9 @@ def _split(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _iou(inp: ScoreInputs) -> torch.Tensor:
-    return iou(top_pixels(inp.maps, inp.top), _mask(inp))
+    if "iou" not in inp.cache:
+        inp.cache["iou"] = iou(top_pixels(inp.maps, inp.top), _mask(inp))
+    return inp.cache["iou"]
 
 
 def _check_classes(inp: ScoreInputs, name: str) -> torch.Tensor:
