@@ -57,7 +57,6 @@ from ..metrics import locality
 from . import _score_store as store
 from ._distributed import Group
 from .document import Table
-from .pipeline import _versions
 from .score_metrics import GROUND_TRUTH, MetricSpec, ScoreInputs, available_metrics, get_metric
 
 __all__ = ["ClassHeadTarget", "ScoreResult", "ScoringConfig", "score_dataset"]
@@ -486,11 +485,13 @@ def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None) -> 
                     "ground_truth": sorted(have), "part_names": part_names,
                     "probe_crc32": _dataset_probe(dataset, n)},  # fmt: skip
         "seed": cfg.seed,
-        "versions": _versions(),
         "per_image_columns": ["index", "label", "prediction", "target", "class", "method",
                               *value_columns],  # fmt: skip
         "num_shards": -(-n // shard_size),
     }
+    from .pipeline import _versions  # (the report pipeline's list of versions)
+
+    header["versions"] = _versions()
     # as it reads back from the manifest (tuples become lists), for the resume comparison
     header = json.loads(json.dumps(header, allow_nan=False))
     return _Plan(model, dataset, cfg, n, shard_size, methods, metrics, targets, part_names,
