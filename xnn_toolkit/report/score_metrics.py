@@ -5,22 +5,18 @@ what the data set knows about that image, and gives one or more per-image column
 (:mod:`xnn_toolkit.report.scoring`) turns those into per-image and aggregate tables. The
 numbers come from :mod:`xnn_toolkit.metrics`; nothing is re-implemented here.
 
-==========================  ===============================  ===================================
-name                        per-image column(s)              needs
-==========================  ===============================  ===================================
-``pointing_game``           hit (0/1), 15 px tolerance       object masks
-``pointing_game_box``       hit against the bounding box     bounding boxes
-``energy_pointing_game``    positive mass inside the object  object masks
-``energy_pointing_game_box``  positive mass inside the box   bounding boxes
-``iou``                     IoU of the top-30 % pixels       object masks
-``apNN`` (e.g. ``ap50``)    ``[IoU >= NN %]`` (App. H)       object masks
-``voronoi_locality``        Voronoi part probabilities       part keypoints and boxes
-                            ``voronoi[<part>]`` + context
-``mask_locality``           object-mask part probabilities   part label maps
-                            ``mask_parts[<part>]``
-``deletion``                area under the deletion curve    a class to score (model only)
-``insertion``               area under the insertion curve   a class to score (model only)
-==========================  ===============================  ===================================
+- ``pointing_game``: hit (0/1) of the heatmap's maximum, 15-pixel tolerance; needs object
+  masks. ``pointing_game_box``: the same against the bounding box.
+- ``energy_pointing_game``: share of the positive heatmap mass inside the object mask;
+  ``energy_pointing_game_box``: inside the bounding box.
+- ``iou``: IoU of the top-30 % pixels with the object mask; ``apNN`` (e.g. ``ap50``):
+  ``[IoU >= NN %]``, whose mean over images is APn (seed 001 App. H).
+- ``voronoi_locality``: Voronoi part probabilities (thesis Algorithm 3), one column
+  ``voronoi[<part>]`` per part plus ``voronoi[context]``; needs part keypoints and boxes.
+- ``mask_locality``: object-mask part probabilities, one column ``mask_parts[<part>]`` per
+  part; needs part label maps.
+- ``deletion`` / ``insertion``: areas under the curves of the explained class's probability;
+  need the model only (and a class: not for plain head-output targets).
 
 Aggregates are the mean, standard deviation and count of each column; the two locality
 metrics also give the locality entropy ``H = −Σ_p s_p log s_p`` of the mean part histogram
@@ -50,7 +46,7 @@ from ..metrics import (
     voronoi_part_probabilities,
 )
 
-__all__ = ["GROUND_TRUTH", "MetricSpec", "available_metrics", "get_metric"]
+__all__ = ["GROUND_TRUTH", "MetricSpec", "ScoreInputs", "available_metrics", "get_metric"]
 
 #: Ground truth a metric can need, with the data sets that carry it (for error messages).
 GROUND_TRUTH: dict[str, str] = {
@@ -119,8 +115,9 @@ class MetricSpec:
     name : str
     needs : tuple of str
         Keys of :data:`GROUND_TRUTH`.
-    per_part : bool
-        One column per part (``name[part]``), plus a locality entropy aggregate.
+    per_part : str or None
+        Column prefix when the metric gives one column per part (``prefix[part]``) and a
+        locality entropy aggregate; ``None`` for one column named after the metric.
     context : bool
         With ``per_part``: a last column for the heatmap mass outside the object box.
     compute : callable
@@ -130,16 +127,15 @@ class MetricSpec:
     name: str
     needs: tuple[str, ...]
     compute: Compute
-    per_part: bool = False
+    per_part: str | None = None
     context: bool = False
 
     def columns(self, part_names: Sequence[str]) -> list[str]:
         """Per-image column names (``name`` or ``prefix[part]`` per part)."""
         if not self.per_part:
             return [self.name]
-        prefix = "voronoi" if self.name == "voronoi_locality" else "mask_parts"
-        cols = [f"{prefix}[{p}]" for p in part_names]
-        return cols + ([f"{prefix}[context]"] if self.context else [])
+        cols = [f"{self.per_part}[{p}]" for p in part_names]
+        return cols + ([f"{self.per_part}[context]"] if self.context else [])
 
 
 def _mask(inp: ScoreInputs) -> torch.Tensor:
@@ -206,12 +202,12 @@ _REGISTRY: dict[str, MetricSpec] = {
         MetricSpec(
             "voronoi_locality", ("keypoints",),
             lambda inp: _split(voronoi_part_probabilities(inp.maps, inp.parts, context=True)),
-            per_part=True, context=True,
+            per_part="voronoi", context=True,
         ),
         MetricSpec(
             "mask_locality", ("part_mask",),
             lambda inp: _split(mask_part_probabilities(inp.maps, inp.parts)),
-            per_part=True,
+            per_part="mask_parts",
         ),
         MetricSpec("deletion", ("class",), lambda inp: [_curve_auc(inp, False)]),
         MetricSpec("insertion", ("class",), lambda inp: [_curve_auc(inp, True)]),

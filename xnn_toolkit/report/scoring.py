@@ -709,7 +709,9 @@ def score_dataset(
     Returns
     -------
     ScoreResult
-        The same on every rank of a ``torchrun`` launch.
+        The same tables on every rank of a ``torchrun`` launch; the full manifest (shards
+        done, ``runs``) on rank 0, which writes the folder, and its configuration part on
+        the other ranks.
 
     Raises
     ------
