@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from .errors import InputError, XnnError
@@ -58,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "VGG pool4, ResNet layer3, else the middle stage)")  # fmt: skip
     p.add_argument("--stages", default=None, help="comma-separated subset of: "
                    "model,activations,xnn,heatmaps,localization,nmf,paths,gates")  # fmt: skip
-    p.add_argument("--n-train", type=int, default=3000)
-    p.add_argument("--n-test", type=int, default=600)
+    p.add_argument("--methods", default=None, help="comma-separated attribution methods of "
+                   "the localization table (default: cmwp,mwp,gradcam,saliency)")  # fmt: skip
+    p.add_argument("--kinds", default=None, help="comma-separated XNN variants (default: "
+                   "srae,nn,sae,lasso,cae)")  # fmt: skip
+    p.add_argument("--n-train", type=int, default=None, help="training images (default: "
+                   "3000, --quick 600)")  # fmt: skip
+    p.add_argument("--n-test", type=int, default=None, help="test images (default: 600, "
+                   "--quick 120)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="small sample sizes")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -111,6 +118,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same arguments)")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "figures", help="heatmap figures (PNG/SVG/PDF) of a model on a dataset",
+        description="Explain the first --n images of a dataset with one or more attribution "
+        "methods and write a grid of overlays (rows: images, columns: methods) as PNG, SVG "
+        "and PDF, with an index.html; --xnn adds the thesis's XNN layout (image, 1-heatmap, "
+        "x-features sorted by their contribution v_i E_i).",
+        epilog="example: xnn figures --model bundled:vgg_synth --methods cmwp,gradcam "
+        "--target label --n 6 --xnn --out figs",
+    )  # fmt: skip
+    _common(p, "xnn-figures")
+    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
+                   "torchvision:NAME or a weights file")  # fmt: skip
+    p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--methods", "--method", default="cmwp", help="comma-separated methods of "
+                   "class logits, e.g. cmwp, mwp, gradcam, gradcam++, saliency, "
+                   "integrated_gradients (default: cmwp)")  # fmt: skip
+    p.add_argument("--target", default="label", help="class explained on each image: label, "
+                   "predicted, or a class index / name for all (default: label)")  # fmt: skip
+    p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
+    p.add_argument("--layer", default=None, help="read layer of c-MWP / MWP / Grad-CAM "
+                   "(default: VGG pool4, ResNet layer3)")  # fmt: skip
+    p.add_argument("--formats", default="png,svg,pdf", help="comma-separated figure formats "
+                   "(default: png,svg,pdf)")  # fmt: skip
+    p.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: 200)")
+    p.add_argument("--xnn", action="store_true", help="also fit an SRAE head and draw the XNN "
+                   "layout")  # fmt: skip
+    p.add_argument("--fc-layer", default=None, help="layer of the XNN head (default: fc6)")
+    p.add_argument("--n-train", type=int, default=1000, help="training images of the XNN head "
+                   "(default: 1000)")  # fmt: skip
+    p.add_argument("--n-features", type=int, default=5, help="x-features (default: 5)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -223,7 +263,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, fc_layer=args.fc_layer,
         conv_layer=args.conv_layer, n_train=args.n_train, n_test=args.n_test,
         device=args.device, seed=args.seed, progress=not args.no_progress,
+        methods=_names(args.methods), kinds=_names(args.kinds),
     )  # fmt: skip
+    kw = {k: v for k, v in kw.items() if v is not None}  # unset: the (quick) default
     cfg = ExplainConfig.quick(**kw) if args.quick else ExplainConfig(**kw)
     stages = args.stages.split(",") if args.stages else None
     _prepare_out(args.out, args.overwrite, create=False)
@@ -271,6 +313,29 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from .report.export import figure_report
+
+    out = _prepare_out(args.out, args.overwrite, create=False)
+    report = figure_report(
+        args.model, args.dataset, _names(args.methods) or (), target=args.target, n=args.n,
+        split=args.split, layer=args.layer, xnn=args.xnn, fc_layer=args.fc_layer,
+        n_train=args.n_train, n_features=args.n_features, formats=_names(args.formats) or (),
+        dpi=args.dpi, device=args.device, seed=args.seed, progress=not args.no_progress,
+    )  # fmt: skip
+    index = report.write(out, overwrite=args.overwrite)
+    print("\n".join(sorted(
+        os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))
+    )))  # fmt: skip
+    print(f"index: {index}")
+    return 0
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``"a, b,"`` → ``("a", "b")``; None stays None."""
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _prepare_out(out: str, overwrite: bool, create: bool = True) -> str:
     """Check ``--out`` before any work: a folder, empty unless ``--overwrite``, writable."""
     out = os.path.abspath(out)
@@ -282,9 +347,14 @@ def _prepare_out(out: str, overwrite: bool, create: bool = True) -> str:
         )
     parent = out if os.path.isdir(out) else os.path.dirname(out)
     while parent and not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise InputError(f"--out {out!r} is inside {parent!r}, which is not a folder")
         parent = os.path.dirname(parent)
-    if not os.access(parent or ".", os.W_OK):
-        raise InputError(f"--out {out!r} is not writable; choose another folder")
+    try:  # os.access answers yes to root even where nothing can be written: try it
+        os.rmdir(tempfile.mkdtemp(dir=parent or ".", prefix=".xnn-write-test-"))
+    except OSError as exc:
+        raise InputError(f"--out {out!r} is not writable ({exc.strerror}); choose another "
+                         "folder") from exc  # fmt: skip
     if create:
         try:
             os.makedirs(out, exist_ok=True)
@@ -300,6 +370,7 @@ _COMMANDS = {
     "data": _cmd_data,
     "extract": _cmd_extract,
     "score": _cmd_score,
+    "figures": _cmd_figures,
 }
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,12 +71,25 @@ class Table:
 
 @dataclass
 class Figure:
-    """A matplotlib figure (saved as PNG in ``figures/``; SVG/PDF too on request)."""
+    """A matplotlib figure (saved as PNG in ``figures/``; SVG/PDF too on request).
+
+    Attributes
+    ----------
+    name : str
+        File stem (letters, digits, ``.``, ``-`` and ``_``).
+    figure : matplotlib.figure.Figure
+    caption : str
+    formats : tuple of str
+        Extra formats besides PNG (``"svg"``, ``"pdf"``).
+    dpi : int
+        Resolution of the raster formats.
+    """
 
     name: str
     figure: Any
     caption: str = ""
     formats: tuple[str, ...] = ("png",)
+    dpi: int = 110
 
 
 Block = Paragraph | Card | Table | Figure
@@ -146,6 +160,12 @@ class Report:
                             f"table / figure name {b.name!r} must use only letters, digits, "
                             "'.', '-' and '_' (it becomes a file name)"
                         )
+                    if isinstance(b, Figure):
+                        bad = [f for f in b.formats if f not in ("png", "svg", "pdf")]
+                        if bad:
+                            raise InputError(
+                                f"figure {b.name!r}: unknown formats {bad}; use png, svg, pdf"
+                            )
                     key = (type(b).__name__, b.name)
                     if key in names:
                         raise InputError(f"two {type(b).__name__.lower()}s are named {b.name!r}")
@@ -188,8 +208,14 @@ class Report:
                 elif isinstance(b, Figure):
                     cap = f"<figcaption>{e(b.caption)}</figcaption>" if b.caption else ""
                     alt = e(b.caption or b.name)
+                    extra = [f for f in dict.fromkeys(b.formats) if f != "png"]
+                    links = "".join(
+                        f" <a href='figures/{e(b.name)}.{f}'>{f.upper()}</a>" for f in extra
+                    )
+                    links = f"<p>{links.strip()}</p>" if links else ""
                     out.append(
-                        f"<figure><img src='figures/{e(b.name)}.png' alt='{alt}'>{cap}</figure>"
+                        f"<figure><img src='figures/{e(b.name)}.png' alt='{alt}'>{cap}"
+                        f"</figure>{links}"
                     )
             out.append("</section>")
         out.append("</body></html>")
@@ -249,7 +275,10 @@ class Report:
         parent = os.path.dirname(out)
         try:
             os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-report-")
+            # os.mkdir honours the umask (mkdtemp would leave the report readable by its
+            # owner only once renamed into place)
+            tmp = os.path.join(parent, f".tmp-report-{uuid.uuid4().hex}")
+            os.mkdir(tmp)
         except OSError as exc:
             raise AssetError(f"cannot write the report to {out!r}: {exc}") from exc
         try:
@@ -278,7 +307,7 @@ class Report:
                     for fmt in dict.fromkeys(("png", *b.formats)):
                         b.figure.savefig(
                             os.path.join(folder, "figures", f"{b.name}.{fmt}"),
-                            format=fmt, dpi=110, bbox_inches="tight",
+                            format=fmt, dpi=b.dpi, bbox_inches="tight",
                         )  # fmt: skip
                 elif isinstance(b, Table):
                     cols = b.header()

@@ -229,15 +229,11 @@ def _load(model: object, device: str) -> tuple[object, str]:
     return lm, (os.fspath(model) if isinstance(model, str | os.PathLike) else lm.spec)
 
 
-def _prepare(cfg: ExplainConfig) -> _Run:
-    from ..data import load_dataset
-    from ..layers import default_read_layer, list_layers, resolve_layer
+def _fc_layer(model: nn.Module, fc_layer: str | None) -> str:
+    """The XNN layer: the one given, else ``fc6``, else the last linear below the classifier."""
+    from ..layers import list_layers, resolve_layer
 
-    torch.manual_seed(cfg.seed)
-    lm, spec = _load(cfg.model, cfg.device)
-    model = lm.model
-    layers = set(list_layers(model))
-    fc = cfg.fc_layer or ("fc6" if "fc6" in layers else None)
+    fc = fc_layer or ("fc6" if "fc6" in set(list_layers(model)) else None)
     if fc is None:
         linears = list_layers(model, nn.Linear)
         if len(linears) < 2:
@@ -246,7 +242,41 @@ def _prepare(cfg: ExplainConfig) -> _Run:
                 "heads; pass fc_layer= (a layer whose output is N x D)"
             )
         fc = linears[-2]
-    fc = resolve_layer(model, fc)[0]
+    return resolve_layer(model, fc)[0]
+
+
+def _fit_xnn(
+    kind: str, bank: object, layer: str, *, n_features: int, hidden: tuple[int, ...],
+    epochs: int, seed: int, device: str,
+) -> tuple[object, int, int]:  # fmt: skip
+    """Fit one XNN variant on a bank, every class at once; returns it with its sample sizes.
+
+    Positives per class: 80 % of the rarest class's images (at most 200, the thesis's CUB
+    setting has 50); negatives: all other images up to 8 000 (METHODS §1).
+    """
+    from ..heads.xnn import XNN, LassoXNN
+
+    counts = torch.bincount(bank.labels)
+    n_pos = max(2, min(200, int(int(counts[counts > 0].min()) * 0.8)))
+    n_neg = min(8000, len(bank) - int(counts.max()))
+    if kind == "lasso":
+        head = LassoXNN(n_features=n_features, n_positive=n_pos, n_negative=n_neg,
+                        random_state=seed, layer=layer)  # fmt: skip
+    else:
+        head = XNN(n_features=n_features, kind=kind, hidden=hidden, n_positive=n_pos,
+                   n_negative=n_neg, max_epochs=epochs, patience=8, random_state=seed,
+                   device=device, layer=layer)  # fmt: skip
+    return head.fit(bank), n_pos, n_neg
+
+
+def _prepare(cfg: ExplainConfig) -> _Run:
+    from ..data import load_dataset
+    from ..layers import default_read_layer, resolve_layer
+
+    torch.manual_seed(cfg.seed)
+    lm, spec = _load(cfg.model, cfg.device)
+    model = lm.model
+    fc = _fc_layer(model, cfg.fc_layer)
     conv = resolve_layer(model, cfg.conv_layer or default_read_layer(model))[0]
     kw = {} if cfg.image_size is None else {"size": cfg.image_size}
     train = load_dataset(cfg.dataset, split="train", n=cfg.n_train, **kw)
@@ -351,26 +381,17 @@ def _bank_section(report: Report, run: _Run) -> None:
 
 
 def _xnn_section(report: Report, run: _Run) -> None:
-    from ..heads.xnn import XNN, LassoXNN
     from ..metrics import f_cls, f_reg
 
     cfg = run.cfg
     tr, te = run.heads["bank_train"], run.heads["bank_test"]
-    counts = torch.bincount(tr.labels)
-    per_class = int(counts[counts > 0].min())
-    n_pos = max(2, min(200, int(per_class * 0.8)))
-    n_neg = min(8000, len(tr) - int(counts.max()))
     rows = []
     kinds = [k for k in XNN_KINDS if k in cfg.kinds]
+    n_pos = n_neg = 0
     for kind in tqdm(kinds, desc="XNN heads", disable=not cfg.progress, leave=False):
-        if kind == "lasso":
-            head = LassoXNN(n_features=cfg.n_features, n_positive=n_pos, n_negative=n_neg,
-                            random_state=cfg.seed, layer=run.fc_layer)  # fmt: skip
-        else:
-            head = XNN(n_features=cfg.n_features, kind=kind, hidden=cfg.hidden, n_positive=n_pos,
-                       n_negative=n_neg, max_epochs=cfg.xnn_epochs, patience=8,
-                       random_state=cfg.seed, device=cfg.device, layer=run.fc_layer)  # fmt: skip
-        head.fit(tr)
+        head, n_pos, n_neg = _fit_xnn(kind, tr, run.fc_layer, n_features=cfg.n_features,
+                                      hidden=tuple(cfg.hidden), epochs=cfg.xnn_epochs,
+                                      seed=cfg.seed, device=cfg.device)  # fmt: skip
         run.heads[f"xnn_{kind}"] = head
         row = {"method": kind.upper()}
         for split, bank in (("train", tr), ("test", te)):

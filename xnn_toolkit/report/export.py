@@ -1,0 +1,227 @@
+"""Heatmap figures of a model on a dataset, for papers and slides: what ``xnn figures`` writes.
+
+:func:`figure_report` explains a few images with one or several attribution methods and lays
+the heatmaps out as a grid of overlays (rows: images, columns: methods); with ``xnn=True`` it
+also fits an SRAE head on a fully connected layer and draws the thesis's layout (seed 002,
+Fig. 3.1 / 3.8: image, 1-heatmap, x-features sorted by their contribution ``v_i E_i``). The
+result is a :class:`~xnn_toolkit.report.document.Report` whose figures are written as PNG,
+SVG and / or PDF, with an ``index.html`` to look at them and a table of the images shown.
+Every argument is checked before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import InputError, close_matches
+from .document import Figure as ReportFigure
+from .document import Paragraph, Report, Table
+
+__all__ = ["figure_report"]
+
+_TARGETS = ("label", "predicted")
+
+
+def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
+           n_features: int, dpi: int) -> list[str]:  # fmt: skip
+    from .figures import FORMATS
+    from .heatmaps import class_method
+
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods:
+        raise InputError("give at least one attribution method")
+    names = list(dict.fromkeys(class_method(m) for m in methods))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InputError(f"unknown figure formats {bad or list(formats)}; choose from {FORMATS}")
+    for what, v, lo in (("n", n, 1), ("n_train", n_train, 2), ("n_features", n_features, 1),
+                        ("dpi", dpi, 10)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return names
+
+
+def _targets(target: int | str, labels: torch.Tensor, pred: torch.Tensor,
+             class_names: list[str]) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """One class per image from ``label``, ``predicted``, a class index or a class name."""
+    if target == "label":
+        return labels.clone(), "the true class"
+    if target == "predicted":
+        return pred.clone(), "the predicted class"
+    if isinstance(target, str):
+        if target in class_names:
+            target = class_names.index(target)
+        elif target.lstrip("-").isdigit():
+            target = int(target)
+        else:
+            raise InputError(
+                f"unknown target {target!r}: use label, predicted, a class index or a class "
+                f"name; {close_matches(target, class_names)}"
+            )
+    if not 0 <= int(target) < len(class_names):
+        raise InputError(f"target class {target} is out of range [0, {len(class_names)})")
+    return torch.full_like(labels, int(target)), f"class {class_names[int(target)]}"
+
+
+def figure_report(
+    model: Any,
+    dataset: str = "synthetic",
+    methods: Sequence[str] = ("cmwp",),
+    *,
+    target: int | str = "label",
+    n: int = 8,
+    split: str = "test",
+    layer: str | None = None,
+    xnn: bool = False,
+    fc_layer: str | None = None,
+    n_train: int = 1000,
+    n_features: int = 5,
+    xnn_epochs: int = 30,
+    formats: Sequence[str] = ("png", "svg", "pdf"),
+    dpi: int = 200,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> Report:
+    """Heatmap figures of a model on the first ``n`` images of a dataset.
+
+    Parameters
+    ----------
+    model : str, nn.Module or LoadedModel
+        Model spec (``bundled:vgg_synth``, ``timm:resnet18``, a weights file) or a model in
+        memory (left unchanged).
+    dataset : str
+        Dataset spec (:func:`xnn_toolkit.data.load_dataset`).
+    methods : sequence of str
+        Attribution methods of class logits (:func:`xnn_toolkit.report.heatmaps.class_method`).
+    target : {"label", "predicted"}, int or str
+        The class explained on each image: its true class, the network's prediction, or one
+        class for all (an index or a class name).
+    n : int
+        Images shown.
+    split : {"train", "test"}
+    layer : str, optional
+        Read layer of c-MWP / MWP / Grad-CAM (default: the model's default read layer).
+    xnn : bool
+        Also fit an SRAE head and draw the XNN layout (needs a fully connected layer).
+    fc_layer : str, optional
+        The XNN layer (default ``fc6``, else the last linear below the classifier).
+    n_train : int
+        Training images of the XNN head.
+    n_features : int
+        x-features of the XNN head.
+    xnn_epochs : int
+    formats : sequence of {"png", "svg", "pdf"}
+        Formats of every figure (PNG is always written, for ``index.html``).
+    dpi : int
+        Resolution of the PNG figures.
+    device : str
+    seed : int
+        Seeds the XNN head.
+    progress : bool
+
+    Returns
+    -------
+    Report
+        Sections "Heatmaps" (figure ``heatmaps``, table ``images``) and, with ``xnn``,
+        "XNN explanations" (figure ``xnn_layout``); write it with :meth:`Report.write`.
+
+    Raises
+    ------
+    SpecError, InputError
+        Unknown methods, formats, targets, layers or specs (before any heavy work).
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import load_dataset
+    from ..layers import default_read_layer, resolve_layer
+    from .figures import heatmap_grid, xnn_figure
+    from .heatmaps import class_heatmaps, xfeature_heatmaps
+    from .pipeline import _fc_layer, _fit_xnn, _images, _load, _logits
+
+    names = _check(methods, formats, n, n_train, n_features, dpi)
+    if split not in ("train", "test"):
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(target, str) and not target.strip():
+        raise InputError(f"target is empty; use one of {_TARGETS}, a class index or a name")
+    torch.manual_seed(seed)
+    lm, spec = _load(model, device)
+    net = lm.model
+    read = resolve_layer(net, layer or default_read_layer(net))[0]
+    fc = _fc_layer(net, fc_layer) if xnn else None
+    ds = load_dataset(dataset, split=split, n=n)
+    raw, labels, _ = _images(ds, n)
+    x = lm.preprocessing.normalize(raw)
+    k = int(labels.max()) + 1
+    class_names = list(lm.class_names or getattr(ds, "classes", None) or range(k))
+    class_names = [str(c) for c in class_names]
+    pred = _logits(net, x).argmax(1)
+    classes, what = _targets(target, labels, pred, class_names)
+
+    maps = []
+    for name in tqdm(names, desc="heatmaps", disable=not progress):
+        maps.append(class_heatmaps(net, x, classes, name, read))
+    grid = torch.stack(maps, 1)
+    rows = [f"{class_names[int(c)]}" for c in classes]
+    fmts = tuple(dict.fromkeys(formats))
+    report = Report(f"xnn figures: {spec} on {dataset}")
+    s = report.section("Heatmaps")
+    s.add(Paragraph(
+        f"Heatmaps of {what} on the first {len(x)} {split} images of {dataset}, one column "
+        f"per method; layer-based methods read at {read}. Each map is scaled by its own "
+        "maximum (colour bar)."
+    ))  # fmt: skip
+    fig = heatmap_grid(raw, grid, col_labels=["image", *names], row_labels=rows)
+    s.add(ReportFigure("heatmaps", fig, caption=", ".join(names), formats=fmts, dpi=dpi))
+    s.add(Table("images", [
+        {"image": i, "label": class_names[int(labels[i])], "predicted": class_names[int(pred[i])],
+         "explained class": class_names[int(classes[i])]}
+        for i in range(len(x))
+    ]))  # fmt: skip
+
+    if xnn:
+        from torch.utils.data import TensorDataset
+
+        from ..features import extract
+
+        train = load_dataset(dataset, split="train", n=n_train)
+        raw_tr, y_tr, _ = _images(train, n_train)
+        x_tr = lm.preprocessing.normalize(raw_tr)
+        bank_tr = extract(net, TensorDataset(x_tr, y_tr), [fc], progress=progress, device=device)
+        bank = extract(net, TensorDataset(x, classes), [fc], progress=False, device=device)
+        head, _, _ = _fit_xnn("srae", bank_tr, fc, n_features=n_features, hidden=(256, 64),
+                              epochs=xnn_epochs, seed=seed, device=device)  # fmt: skip
+        known = {int(c) for c in head.classes_}
+        keep = torch.tensor([int(c) in known for c in classes])
+        if not bool(keep.any()):
+            raise InputError(
+                f"no XNN head for the explained classes: the {n_train} training images hold "
+                f"classes {sorted(known)}; raise n_train"
+            )
+        idx = keep.nonzero().flatten()
+        cls = classes[idx]
+        one = grid[idx, names.index("cmwp")] if "cmwp" in names else class_heatmaps(
+            net, x[idx], cls, "cmwp", read)
+        feats = xfeature_heatmaps(net, x[idx], cls, head, fc, read)
+        contrib = head.contributions(bank)[idx]
+        pos = torch.stack([(head.classes_ == c).nonzero().flatten()[0] for c in cls])
+        contrib = contrib[torch.arange(len(idx)), pos]
+        fig = xnn_figure(raw[idx], one, feats, contrib,
+                         labels=[class_names[int(c)] for c in cls])  # fmt: skip
+        s = report.section("XNN explanations")
+        s.add(Paragraph(
+            f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {n_train} "
+            f"training images; per image ({what}): the image, the c-MWP 1-heatmap of the "
+            "class logit, then the x-features' c-MWP heatmaps sorted by their contribution "
+            "v_i E_i, written above them (seed 002, Fig. 3.1 / 3.8)."
+        ))  # fmt: skip
+        s.add(ReportFigure("xnn_layout", fig, caption="XNN layout", formats=fmts, dpi=dpi))
+    report.meta.update(
+        command="figures", model=spec, dataset=dataset, methods=names, target=str(target),
+        layer=read, xnn_layer=fc, n=len(x), formats=list(fmts),
+    )  # fmt: skip
+    return report
