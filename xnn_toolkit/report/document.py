@@ -90,6 +90,22 @@ class Figure:
     caption: str = ""
     formats: tuple[str, ...] = ("png",)
     dpi: int = 110
+    _files: dict[str, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def render(self) -> dict[str, bytes]:
+        """Draw the figure in PNG and each of its formats, once (later calls reuse it).
+
+        Returns
+        -------
+        dict of str to bytes
+            File content per format.
+        """
+        for fmt in dict.fromkeys(("png", *self.formats)):
+            if fmt not in self._files:
+                buf = io.BytesIO()
+                self.figure.savefig(buf, format=fmt, dpi=self.dpi, bbox_inches="tight")
+                self._files[fmt] = buf.getvalue()
+        return self._files
 
 
 Block = Paragraph | Card | Table | Figure
@@ -148,6 +164,17 @@ class Report:
         s = Section(title)
         self.sections.append(s)
         return s
+
+    def figures(self) -> list[Figure]:
+        """Every figure of the report, in order."""
+        return [b for s in self.sections for b in s.blocks if isinstance(b, Figure)]
+
+    def render_figures(self, progress: bool = False) -> None:
+        """Draw every figure now (e.g. to time it apart from the write; see Figure.render)."""
+        from tqdm.auto import tqdm
+
+        for fig in tqdm(self.figures(), desc="figures", disable=not progress, leave=False):
+            fig.render()
 
     # ------------------------------------------------------------------ rendering
     def _check(self) -> None:
@@ -304,11 +331,9 @@ class Report:
         for s in self.sections:
             for b in s.blocks:
                 if isinstance(b, Figure):
-                    for fmt in dict.fromkeys(("png", *b.formats)):
-                        b.figure.savefig(
-                            os.path.join(folder, "figures", f"{b.name}.{fmt}"),
-                            format=fmt, dpi=b.dpi, bbox_inches="tight",
-                        )  # fmt: skip
+                    for fmt, data in b.render().items():
+                        with open(os.path.join(folder, "figures", f"{b.name}.{fmt}"), "wb") as f:
+                            f.write(data)
                 elif isinstance(b, Table):
                     cols = b.header()
                     buf = io.StringIO()

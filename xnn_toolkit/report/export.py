@@ -135,6 +135,22 @@ def figure_report(
     SpecError, InputError
         Unknown methods, formats, targets, layers or specs (before any heavy work).
     """
+    from .pipeline import user_model
+
+    names = _check(methods, formats, n, n_train, n_features, dpi)
+    if split not in ("train", "test"):
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(target, str) and not target.strip():
+        raise InputError(f"target is empty; use one of {_TARGETS}, a class index or a name")
+    with user_model(model):
+        return _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train,
+                        n_features, xnn_epochs, tuple(dict.fromkeys(formats)), dpi, device,
+                        seed, progress)  # fmt: skip
+
+
+def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train, n_features,
+             xnn_epochs, fmts, dpi, device, seed, progress) -> Report:  # fmt: skip
+    """The work of :func:`figure_report`, its arguments checked."""
     from tqdm.auto import tqdm
 
     from ..data import load_dataset
@@ -143,11 +159,6 @@ def figure_report(
     from .heatmaps import class_heatmaps, xfeature_heatmaps
     from .pipeline import _fc_layer, _fit_xnn, _images, _load, _logits
 
-    names = _check(methods, formats, n, n_train, n_features, dpi)
-    if split not in ("train", "test"):
-        raise InputError(f"split must be 'train' or 'test', got {split!r}")
-    if isinstance(target, str) and not target.strip():
-        raise InputError(f"target is empty; use one of {_TARGETS}, a class index or a name")
     torch.manual_seed(seed)
     lm, spec = _load(model, device)
     net = lm.model
@@ -167,7 +178,6 @@ def figure_report(
         maps.append(class_heatmaps(net, x, classes, name, read))
     grid = torch.stack(maps, 1)
     rows = [f"{class_names[int(c)]}" for c in classes]
-    fmts = tuple(dict.fromkeys(formats))
     report = Report(f"xnn figures: {spec} on {dataset}")
     s = report.section("Heatmaps")
     s.add(Paragraph(

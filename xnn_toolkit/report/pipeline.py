@@ -13,10 +13,11 @@ names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,9 @@ class ExplainConfig:
     conv_layer : str or None
         Conv layer for NMF concepts and heatmaps (default: the model's default read
         layer, VGG pool4 / ResNet stage 3).
+    gate_layer : str or None
+        Conv layer of the class-specific gates (default: the last stage, as in seed 001;
+        ``conv_layer`` when the model's stages are unknown).
     class_names : sequence of str, optional
         Overrides the names of the model card or the dataset.
     image_size : int, optional
@@ -88,6 +92,7 @@ class ExplainConfig:
     dataset: str = "synthetic"
     fc_layer: str | None = None
     conv_layer: str | None = None
+    gate_layer: str | None = None
     class_names: Sequence[str] | None = None
     image_size: int | None = None
     n_train: int = 3000
@@ -688,14 +693,24 @@ def _gates_section(report: Report, run: _Run) -> None:
     from .gate_figures import class_filter_gallery, gate_matrix_figure
 
     cfg = run.cfg
-    gates = ClassSpecificGates(epochs=cfg.gate_epochs, warmup=1, random_state=cfg.seed,
-                               device=cfg.device)  # fmt: skip
-    gates.fit(run.model, (run.x_train, run.y_train))
+    from ..errors import LayerNotFoundError
+
+    def fit(layer: str | None) -> ClassSpecificGates:
+        est = ClassSpecificGates(layer=layer, epochs=cfg.gate_epochs, warmup=1,
+                                 random_state=cfg.seed, device=cfg.device)  # fmt: skip
+        return est.fit(run.model, (run.x_train, run.y_train))
+
+    try:
+        gates = fit(cfg.gate_layer)
+    except LayerNotFoundError:
+        if cfg.gate_layer is not None:
+            raise
+        gates = fit(run.conv_layer)  # no known stages: gate the heatmap layer
     run.heads["gates"] = gates
     sc = gates.evaluate((run.x_test, run.y_test))
     s = report.section("Class-specific gates")
     s.add(Paragraph(
-        f"Gate matrix G (classes x filters of {gates.layer_}, the last conv layer) learned "
+        f"Gate matrix G (classes x filters of {gates.layer_}) learned "
         "post hoc on the frozen "
         f"backbone with a new linear head, {cfg.gate_epochs} epochs alternating STD and CSG "
         "steps (METHODS §5). A filter is specific to a class when its gate exceeds 0.5 "
@@ -796,6 +811,30 @@ def build_report(cfg: ExplainConfig, stages: Sequence[str] | None = None) -> Rep
     """
     names = _resolve_stages(stages)
     cfg.validate()
+    with user_model(cfg.model):
+        return _build(cfg, names)
+
+
+@contextlib.contextmanager
+def user_model(model: object) -> Iterator[None]:
+    """Keep a model passed in memory exactly as it was (``load_model`` puts it in eval mode).
+
+    Parameters
+    ----------
+    model : str, nn.Module or LoadedModel
+        Specs are loaded fresh and need no care.
+    """
+    from .._guard import model_guard
+
+    inner = getattr(model, "model", model)
+    if not isinstance(inner, nn.Module):
+        yield
+        return
+    with model_guard(inner, eval_mode=True):
+        yield
+
+
+def _build(cfg: ExplainConfig, names: list[str]) -> Report:
     t0 = time.perf_counter()
     run = _prepare(cfg)
     run.timings["load model and data"] = round(time.perf_counter() - t0, 2)
@@ -804,6 +843,7 @@ def build_report(cfg: ExplainConfig, stages: Sequence[str] | None = None) -> Rep
     for name in bar:
         bar.set_postfix_str(name)
         _stage(run, name, lambda name=name: STAGES[name](report, run))
+    _stage(run, "draw figures", lambda: report.render_figures(cfg.progress))
     run.timings["total"] = round(time.perf_counter() - t0, 2)
     versions = _versions()
     s = report.section("Run")

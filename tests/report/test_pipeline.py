@@ -1,0 +1,245 @@
+"""The end-to-end report: every section filled, names escaped, the model untouched, bad
+settings refused before any work, and the page checked in headless Chromium.
+
+One small report is built once for the module: a tiny VGG (random weights, 32 px synthetic
+birds) whose top module and class names contain ``<script>``, so that escaping is checked
+on text that really went through the pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+from xnn_toolkit._guard import HOOK_DICTS
+from xnn_toolkit.errors import InputError, SpecError
+from xnn_toolkit.report.pipeline import ExplainConfig, run_explain
+from xnn_toolkit.zoo import vgg_small
+
+EVIL = "<script>alert(1)</script>"
+CLASSES = [f"<script>c{i}</script>" for i in range(10)]
+
+
+class Wrapped(nn.Module):
+    """A tiny VGG whose only child is named ``<script>alert(1)</script>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        net = vgg_small(10, channels=(8, 16, 16, 16), convs_per_block=(1, 1, 1, 1), fc=(32, 32),
+                        pool_size=2)  # fmt: skip
+        self.add_module(EVIL, net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, EVIL)(x)
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [[len(getattr(m, d)) for d in HOOK_DICTS if hasattr(m, d)]
+                  for m in model.modules()],  # fmt: skip
+    }
+
+
+def _config(model: nn.Module, **kw) -> ExplainConfig:
+    base = dict(
+        model=model, image_size=32, fc_layer=f"{EVIL}.fc6", conv_layer=f"{EVIL}.features.8",
+        class_names=CLASSES, n_train=200, n_test=60, heatmap_images=20, xnn_epochs=2,
+        z_units=2, nmf_rank=3, progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return ExplainConfig.quick(**base)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    model = Wrapped()
+    model.train()  # a user's model in training mode, one layer frozen: both must survive
+    getattr(model, EVIL).fc7.linear.weight.requires_grad_(False)
+    before = _snapshot(model)
+    out = tmp_path_factory.mktemp("report") / "rep"
+    index = run_explain(_config(model), out)
+    return {"model": model, "before": before, "out": out, "index": index}
+
+
+def _csv(out, name):
+    with open(out / "tables" / f"{name}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_section_is_filled(built):
+    out = built["out"]
+    page = open(built["index"], encoding="utf-8").read()
+    titles = re.findall(r"<h2>(.*?)</h2>", page)
+    assert titles == ["Model", "Activations", "XNN explanation heads", "x-feature heatmaps",
+                      "Heatmap methods on class logits", "NMF concepts", "Class paths",
+                      "Class-specific gates", "Run"]  # fmt: skip
+    # Table 3.1: metrics down, methods across, Z and 1-heatmap only where defined
+    t31 = {r["metric"]: r for r in _csv(out, "table_3_1")}
+    assert list(t31) == ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %", "O1",
+                         "O2", "locality"]  # fmt: skip
+    for kind in ("SRAE", "NN"):
+        for metric in t31:
+            assert math.isfinite(float(t31[metric][kind])), (metric, kind)
+        assert 0 <= float(t31["F_cls test %"][kind]) <= 100
+        assert 0 <= float(t31["locality"][kind]) <= math.log(16) + 1e-6  # 15 parts + context
+    assert t31["F_reg test"]["Z"] == "" and float(t31["locality"]["Z"]) >= 0
+    assert float(t31["locality"]["1-heatmap"]) >= 0
+    # one XNN row per class present among the heatmap images, per kind
+    assert {r["method"] for r in _csv(out, "localization")} == {"cmwp", "gradcam"}
+    assert len(_csv(out, "class_accuracy")) == 10
+    for name in ("xnn_faithfulness", "nmf_faithfulness", "nmf_importance", "path_layers",
+                 "path_misclassification", "gates", "gate_localization", "timings",
+                 "activations"):  # fmt: skip
+        assert _csv(out, name), name
+    assert len(_csv(out, "nmf_importance")) == 3
+    figures = {f for f in os.listdir(out / "figures")}
+    for name in ("samples", "xnn_explanations_srae", "xnn_explanations_nn", "methods",
+                 "nmf_concepts", "nmf_top_images", "path_masks", "path_similarity",
+                 "path_hit_rate", "gate_matrix", "gate_filters_class0", "gate_filters_class1"):
+        assert f"{name}.png" in figures, name  # fmt: skip
+        assert (out / "figures" / f"{name}.png").stat().st_size > 2000
+        assert f"src='figures/{name}.png'" in page
+    stages = {r["stage"]: float(r["seconds"]) for r in _csv(out, "timings")}
+    assert {"xnn", "heatmaps", "paths", "gates", "draw figures", "total"} <= set(stages)
+    manifest = json.load(open(out / "manifest.json"))
+    assert torch.__version__.startswith(manifest["versions"]["torch"])
+    assert {"python", "xnn_toolkit", "numpy", "matplotlib"} <= set(manifest["versions"])
+    assert manifest["config"]["model"] == "module:Wrapped"
+    assert manifest["stages"][0] == "model"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_report_escapes_class_and_layer_names(built):
+    out = built["out"]
+    for name in ("index.html", "report.md"):
+        text = open(out / name, encoding="utf-8").read()
+        assert "<script" not in text, name
+    page = open(out / "index.html", encoding="utf-8").read()
+    for c in CLASSES:  # per-class accuracy table
+        assert c.replace("<", "&lt;").replace(">", "&gt;") in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.fc6" in page  # the XNN layer in the card
+    # the data files keep the names as they are
+    assert _csv(out, "class_accuracy")[0]["class"] == CLASSES[0]
+
+
+def test_model_is_left_exactly_as_it_was(built):
+    now, before = _snapshot(built["model"]), built["before"]
+    assert now["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(now["state"][k], v), k
+    assert now["training"] == before["training"] and all(now["training"])
+    assert now["requires_grad"] == before["requires_grad"]
+    assert now["hooks"] == before["hooks"]
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(methods=("cmwp", "gradcm")), SpecError, "did you mean: gradcam"),
+        (dict(methods=("activmap",)), InputError, "maps one filter"),
+        (dict(kinds=("srae", "vae")), InputError, "unknown XNN kinds"),
+        (dict(n_train=0), InputError, "n_train"),
+        (dict(figure_formats=("gif",)), InputError, "figure formats"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, change, error, match):
+    def boom(*a, **k):  # loading the model is the first piece of work
+        raise AssertionError("the pipeline started")
+
+    cfg = _config(model="bundled:does_not_matter", **change)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("xnn_toolkit.report.pipeline._load", boom)
+        with pytest.raises(error, match=match):
+            run_explain(cfg, tmp_path / "out")
+        with pytest.raises(InputError, match="unknown stage 'nfm'; did you mean: nmf"):
+            run_explain(_config(model="x"), tmp_path / "out", stages=["xnn", "nfm"])
+        full = tmp_path / "full"
+        full.mkdir()
+        (full / "keep").write_text("x")
+        with pytest.raises(InputError, match="not empty; pass --overwrite"):
+            run_explain(_config(model="x"), full)
+    assert not (tmp_path / "out").exists()
+    assert os.listdir(full) == ["keep"]
+
+
+# ------------------------------------------------------------------------ browser check
+
+_CHECK = """<script>
+window.__xnn = {errors: []};
+window.addEventListener("error", function (e) {
+  var t = e.target;
+  window.__xnn.errors.push(t && t.tagName ? "resource " + t.tagName + " " + (t.src || t.href)
+                                          : "script " + e.message);
+}, true);
+window.addEventListener("load", function () {
+  var out = {errors: window.__xnn.errors, images: []};
+  for (var i = 0; i < document.images.length; i++) {
+    var im = document.images[i];
+    out.images.push({src: im.getAttribute("src"), complete: im.complete, width: im.naturalWidth});
+  }
+  var pre = document.createElement("pre");
+  pre.id = "xnn-check";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _chromium(args: list[str], cwd) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(dir=cwd) as profile:
+        return subprocess.run(
+            ["chromium", *_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (`make test` installs it with "
+                    "apt-get where it can); the browser check needs it")  # fmt: skip
+def test_report_opens_in_headless_chromium(built, tmp_path):
+    # a copy of the report with a probe script in front, next to the original's files
+    site = tmp_path / "site"
+    shutil.copytree(built["out"], site)
+    page = (site / "index.html").read_text(encoding="utf-8")
+    n_img = page.count("<img ")
+    assert n_img >= 12
+    (site / "check.html").write_text(page.replace("<head>", "<head>" + _CHECK, 1),
+                                     encoding="utf-8")  # fmt: skip
+    res = _chromium(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000",
+                     "--dump-dom", (site / "check.html").as_uri()], tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'<pre id="xnn-check">(.*?)</pre>', res.stdout, re.S)
+    assert found, "the probe did not run: " + res.stdout[-500:]
+    check = json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">")
+                       .replace("&quot;", '"').replace("&amp;", "&"))  # fmt: skip
+    assert len(check["images"]) == n_img
+    broken = [im["src"] for im in check["images"] if not im["complete"] or im["width"] <= 0]
+    assert broken == []
+    assert check["errors"] == []
+    console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], console  # the report has no scripts: any console output is a fault
+    # a screenshot of the report itself, kept in the test's folder
+    shot = tmp_path / "report.png"
+    res = _chromium(["--window-size=1280,4000", "--hide-scrollbars", f"--screenshot={shot}",
+                     (site / "index.html").as_uri()], tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
