@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= -q
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench venv clean chromium
 
 venv: $(STAMP)
 
@@ -22,7 +22,20 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# Headless Chromium for the report's browser test (Debian's package). Never fails the run:
+# without apt-get or root the test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+	    echo "installing chromium for the browser test (apt-get)"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else \
+	    echo "chromium is missing and apt-get (as root) is unavailable: the browser test will be skipped"; \
+	  fi; }
+
+test: $(STAMP) lint chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
