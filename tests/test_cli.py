@@ -17,7 +17,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "explain", "models", "data", "extract"):
+    for cmd in ("demo", "explain", "models", "data", "extract", "figures"):
         assert cmd in out
 
 
@@ -72,3 +72,89 @@ def test_console_script_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "xnn")
     res = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "vgg_fmnist" in res.stdout
+
+
+def _unwritable(tmp_path):
+    """A folder nothing can be created in, also for root (who ignores permission bits)."""
+    if os.geteuid() == 0:
+        return "/proc/xnn-no-such-folder"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    return str(ro)
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    bad = os.path.join(_unwritable(tmp_path), "out")
+    for cmd in (["demo", "--no-progress"], ["explain", "--model", "bundled:vgg_fmnist"],
+                ["figures", "--model", "bundled:vgg_fmnist"], ["data"]):  # fmt: skip
+        assert main([*cmd, "--out", bad]) == 2, cmd
+        assert "not writable" in capsys.readouterr().err, cmd
+    assert not os.path.exists(bad)
+    inside_file = tmp_path / "file"
+    inside_file.write_text("x")
+    assert main(["figures", "--model", "bundled:vgg_fmnist", "--out",
+                 str(inside_file / "out")]) == 2  # fmt: skip
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_figures_refusals_leave_nothing(tmp_path, capsys):
+    base = ["figures", "--model", "bundled:vgg_fmnist", "--dataset", "fashion-mnist",
+            "--no-progress"]  # fmt: skip
+    out = tmp_path / "f"
+    cases = [
+        (["--methods", "cmwp,gradcm"], "unknown attribution method 'gradcm'; did you mean"),
+        (["--methods", "activmap"], "maps one filter"),
+        (["--formats", "png,gif"], "unknown figure formats ['gif']"),
+        (["--target", "Trousr"], "did you mean: Trouser"),
+        (["--target", "12"], "out of range"),
+        (["--layer", "features.99"], "features.99"),
+        (["--n", "0"], "n must be an integer >= 1"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra, "--out", str(out)]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not out.exists(), extra
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert main([*base, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep"]
+
+
+def test_explain_refuses_unknown_names_before_any_work(tmp_path, capsys):
+    out = tmp_path / "e"
+    base = ["explain", "--model", "bundled:vgg_fmnist", "--out", str(out), "--no-progress"]
+    for extra, message in (
+        (["--methods", "cmwp,gradcm"], "unknown attribution method 'gradcm'"),
+        (["--kinds", "srae,vae"], "unknown XNN kinds ['vae']"),
+        (["--stages", "xnn,heatmap"], "did you mean: heatmaps"),
+    ):
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not out.exists()
+
+
+def test_figures_writes_grid_and_xnn_layout(tmp_path, capsys):
+    out = tmp_path / "figs"
+    args = ["figures", "--model", "bundled:vgg_fmnist", "--dataset", "fashion-mnist",
+            "--methods", "cmwp,gradcam", "--target", "predicted", "--n", "3", "--xnn",
+            "--n-train", "150", "--n-features", "3", "--dpi", "60", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for stem in ("heatmaps", "xnn_layout"):
+        assert (out / "figures" / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in (out / "figures" / f"{stem}.svg").read_bytes()[:2000]
+        assert (out / "figures" / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert str(out / "figures" / f"{stem}.pdf") in printed
+    page = (out / "index.html").read_text()
+    assert "figures/heatmaps.svg" in page and "figures/xnn_layout.pdf" in page
+    rows = json.loads((out / "tables" / "images.json").read_text())
+    assert len(rows) == 3 and all(r["explained class"] == r["predicted"] for r in rows)
+    # a second run needs --overwrite, and then replaces the folder whole
+    (out / "stray.txt").write_text("x")
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "stray.txt").exists() and (out / "figures" / "heatmaps.pdf").exists()

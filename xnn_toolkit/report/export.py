@@ -196,10 +196,22 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     if xnn:
         from torch.utils.data import TensorDataset
 
+        from ..errors import AssetError
         from ..features import extract
 
-        train = load_dataset(dataset, split="train", n=n_train)
-        raw_tr, y_tr, _ = _images(train, n_train)
+        fit_on = f"{n_train} training images"
+        try:
+            raw_tr, y_tr, _ = _images(load_dataset(dataset, split="train", n=n_train), n_train)
+        except AssetError:  # e.g. the bundled Fashion-MNIST holds the test split only
+            other = "test" if split == "train" else split
+            more = load_dataset(dataset, split=other, n=len(x) + n_train)
+            raw_all, y_all, _ = _images(more, len(x) + n_train)
+            start = len(x) if other == split else 0  # never the images shown
+            raw_tr, y_tr = raw_all[start : start + n_train], y_all[start : start + n_train]
+            if len(y_tr) < 2:
+                raise
+            fit_on = (f"{len(y_tr)} {other} images not shown here (the train split is not "
+                      "available)")  # fmt: skip
         x_tr = lm.preprocessing.normalize(raw_tr)
         bank_tr = extract(net, TensorDataset(x_tr, y_tr), [fc], progress=progress, device=device)
         bank = extract(net, TensorDataset(x, classes), [fc], progress=False, device=device)
@@ -209,8 +221,8 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
         keep = torch.tensor([int(c) in known for c in classes])
         if not bool(keep.any()):
             raise InputError(
-                f"no XNN head for the explained classes: the {n_train} training images hold "
-                f"classes {sorted(known)}; raise n_train"
+                f"no XNN head for the explained classes: the {fit_on} hold classes "
+                f"{sorted(known)}; raise n_train"
             )
         idx = keep.nonzero().flatten()
         cls = classes[idx]
@@ -224,8 +236,8 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
                          labels=[class_names[int(c)] for c in cls])  # fmt: skip
         s = report.section("XNN explanations")
         s.add(Paragraph(
-            f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {n_train} "
-            f"training images; per image ({what}): the image, the c-MWP 1-heatmap of the "
+            f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {fit_on}; "
+            f"per image ({what}): the image, the c-MWP 1-heatmap of the "
             "class logit, then the x-features' c-MWP heatmaps sorted by their contribution "
             "v_i E_i, written above them (seed 002, Fig. 3.1 / 3.8)."
         ))  # fmt: skip
