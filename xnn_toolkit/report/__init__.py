@@ -1,13 +1,17 @@
-"""Reports: plain report documents rendered to HTML / Markdown / CSV / JSON, figures, and the
-batch scoring runner."""
+"""Reports: plain report documents rendered to HTML / Markdown / CSV / JSON, figures, the
+end-to-end explanation run (``xnn demo`` / ``xnn explain``), heatmap figure export
+(``xnn figures``) and the batch scoring runner."""
 
 from .document import Card, Figure, Paragraph, Report, Section, Table
+from .export import figure_report
+from .pipeline import ExplainConfig, build_report, run_explain
 from .score_metrics import available_metrics
 from .scoring import ClassHeadTarget, ScoreResult, ScoringConfig, score_dataset
 
 __all__ = [
     "Card",
     "ClassHeadTarget",
+    "ExplainConfig",
     "Figure",
     "Paragraph",
     "Report",
@@ -16,5 +20,8 @@ __all__ = [
     "Section",
     "Table",
     "available_metrics",
+    "build_report",
+    "figure_report",
+    "run_explain",
     "score_dataset",
 ]
