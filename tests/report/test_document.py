@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import matplotlib
 
@@ -81,3 +82,25 @@ def test_bad_names(tmp_path):
         f = tmp_path / "file"
         f.write_text("")
         Report("t").write(f)
+
+
+def test_folder_mode_links_and_drawing_once(tmp_path, monkeypatch):
+    r = _report()
+    fig = r.figures()[0]
+    calls = []
+    real = fig.figure.savefig
+    monkeypatch.setattr(fig.figure, "savefig", lambda *a, **k: calls.append(k["format"]) or
+                        real(*a, **k))  # fmt: skip
+    r.render_figures()
+    index = r.write(tmp_path / "rep")
+    assert calls == ["png", "svg", "pdf"]  # drawn once, before the write
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "rep").st_mode & 0o777 == 0o777 & ~umask
+    page = open(index, encoding="utf-8").read()
+    assert "href='figures/curve.svg'>SVG</a>" in page and "figures/curve.pdf" in page
+    bad = Report("t")
+    bad.section("s").add(Figure("f", fig.figure, formats=("gif",)))
+    with pytest.raises(InputError, match="unknown formats"):
+        bad.write(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

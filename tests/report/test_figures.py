@@ -42,3 +42,40 @@ def test_annotated_samples_and_errors():
     assert tuple(lines[0].get_xydata()[0]) == (2.0, 3.0)
     with pytest.raises(InputError):
         heatmap_grid(torch.rand(2, 3, 8, 8), torch.rand(1, 2, 8, 8))
+
+
+def test_figures_leave_pyplot_alone_and_show_in_notebooks():
+    import matplotlib.pyplot as plt
+
+    from xnn_toolkit.report.figures import overlay_grid
+    from xnn_toolkit.report.gate_figures import gate_matrix_figure
+    from xnn_toolkit.report.path_figures import path_similarity_figure
+
+    before = plt.get_fignums()
+    figs = [
+        heatmap_grid(torch.rand(2, 3, 8, 8), torch.rand(2, 2, 8, 8), col_labels=["i", "a", "b"]),
+        overlay_grid(torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8), shared_scale=True),
+        gate_matrix_figure(torch.rand(3, 5)),
+        path_similarity_figure(torch.rand(3, 3)),
+    ]
+    assert plt.get_fignums() == before  # nothing registered with pyplot, nothing to close
+    for fig in figs:
+        assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one colour bar for the whole grid, on the shared [0, 1] scale
+    bars = [ax for ax in figs[1].axes if ax.get_ylabel() == "heatmap / row maximum"]
+    assert len(bars) == 1
+    with pytest.raises(InputError, match="row_labels"):
+        overlay_grid(torch.rand(2, 3, 3, 8, 8), torch.rand(2, 3, 8, 8), row_labels=["a"])
+    with pytest.raises(InputError, match="col_labels"):
+        heatmap_grid(torch.rand(1, 3, 8, 8), torch.rand(1, 2, 8, 8), col_labels=["a"])
+
+
+def test_overlay_grid_shares_a_row_scale():
+    from xnn_toolkit.report.figures import overlay_grid
+
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, 0, 0] = 1.0
+    maps[0, 1, 0, 0] = 4.0
+    fig = overlay_grid(torch.rand(1, 2, 3, 4, 4), maps, shared_scale=True, colorbar=False)
+    shown = [ax.get_images()[1].get_array().max() for ax in fig.axes]
+    assert shown == pytest.approx([0.25, 1.0])

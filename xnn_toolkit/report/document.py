@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import AssetError, InputError
 
-__all__ = ["Report", "Section", "Paragraph", "Card", "Table", "Figure"]
+__all__ = ["Report", "Section", "Paragraph", "Card", "Table", "Figure", "progress_bar"]
 
 
 @dataclass
@@ -171,9 +171,8 @@ class Report:
 
     def render_figures(self, progress: bool = False) -> None:
         """Draw every figure now (e.g. to time it apart from the write; see Figure.render)."""
-        from tqdm.auto import tqdm
-
-        for fig in tqdm(self.figures(), desc="figures", disable=not progress, leave=False):
+        bar = progress_bar(self.figures(), desc="figures", disable=not progress, leave=False)
+        for fig in bar:
             fig.render()
 
     # ------------------------------------------------------------------ rendering
@@ -352,6 +351,18 @@ class Report:
         manifest = {"title": self.title, "tables": tables, **self.meta}
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, default=str)
+
+
+def progress_bar(*args: Any, disable: bool = False, **kw: Any) -> Any:
+    """A tqdm bar: ``tqdm.auto`` when shown; when hidden the plain one, so that a notebook
+    without ipywidgets gets no warning from importing ``tqdm.auto``."""
+    if disable:
+        from tqdm import tqdm
+
+        return tqdm(*args, disable=True, **kw)
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **kw)
 
 
 def _md(text: str) -> str:

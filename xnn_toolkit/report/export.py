@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError, close_matches
 from .document import Figure as ReportFigure
-from .document import Paragraph, Report, Table
+from .document import Paragraph, Report, Table, progress_bar
 
 __all__ = ["figure_report"]
 
@@ -151,8 +151,6 @@ def figure_report(
 def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train, n_features,
              xnn_epochs, fmts, dpi, device, seed, progress) -> Report:  # fmt: skip
     """The work of :func:`figure_report`, its arguments checked."""
-    from tqdm.auto import tqdm
-
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
     from .figures import heatmap_grid, xnn_figure
@@ -174,7 +172,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     classes, what = _targets(target, labels, pred, class_names)
 
     maps = []
-    for name in tqdm(names, desc="heatmaps", disable=not progress):
+    for name in progress_bar(names, desc="heatmaps", disable=not progress):
         maps.append(class_heatmaps(net, x, classes, name, read))
     grid = torch.stack(maps, 1)
     rows = [f"{class_names[int(c)]}" for c in classes]

@@ -1,14 +1,16 @@
 """Figures for notebooks, reports and papers: overlays, grids and the XNN layout.
 
 Every function returns a matplotlib ``Figure`` built without pyplot (no global figure
-registry: nothing to close, nothing shown twice in a notebook, the caller's backend left as
-it is); use :func:`save_figure` to write PNG / SVG / PDF atomically. Heatmaps use one colour
-map (``"jet"`` over the image by default, as in the source papers), each map scaled to
-``[0, 1]`` by its own maximum unless ``shared_scale=True``, and one colour bar per figure.
+registry: nothing to close, the caller's backend left as it is) that a notebook shows once, as
+a cell's value (:class:`DisplayFigure`); use :func:`save_figure` to write PNG / SVG / PDF
+atomically. Heatmaps use one colour map (``"jet"`` over the image by default, as in the source
+papers), each map scaled to ``[0, 1]`` by its own maximum unless ``shared_scale=True``, and one
+colour bar per figure.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -26,6 +28,7 @@ from .._io import atomic_write
 from ..errors import InputError
 
 __all__ = [
+    "DisplayFigure",
     "to_image",
     "overlay",
     "heatmap_grid",
@@ -36,6 +39,19 @@ __all__ = [
 ]
 
 FORMATS = ("png", "svg", "pdf")
+
+
+class DisplayFigure(Figure):
+    """A matplotlib ``Figure`` that shows itself as PNG in Jupyter and IPython.
+
+    Figures built without pyplot have no display hook; this one needs no ``%matplotlib``
+    magic and is shown once, as the value of a cell.
+    """
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
 
 
 def to_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -183,7 +199,7 @@ def _draw_grid(
     n, m = len(panels), len(panels[0])
     if titles is not None and (len(titles) != n or any(len(t) != m for t in titles)):
         raise InputError(f"titles must be {n} rows of {m} strings")
-    fig = Figure(figsize=(size * m, size * n))
+    fig = DisplayFigure(figsize=(size * m, size * n))
     axes = fig.subplots(n, m, squeeze=False)
     for i, row in enumerate(panels):
         maps = [h for _, h in row if h is not None]
@@ -282,7 +298,7 @@ def annotated_samples(
     n = len(images)
     rows = max(1, -(-n // cols))
     cols = min(cols, n)
-    fig = Figure(figsize=(size * cols, size * rows))
+    fig = DisplayFigure(figsize=(size * cols, size * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, 20))
     for i, ax in enumerate(axes.ravel()):

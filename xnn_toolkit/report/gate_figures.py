@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from ..errors import InputError
 from ..heads.gates import block_order
-from .figures import heatmap_grid
+from .figures import DisplayFigure, heatmap_grid
 
 __all__ = ["gate_matrix_figure", "class_filter_gallery", "top_class_filters"]
 
@@ -66,7 +66,7 @@ def gate_matrix_figure(
     order = block_order(g) if ordered else torch.arange(k)
     shown = g.detach().double().cpu()[:, order].numpy()
     height = max(1.5, 0.3 * c + 1.0)
-    fig = Figure(figsize=(width, height))
+    fig = DisplayFigure(figsize=(width, height))
     ax = fig.subplots()
     im = ax.imshow(shown, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_ylabel("class")

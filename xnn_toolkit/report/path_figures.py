@@ -5,7 +5,7 @@
 - :func:`hit_rate_figure`: hit rate over layers (mean ± std) with the 25 % chance line;
 - :func:`information_heatmap_figure`: images with their information heatmaps per layer.
 
-Every function returns a matplotlib ``Figure`` (never shown); save it with
+Every function returns a matplotlib ``Figure`` (shown as PNG in notebooks); save it with
 :func:`xnn_toolkit.report.figures.save_figure`.
 """
 
@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from .figures import heatmap_grid
+from .figures import DisplayFigure, heatmap_grid
 
 __all__ = [
     "hit_rate_figure",
@@ -84,7 +84,7 @@ def path_mask_figure(
             raise InputError(f"masks of layer {n!r} must be K x C, got shape {tuple(m.shape)}")
     k = next(iter(mats.values())).shape[0]
     rows = len(mats)
-    fig = Figure(figsize=(width, max(1.2, 0.25 * k + 0.6) * rows))
+    fig = DisplayFigure(figsize=(width, max(1.2, 0.25 * k + 0.6) * rows))
     axes = fig.subplots(rows, 1, squeeze=False)
     im = None
     for ax, (name, m) in zip(axes[:, 0], mats.items()):
@@ -132,7 +132,7 @@ def path_similarity_figure(
     if s.dim() != 2 or s.shape[0] != s.shape[1]:
         raise InputError(f"similarity must be K x K, got shape {tuple(s.shape)}")
     k = s.shape[0]
-    fig = Figure(figsize=(size, size))
+    fig = DisplayFigure(figsize=(size, size))
     ax = fig.subplots()
     im = ax.imshow(s.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     _ticks(ax, class_names, k, "y")
@@ -174,7 +174,7 @@ def hit_rate_figure(
     series = list(hit_rates) if isinstance(hit_rates, list | tuple) else [hit_rates]
     if labels is not None and len(labels) != len(series):
         raise InputError(f"got {len(labels)} labels for {len(series)} series")
-    fig = Figure(figsize=size)
+    fig = DisplayFigure(figsize=size)
     ax = fig.subplots()
     chance = 0.25
     for i, hr in enumerate(series):

@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .document import Card, Figure, Paragraph, Report, Table
+from .document import Card, Figure, Paragraph, Report, Table, progress_bar
 
 __all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
 
@@ -393,7 +392,7 @@ def _xnn_section(report: Report, run: _Run) -> None:
     rows = []
     kinds = [k for k in XNN_KINDS if k in cfg.kinds]
     n_pos = n_neg = 0
-    for kind in tqdm(kinds, desc="XNN heads", disable=not cfg.progress, leave=False):
+    for kind in progress_bar(kinds, desc="XNN heads", disable=not cfg.progress, leave=False):
         head, n_pos, n_neg = _fit_xnn(kind, tr, run.fc_layer, n_features=cfg.n_features,
                                       hidden=tuple(cfg.hidden), epochs=cfg.xnn_epochs,
                                       seed=cfg.seed, device=cfg.device)  # fmt: skip
@@ -446,8 +445,8 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     m = min(cfg.heatmap_images, len(run.x_test))
     idx = torch.arange(m)
     labels = run.y_test[idx]
-    bar = tqdm(total=len(run.heads["xnn_kinds"]) + 2, desc="heatmaps", disable=not cfg.progress,
-               leave=False)  # fmt: skip
+    bar = progress_bar(total=len(run.heads["xnn_kinds"]) + 2, desc="heatmaps",
+                       disable=not cfg.progress, leave=False)  # fmt: skip
     one_maps = class_heatmaps(run.model, run.x_test[idx], labels, "cmwp", run.conv_layer)
     bar.update()
     sub = _sub_parts(run.parts, idx) if run.parts is not None else None
@@ -839,7 +838,7 @@ def _build(cfg: ExplainConfig, names: list[str]) -> Report:
     run = _prepare(cfg)
     run.timings["load model and data"] = round(time.perf_counter() - t0, 2)
     report = Report(f"xnn_toolkit report: {run.spec} on {cfg.dataset}")
-    bar = tqdm(names, desc="xnn", disable=not cfg.progress)
+    bar = progress_bar(names, desc="xnn", disable=not cfg.progress)
     for name in bar:
         bar.set_postfix_str(name)
         _stage(run, name, lambda name=name: STAGES[name](report, run))
