@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= -q
 
-.PHONY: demo test lint bench venv clean chromium
+.PHONY: demo test lint bench venv clean sysdeps
 
 venv: $(STAMP)
 
@@ -22,20 +22,24 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# Headless Chromium for the report's browser test (Debian's package). Never fails the run:
-# without apt-get or root the test skips and says why.
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian packages the tests use when they can: headless Chromium for the report's browser
+# test, and dataset-fashion-mnist (the real training split, for the training-reproducibility
+# test). Never fails the run: without apt-get or root those tests skip and say why.
+SYSPKGS_MISSING = $(strip $(if $(shell command -v chromium),,chromium) \
+  $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),,dataset-fashion-mnist))
+
+sysdeps:
+	@if [ -n "$(SYSPKGS_MISSING)" ]; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
 	  if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
-	    echo "installing chromium for the browser test (apt-get)"; \
-	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null \
-	      || echo "could not install chromium: the browser test will be skipped"; \
+	    echo "installing $(SYSPKGS_MISSING) (apt-get)"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(SYSPKGS_MISSING) >/dev/null \
+	      || echo "could not install $(SYSPKGS_MISSING): the tests that need them will be skipped"; \
 	  else \
-	    echo "chromium is missing and apt-get (as root) is unavailable: the browser test will be skipped"; \
-	  fi; }
+	    echo "$(SYSPKGS_MISSING) missing and apt-get (as root) unavailable: those tests will be skipped"; \
+	  fi; fi
 
-test: $(STAMP) lint chromium
+test: $(STAMP) lint sysdeps
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)

@@ -86,7 +86,7 @@ _RECIPES: dict[str, _Recipe] = {
         arch="vgg_small",
         arch_kwargs=dict(
             channels=[32, 64, 128, 128], convs_per_block=[1, 1, 2, 2], fc=[256, 256],
-            pool_size=4, dropout=0.3,
+            pool_size=4, dropout=0.3, batch_norm=True,
         ),
         dataset="synthetic",
         epochs=6,

@@ -72,7 +72,8 @@ class VGGSmall(nn.Module):
 
     Layout (module names as in ``named_modules``)::
 
-        features     Sequential: [Conv2d 3x3, ReLU] x convs_per_block[b], MaxPool2d 2x2, ...
+        features     Sequential: [Conv2d 3x3, (BatchNorm2d), ReLU] x convs_per_block[b],
+                     MaxPool2d 2x2, ...
         avgpool      AdaptiveAvgPool2d(pool_size)  (identity at the design input size)
         flatten      Flatten
         fc6          Sequential(linear, relu)      output N x fc[0], post-ReLU
@@ -97,6 +98,9 @@ class VGGSmall(nn.Module):
         Spatial size the last feature map is average-pooled to before flattening.
     dropout : float
         Dropout probability after ``fc6`` and ``fc7`` (training only).
+    batch_norm : bool
+        Put a BatchNorm after every conv, as torchvision's ``vgg16_bn`` does (it trains much
+        more reliably; Excitation Backprop folds it into the conv, METHODS §2.1).
 
     Attributes
     ----------
@@ -116,6 +120,7 @@ class VGGSmall(nn.Module):
         fc: Sequence[int] = (256, 256),
         pool_size: int = 4,
         dropout: float = 0.3,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) != len(convs_per_block) or not channels:
@@ -132,7 +137,10 @@ class VGGSmall(nn.Module):
         prev = in_chans
         for b, (width, n_conv) in enumerate(zip(channels, convs_per_block)):
             for _ in range(n_conv):
-                layers += [nn.Conv2d(prev, width, 3, padding=1), nn.ReLU()]
+                layers.append(nn.Conv2d(prev, width, 3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU())
                 prev = width
             layers.append(nn.MaxPool2d(2, 2))
             info.append(
@@ -182,7 +190,7 @@ def vgg_small(num_classes: int = 10, in_chans: int = 3, **kwargs: Any) -> VGGSma
     num_classes : int
     in_chans : int
     **kwargs
-        ``channels``, ``convs_per_block``, ``fc``, ``pool_size``, ``dropout``.
+        ``channels``, ``convs_per_block``, ``fc``, ``pool_size``, ``dropout``, ``batch_norm``.
 
     Returns
     -------
