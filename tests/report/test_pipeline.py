@@ -243,3 +243,27 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
                      (site / "index.html").as_uri()], tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_missing_train_split_fits_on_unscored_test_images(tmp_path, monkeypatch):
+    import xnn_toolkit.data as data
+    from xnn_toolkit.errors import AssetError
+    from xnn_toolkit.report.pipeline import build_report
+
+    real = data.load_dataset
+    seen = []
+
+    def no_train(spec, *, split="test", **kw):
+        seen.append((split, kw.get("n")))
+        if split == "train":
+            raise AssetError("no train split here")
+        return real(spec, split=split, **kw)
+
+    monkeypatch.setattr(data, "load_dataset", no_train)
+    report = build_report(_config(Wrapped(), n_train=30, n_test=20), stages=["activations"])
+    text = " ".join(b.text for s in report.sections for b in s.blocks if hasattr(b, "text"))
+    assert "fitted on test images 20 to 49, never scored" in text
+    assert ("test", 50) in seen
+    shapes = {r["layer"]: r["shape"] for s in report.sections for b in s.blocks
+              if getattr(b, "name", "") == "activations" for r in b.rows}  # fmt: skip
+    assert shapes[f"{EVIL}.fc6"] == "20x32"

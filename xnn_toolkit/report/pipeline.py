@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import AssetError, InputError
 from .document import Card, Figure, Paragraph, Report, Table, progress_bar
 
 __all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
@@ -283,10 +283,20 @@ def _prepare(cfg: ExplainConfig) -> _Run:
     fc = _fc_layer(model, cfg.fc_layer)
     conv = resolve_layer(model, cfg.conv_layer or default_read_layer(model))[0]
     kw = {} if cfg.image_size is None else {"size": cfg.image_size}
-    train = load_dataset(cfg.dataset, split="train", n=cfg.n_train, **kw)
     test = load_dataset(cfg.dataset, split="test", n=cfg.n_test, **kw)
-    raw_train, y_train, _ = _images(train, cfg.n_train)
     raw_test, y_test, parts = _images(test, cfg.n_test)
+    note = ""
+    try:
+        train = load_dataset(cfg.dataset, split="train", n=cfg.n_train, **kw)
+        raw_train, y_train, _ = _images(train, cfg.n_train)
+    except AssetError:  # e.g. the bundled Fashion-MNIST holds the test split only
+        train = load_dataset(cfg.dataset, split="test", n=cfg.n_test + cfg.n_train, **kw)
+        raw_all, y_all, _ = _images(train, cfg.n_test + cfg.n_train)
+        raw_train, y_train = raw_all[len(y_test) :], y_all[len(y_test) :]
+        if len(y_train) < 2:
+            raise
+        note = (f" The dataset has no train split here: the heads are fitted on test images "
+                f"{len(y_test)} to {len(y_test) + len(y_train) - 1}, never scored.")  # fmt: skip
     pre = lm.preprocessing
     names = cfg.class_names or lm.class_names or getattr(train, "classes", None)
     k = int(torch.cat([y_train, y_test]).max()) + 1
@@ -297,6 +307,7 @@ def _prepare(cfg: ExplainConfig) -> _Run:
         cfg=cfg, model=model, loaded=lm, spec=spec, class_names=class_names,
         x_train=pre.normalize(raw_train), y_train=y_train, x_test=pre.normalize(raw_test),
         y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc, conv_layer=conv,
+        heads={"train_note": note},
     )  # fmt: skip
 
 
@@ -374,7 +385,7 @@ def _bank_section(report: Report, run: _Run) -> None:
     s.add(Paragraph(
         f"Activations of {', '.join(layers)} for {len(run.x_train)} training and "
         f"{len(run.x_test)} test images, extracted with forward hooks (the model is left "
-        "unchanged)."
+        "unchanged)." + run.heads["train_note"]
     ))  # fmt: skip
     s.add(Table("activations", [
         {"layer": name, "shape": "x".join(str(v) for v in bank.shape(name))} for name in layers
