@@ -1,64 +1,124 @@
-"""Batched one-vs-all XNN heads vs fitting them one by one (issue: XNN heads).
+"""Batched one-vs-all XNN heads vs fitting them one by one (issue 4, METHODS §1).
 
 All ``C`` heads of a layer live in one grouped module and train together; the reference
-fits the same heads one class at a time (``classes=[c]``), with the same objective, data
-sizes, batch size and number of epochs. Both sides run alternately, several repetitions;
-the median wall times are compared.
+fits the same heads one class at a time (``XNN(classes=[c])``), with the same objective
+(SRAE, ``L_FS + β L_SR + η L_PT``), data sizes, batch size and number of epochs. Both sides
+run alternately, several repetitions; the median wall times are compared. Activations are
+synthetic (post-ReLU Gaussian ``N x D``, logits a random linear map of them): the timing does
+not depend on what the heads learn.
 
-    .venv/bin/python bench/xnn.py [--quick]
+Settings (``--setting``, default all):
 
-Ends with ``RESULT xnn_batched_speedup <ratio> ratio``.
+- ``small``: 10 heads, dim Z 512, hidden (64, 16), 20 positives / 200 negatives per class
+  (the earlier ``--quick`` setting; per-fit overhead is a large share of the work).
+- ``thesis10``: 10 heads, dim Z 512, the thesis's hidden sizes (800, 100), 50 positives /
+  1 000 negatives per class.
+- ``thesis50``: 50 heads, dim Z 256 (the bundled VGG's fc6), hidden (800, 100), 50
+  positives / 500 negatives per class: closer to the thesis's many classes with 50
+  positives each (CUB: 200 classes, 50 / 8 000, dim Z 4 096; too large for a CPU bench).
+
+    .venv/bin/python bench/xnn.py [--quick] [--setting NAME] [--impl FILE]
+
+``--impl FILE`` times the ``XNN`` of another copy of ``xnn_toolkit/heads/xnn.py`` (e.g. one
+written by ``git show <commit>:xnn_toolkit/heads/xnn.py``) instead of the installed one.
+Prints one ``RESULT xnn_batched_speedup_<setting> <ratio> ratio`` line per setting and
+``RESULT xnn_batched_speedup <ratio> ratio`` for ``thesis50`` (the headline).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from xnn_toolkit.heads.xnn import XNN
+
+@dataclass(frozen=True)
+class Setting:
+    classes: int
+    dim: int
+    hidden: tuple[int, ...]
+    n_positive: int
+    n_negative: int
+    epochs: int
+    n: int  # examples in the bank (balanced labels)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    c, d = args.classes, args.dim
-    n = 4000 if not args.quick else 1000
-    z = torch.relu(torch.randn(n, d))
-    logits = z @ torch.randn(d, c) * 0.1
-    labels = torch.arange(n) % c
-    hidden = (800, 100) if not args.quick else (64, 16)
-    kw = dict(n_features=5, hidden=hidden, n_positive=50 if not args.quick else 20,
-              n_negative=1000 if not args.quick else 200, max_epochs=3, patience=100,
-              batch_size=256)  # fmt: skip
+SETTINGS = {
+    "small": Setting(10, 512, (64, 16), 20, 200, 3, 1000),
+    "thesis10": Setting(10, 512, (800, 100), 50, 1000, 3, 4000),
+    "thesis50": Setting(50, 256, (800, 100), 50, 500, 2, 5000),
+}
+
+
+def _xnn_class(impl: str | None) -> type:
+    if impl is None:
+        from xnn_toolkit.heads.xnn import XNN
+
+        return XNN
+    # Loaded as a sibling of the real module so that its relative imports resolve.
+    spec = importlib.util.spec_from_file_location("xnn_toolkit.heads._bench_impl", impl)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.XNN
+
+
+def run(name: str, s: Setting, reps: int, xnn: type) -> float:
+    """Median one-by-one time over median batched time for one setting."""
+    gen = torch.Generator().manual_seed(0)
+    n = s.n
+    z = torch.relu(torch.randn(n, s.dim, generator=gen))
+    logits = z @ torch.randn(s.dim, s.classes, generator=gen) * 0.1
+    labels = torch.arange(n) % s.classes
+    kw = dict(n_features=5, hidden=s.hidden, n_positive=s.n_positive, n_negative=s.n_negative,
+              max_epochs=s.epochs, patience=100, batch_size=256)  # fmt: skip
 
     def batched() -> float:
         t = time.perf_counter()
-        XNN(**kw).fit(z, logits, labels)
+        xnn(**kw).fit(z, logits, labels)
         return time.perf_counter() - t
 
     def one_by_one() -> float:
         t = time.perf_counter()
-        for k in range(c):
-            XNN(classes=[k], **kw).fit(z, logits, labels)
+        for k in range(s.classes):
+            xnn(classes=[k], **kw).fit(z, logits, labels)
         return time.perf_counter() - t
 
     batched()  # warm-up
     tb, to = [], []
-    for _ in range(args.reps if not args.quick else 1):
+    for _ in range(reps):
         tb.append(batched())
         to.append(one_by_one())
     mb, mo = statistics.median(tb), statistics.median(to)
-    print(f"{c} heads, dim Z = {d}, hidden {hidden}, 3 epochs: batched {mb:.2f} s, "
-          f"one by one {mo:.2f} s (medians of {len(tb)})")  # fmt: skip
-    print(f"RESULT xnn_batched_speedup {mo / mb:.2f} ratio")
+    print(f"{name}: {s.classes} heads, dim Z = {s.dim}, hidden {s.hidden}, {s.n_positive} / "
+          f"{s.n_negative} positives / negatives per class, {s.epochs} epochs, N = {n}: "
+          f"batched {mb:.2f} s, one by one {mo:.2f} s (medians of {reps})", flush=True)  # fmt: skip
+    return mo / mb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the small setting, one repetition")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), action="append")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--impl", help="path of another xnn.py whose XNN is timed")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.setting or (["small"] if args.quick else list(SETTINGS))
+    reps = 1 if args.quick else args.reps
+    xnn = _xnn_class(args.impl)
+    ratios = {}
+    for name in names:
+        ratios[name] = run(name, SETTINGS[name], reps, xnn)
+        print(f"RESULT xnn_batched_speedup_{name} {ratios[name]:.2f} ratio", flush=True)
+    if "thesis50" in ratios:
+        print(f"RESULT xnn_batched_speedup {ratios['thesis50']:.2f} ratio")
 
 
 if __name__ == "__main__":
