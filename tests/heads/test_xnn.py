@@ -235,6 +235,52 @@ def test_lasso_matches_sklearn_at_chosen_alpha():
     torch.testing.assert_close(m.contributions(z).sum(-1) + m.intercept_, m.predict(z))
 
 
+# ----------------------------------------------------------------------------- initialisation
+
+
+def test_predictor_init_gives_every_head_both_signs():
+    """All-equal signs of v leave a head unable to reach logits of the other sign."""
+    from xnn_toolkit.heads.xnn import _GroupedXNN
+
+    for n in (2, 3, 5):
+        mod = _GroupedXNN(64, 8, (6,), n, decoder=False, relu_x=True,
+                          generator=torch.Generator().manual_seed(n))
+        v = mod.v.detach()
+        assert ((v > 0).any(1) & (v < 0).any(1)).all(), n
+
+
+def test_every_x_feature_starts_active_on_its_heads_training_rows():
+    from xnn_toolkit.heads.xnn import _split_head_indices
+
+    z, logits, labels = _problem()
+    m = XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300, max_epochs=0).fit(
+        z, logits, labels)
+    tr, _, _, _ = _split_head_indices(labels, m.classes_.tolist(), 40, 300, 0.1,
+                                      torch.Generator().manual_seed(0))
+    e = m.transform(z)  # N x C x n, the initial weights (no epoch run)
+    for h in range(len(m.classes_)):
+        assert (e[tr[h], h] > 0).all(), h  # every feature on every training row
+    # ... whereas the default initialisation alone leaves some off
+    from xnn_toolkit.heads import xnn as X
+
+    orig = X._start_active
+    try:
+        X._start_active = lambda *a: None
+        e0 = XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300,
+                 max_epochs=0).fit(z, logits, labels).transform(z)
+    finally:
+        X._start_active = orig
+    assert not all(bool((e0[tr[h], h] > 0).all()) for h in range(len(m.classes_)))
+
+
+def test_fit_leaves_the_global_rng_alone():
+    z, logits, labels = _problem()
+    before = torch.get_rng_state()
+    XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=2).fit(
+        z, logits, labels)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -258,3 +304,131 @@ def test_errors():
         z, logits, labels)
     with pytest.raises(InputError, match="D = 24"):
         m.transform(torch.zeros(3, 5))
+
+
+def _bank(z, logits, labels):
+    from xnn_toolkit.features import ActivationBank
+
+    return ActivationBank.from_tensors({"fc": z}, logits=logits, labels=labels)
+
+
+@pytest.mark.parametrize("cls", [XNN, LassoXNN])
+def test_n_features_must_be_below_dim_z(cls):
+    z, logits, labels = _problem(d=12)
+    for n in (12, 13, 40):
+        with pytest.raises(InputError, match=r"n_features must be between 1 and dim Z - 1 = 11"):
+            cls(n_features=n).fit(z, logits, labels)
+    with pytest.raises(InputError, match="n_features"):
+        cls(n_features=0).fit(z, logits, labels)
+
+
+@pytest.mark.parametrize("cls", [XNN, LassoXNN])
+def test_classes_absent_from_the_bank(cls):
+    z, logits, labels = _problem()
+    keep = labels != 2  # the bank has no image of class 2
+    bank = _bank(z[keep], logits[keep], labels[keep])
+    with pytest.raises(InputError, match=r"classes \[2\] have no examples"):
+        cls(n_features=2, classes=[0, 2], n_positive=20, n_negative=100).fit(bank)
+    with pytest.raises(InputError, match=r"classes \[7\] are out of range for 4 logits"):
+        cls(n_features=2, classes=[7], n_positive=20, n_negative=100).fit(bank)
+    # by default, heads for the classes present only
+    kw = dict(n_features=2, n_positive=20, n_negative=100)
+    if cls is XNN:
+        kw.update(hidden=(8,), max_epochs=1)
+    head = cls(**kw).fit(bank)
+    assert head.classes_.tolist() == [0, 1, 3]
+
+
+def test_bank_labels_unknown():
+    z, logits, labels = _problem()
+    logits = logits + 100 * F.one_hot(labels, 4)  # the network predicts the labels
+    part = labels.clone()
+    part[:5] = -1
+    with pytest.raises(InputError, match="5 of 1200 labels are negative"):
+        XNN(n_features=2).fit(_bank(z, logits, part))
+    # no label at all: positives by the network's prediction, as for tensors
+    kw = dict(n_features=2, hidden=(8,), n_positive=20, n_negative=100, max_epochs=1)
+    a = XNN(**kw).fit(_bank(z, logits, torch.full_like(labels, -1))).predict(z)
+    b = XNN(**kw).fit(z, logits).predict(z)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("where", ["nan", "inf", "-inf", "logits", "bank"])
+def test_non_finite_input(where):
+    z, logits, labels = _problem()
+    z, logits = z.clone(), logits.clone()
+    value = {"nan": float("nan"), "-inf": float("-inf")}.get(where, float("inf"))
+    if where == "logits":
+        logits[7, 1] = value
+        match = "logits hold NaN or inf"
+    else:
+        z[3, 2] = value
+        match = "activations hold NaN or inf"
+    data = _bank(z, logits, labels) if where == "bank" else z
+    for cls in (XNN, LassoXNN):
+        with pytest.raises(InputError, match=match):
+            cls(n_features=2).fit(data, None if where == "bank" else logits,
+                                  None if where == "bank" else labels)
+
+
+def test_fewer_positives_or_negatives_than_asked():
+    z, logits, labels = _problem()  # 300 examples per class
+    short = labels.clone()
+    short[(labels == 1).nonzero().flatten()[40:]] = 0  # class 1 keeps 40 examples
+    for cls in (XNN, LassoXNN):
+        with pytest.raises(InputError, match=r"n_positive=50 but some classes have fewer "
+                           r"examples: \{1: 40\}; lower n_positive"):
+            cls(n_features=2, n_positive=50).fit(z, logits, short)
+    with pytest.raises(InputError, match="leaves no positive for validation"):
+        XNN(n_features=2, n_positive=4, val_fraction=0.1).fit(z, logits, labels)
+    with pytest.warns(UserWarning, match="asked for 5000 negatives per class but only 900"):
+        m = XNN(n_features=2, hidden=(8,), n_positive=20, n_negative=5000, max_epochs=1).fit(
+            z, logits, labels)
+    assert m.history_
+
+
+def test_xfeature_figure_of_a_fitted_head(tmp_path):
+    """Fig. 3.1 / 3.8 layout from a real head: image, 1-heatmap, x-features by v_i E_i."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from xnn_toolkit.report.figures import save_figure, xnn_figure
+    from xnn_toolkit.report.heatmaps import class_heatmaps, xfeature_heatmaps
+
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 6, 3, padding=1), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(4),
+        flat=nn.Flatten(), fc=nn.Sequential(nn.Linear(96, 16), nn.ReLU()),
+        classifier=nn.Linear(16, 3),
+    )).eval()  # fmt: skip
+    x = torch.rand(90, 3, 12, 12)
+    with torch.no_grad():
+        z, logits = model[:5](x), model(x)
+    labels = torch.arange(90) % 3
+    head = XNN(n_features=3, hidden=(8,), n_positive=20, n_negative=50, max_epochs=3).fit(
+        z, logits, labels)
+    pick = torch.tensor([0, 1, 2])
+    maps = xfeature_heatmaps(model, x[pick], labels[pick], head, "fc", "conv")
+    ones = class_heatmaps(model, x[pick], labels[pick], "cmwp", "conv")
+    contrib = head.contributions(z[pick])[torch.arange(3), labels[pick]]  # own class's head
+    fig = xnn_figure(x[pick], ones, maps, contrib, labels=["a", "b", "c"])
+    n = 3
+    for i in range(3):
+        axes = fig.axes[i * (n + 2) : (i + 1) * (n + 2)]
+        order = torch.argsort(contrib[i], descending=True)
+        want = ["image", "1-heatmap"] + [
+            f"#{int(k) + 1}: {float(contrib[i, k]) + 0.0:.3g}" for k in order]
+        assert [ax.get_title() for ax in axes] == want
+        assert axes[0].get_ylabel() == "abc"[i]
+        # each x-feature panel shows that x-feature's heatmap (scaled by its maximum)
+        for j, k in enumerate(order.tolist()):
+            shown = axes[2 + j].get_images()
+            assert len(shown) == 2  # the image, then the heatmap over it
+            top = maps[i, k].max()
+            ref = maps[i, k] / top if top > 0 else torch.zeros_like(maps[i, k])
+            torch.testing.assert_close(
+                torch.as_tensor(shown[1].get_array().data, dtype=torch.float32), ref)
+    paths = save_figure(fig, tmp_path / "xnn", formats=("png", "svg", "pdf"))
+    assert [open(p, "rb").read(4) for p in paths][0] == b"\x89PNG"
+    assert b"<svg" in open(paths[1], "rb").read(4000) and open(paths[2], "rb").read(4) == b"%PDF"

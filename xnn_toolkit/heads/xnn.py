@@ -165,6 +165,22 @@ class _GroupedLinear(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
+def _predictor_init(groups: int, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Initial predictor ``v``: ``|N(0, 1/n)|`` with alternating signs, ``G x n``.
+
+    The x-features are non-negative (ReLU x-layer), so ``ȳ = vᵀE`` can only reach logits
+    of a sign that some ``v_i`` has. With i.i.d. Gaussian ``v`` a head gets all ``n`` signs
+    equal with probability ``2^(1−n)`` (1 in 16 for n = 5: with 10 classes, one head in
+    every few fits); such a head fits the negatives' negative logits, its x-features die on
+    the positives (ReLU zero, no gradient) and ``ȳ`` stays at 0 there, a stable failure.
+    Alternating signs (``+, −, +, ...``) give every head both from the start.
+    """
+    mag = torch.randn(groups, n, generator=generator).abs() / math.sqrt(n)
+    sign = torch.ones(n)
+    sign[1::2] = -1.0
+    return mag * sign
+
+
 class _GroupedXNN(nn.Module):
     """Encoder, predictor and decoder of ``G`` heads (METHODS §1)."""
 
@@ -185,7 +201,7 @@ class _GroupedXNN(nn.Module):
             for a, b in zip(sizes[:-1], sizes[1:])
         )
         self.relu_x = relu_x
-        self.v = nn.Parameter(torch.randn(groups, n, generator=generator) / math.sqrt(n))
+        self.v = nn.Parameter(_predictor_init(groups, n, generator))
         back = sizes[::-1]
         self.decoder = (
             nn.ModuleList(
@@ -232,6 +248,44 @@ def _adam(params: object, lr: float, weight_decay: float) -> torch.optim.Optimiz
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def _start_active(module: _GroupedXNN, z_all: torch.Tensor, idx: torch.Tensor) -> None:
+    """Shift the x-layer's biases so that every x-feature starts active on its head's data.
+
+    With the default initialisation each ReLU x-feature is on for only part of the inputs;
+    a head whose features of the sign of its positives' logits (``v_i > 0``) are all off on
+    every positive cannot fit them (no gradient reaches those features there) and is
+    stuck at ``ȳ = 0`` on its positives. Raising each x-feature's bias until its smallest
+    pre-activation over the head's training rows is just above 0 (by 1 % of its range)
+    starts every feature in the linear regime; training then switches off what it does
+    not need. METHODS §1 leaves the initialisation open.
+
+    Parameters
+    ----------
+    module : _GroupedXNN
+    z_all : Tensor
+        ``N x P x D`` scaled activations.
+    idx : Tensor
+        ``G x L`` training rows of each head.
+    """
+    g = idx.shape[0]
+    d = z_all.shape[-1]
+    last = module.encoder[-1]
+    low = high = None
+    for s in range(0, idx.shape[1], 1024):
+        rows = z_all[idx[:, s : s + 1024]].reshape(g, -1, d)
+        h = rows
+        for layer in module.encoder[:-1]:
+            h = torch.relu_(layer(h))
+        pre = last(h)  # G x rows x n
+        lo, hi = pre.amin(1), pre.amax(1)
+        low = lo if low is None else torch.minimum(low, lo)
+        high = hi if high is None else torch.maximum(high, hi)
+    # a margin of 1 % of the range keeps the lowest row strictly inside the linear regime
+    low = low - 0.01 * (high - low)
+    last.bias.sub_(low.clamp_max(0))
 
 
 # --------------------------------------------------------------------------- data
@@ -290,6 +344,13 @@ def _as_data(
     labels = torch.as_tensor(labels).long()
     if labels.shape != (len(z),):
         raise InputError(f"labels must have shape ({len(z)},), got {tuple(labels.shape)}")
+    if bool((labels < 0).all()):  # a bank of unlabelled data: the documented default
+        labels = logits.argmax(1)
+    elif bool((labels < 0).any()):
+        raise InputError(
+            f"{int((labels < 0).sum())} of {len(labels)} labels are negative (unknown, -1 in "
+            "a bank); pass labels= for every example, e.g. logits.argmax(1)"
+        )
     if z.dim() == 4:
         n, d, h, w = z.shape
         return _Data(z.flatten(2).transpose(1, 2), (h, w), logits, labels)
@@ -575,6 +636,8 @@ class XNN(_HeadsBase):
             relu_x=self.x_activation == "relu",
             generator=gen,
         ).to(device)
+        if module.relu_x:
+            _start_active(module, z_all, tr_idx.to(device))
         opt = _adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         best = torch.full((g,), float("inf"))
         best_epoch = torch.zeros(g, dtype=torch.long)
