@@ -17,7 +17,7 @@ Settings (``--setting``, default all):
   positives / 500 negatives per class: closer to the thesis's many classes with 50
   positives each (CUB: 200 classes, 50 / 8 000, dim Z 4 096; too large for a CPU bench).
 
-    .venv/bin/python bench/xnn.py [--quick] [--setting NAME] [--impl FILE]
+    .venv/bin/python bench/xnn.py [--quick] [--setting NAME] [--impl FILE] [--profile]
 
 ``--impl FILE`` times the ``XNN`` of another copy of ``xnn_toolkit/heads/xnn.py`` (e.g. one
 written by ``git show <commit>:xnn_toolkit/heads/xnn.py``) instead of the installed one.
@@ -68,7 +68,20 @@ def _xnn_class(impl: str | None) -> type:
     return mod.XNN
 
 
-def run(name: str, s: Setting, reps: int, xnn: type) -> float:
+def _profile(name: str, batched: object, one_by_one: object) -> None:
+    """torch.profiler tables (self CPU time, top operators) of one fit of each side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for side, fn in (("batched", batched), ("one by one", one_by_one)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        print(f"profile {name}, {side}: wall {wall:.2f} s (profiled), operators {total:.2f} s")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> float:
     """Median one-by-one time over median batched time for one setting."""
     gen = torch.Generator().manual_seed(0)
     n = s.n
@@ -90,6 +103,8 @@ def run(name: str, s: Setting, reps: int, xnn: type) -> float:
         return time.perf_counter() - t
 
     batched()  # warm-up
+    if profile:
+        _profile(name, batched, one_by_one)
     tb, to = [], []
     for _ in range(reps):
         tb.append(batched())
@@ -108,6 +123,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impl", help="path of another xnn.py whose XNN is timed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.setting or (["small"] if args.quick else list(SETTINGS))
@@ -115,7 +131,7 @@ def main() -> None:
     xnn = _xnn_class(args.impl)
     ratios = {}
     for name in names:
-        ratios[name] = run(name, SETTINGS[name], reps, xnn)
+        ratios[name] = run(name, SETTINGS[name], reps, xnn, args.profile)
         print(f"RESULT xnn_batched_speedup_{name} {ratios[name]:.2f} ratio", flush=True)
     if "thesis50" in ratios:
         print(f"RESULT xnn_batched_speedup {ratios['thesis50']:.2f} ratio")

@@ -18,6 +18,11 @@ Conventions
   layer's units. Targets ``ŷ`` are logits (not softmax), in their own units.
 - x-features pass through a ReLU (``x_activation="relu"``, the default) so that they are
   non-negative, as Excitation Backprop needs for their heatmaps.
+- Initialisation (METHODS §1 leaves it open): encoder and decoder as ``nn.Linear``; the
+  predictor ``v`` with alternating signs and every x-feature's bias raised until it is on
+  for all of its head's training rows, so that no head starts unable to reach the logits of
+  its positives (:func:`_predictor_init`, :func:`_start_active`). Everything random is
+  drawn from one generator seeded by ``random_state``; torch's global RNG is not touched.
 """
 
 from __future__ import annotations
