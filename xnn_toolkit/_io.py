@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 from .errors import AssetError
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "load_estimator_files", "save_estimator_files"]
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
@@ -54,3 +56,49 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def save_estimator_files(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
+    """Write a fitted estimator as ``<path>.safetensors`` plus ``<path>.json``, no pickle.
+
+    Each file is written atomically (tensors first, so a failure never leaves a JSON that
+    points at missing weights of the same save).
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
+    atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+
+
+def load_estimator_files(
+    path: str | os.PathLike, type_name: str, what: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read what :func:`save_estimator_files` wrote: ``(meta, tensors)``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The path given to the save, without suffix.
+    type_name : str
+        The ``"type"`` the JSON must declare.
+    what : str
+        How the error messages name the estimator ("the class paths", ...).
+
+    Raises
+    ------
+    AssetError
+        A file is missing or unreadable, or the JSON describes another type.
+    """
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        tensors = load_file(path + ".safetensors")
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"could not read {what} saved at {path!r}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("type") != type_name:
+        raise AssetError(f"{path}.json does not describe {type_name}; it is not {what}")
+    return meta, tensors

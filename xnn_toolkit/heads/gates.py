@@ -70,7 +70,6 @@ discrete variables in nats (deterministic, vectorised); ``estimator="knn"`` uses
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import atomic_write, atomic_write_text
+from .._io import load_estimator_files, save_estimator_files
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
@@ -1390,8 +1389,6 @@ class ClassSpecificGates:
         Both files are written atomically. The frozen backbone is not saved: pass the same
         model to :meth:`load`.
         """
-        from safetensors.torch import save_file
-
         self._check_fitted(need_network=bool(self.finetune_))
         path = os.fspath(path)
         params = self.get_params()
@@ -1423,8 +1420,7 @@ class ClassSpecificGates:
             for key, value in state.items():
                 if any(key.startswith(m + ".") for m in self.finetune_):
                     tensors["network." + key] = value.detach().cpu().contiguous()
-        atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
-        atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+        save_estimator_files(path, tensors, meta)
 
     @classmethod
     def load(
@@ -1449,17 +1445,8 @@ class ClassSpecificGates:
         -------
         ClassSpecificGates
         """
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
-        try:
-            with open(path + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            tensors = load_file(path + ".safetensors")
-        except (OSError, ValueError) as exc:
-            raise AssetError(f"could not read the gates saved at {path!r}: {exc}") from exc
-        if meta.get("type") != "ClassSpecificGates":
-            raise AssetError(f"{path}.json does not describe ClassSpecificGates")
+        meta, tensors = load_estimator_files(path, "ClassSpecificGates", "the gates")
         self = cls(**meta["params"])
         c, k = int(meta["n_classes_"]), int(meta["n_filters_"])
         gates = tensors.get("gates")

@@ -39,7 +39,6 @@ Information heatmaps ``Σ_c KL_{c,h,w}`` minus their minimum, the per-layer info
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import atomic_write, atomic_write_text
+from .._io import load_estimator_files, save_estimator_files
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -769,8 +768,6 @@ class InformationDropout:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``<path>.safetensors`` and ``<path>.json`` atomically."""
-        from safetensors.torch import save_file
-
         self._check_fitted()
         path = os.fspath(path)
         tensors = {"classes": self.classes_.contiguous()}
@@ -792,23 +789,13 @@ class InformationDropout:
             "n_outputs_": self.n_outputs_,
             "history_": self.history_,
         }
-        atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
-        atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+        save_estimator_files(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> InformationDropout:
         """Read masks written by :meth:`save`."""
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
-        try:
-            with open(path + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            tensors = load_file(path + ".safetensors")
-        except (OSError, ValueError) as exc:
-            raise AssetError(f"could not read the information dropout at {path!r}: {exc}") from exc
-        if meta.get("type") != "InformationDropout":
-            raise AssetError(f"{path}.json does not describe InformationDropout")
+        meta, tensors = load_estimator_files(path, "InformationDropout", "the information dropout")
         self = cls(**meta["params"])
         try:
             self.layers_ = list(meta["layers_"])

@@ -45,7 +45,6 @@ data set must be re-chosen the same way.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import atomic_write, atomic_write_text
+from .._io import load_estimator_files, save_estimator_files
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -1286,8 +1285,6 @@ class ClassPaths:
 
         Both files are written atomically.
         """
-        from safetensors.torch import save_file
-
         self._check_fitted()
         path = os.fspath(path)
         tensors = {f"logits/{n}": v.contiguous() for n, v in self.logits_.items()}
@@ -1300,23 +1297,13 @@ class ClassPaths:
             "n_outputs_": self.n_outputs_,
             "history_": self.history_,
         }
-        atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
-        atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+        save_estimator_files(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ClassPaths:
         """Read paths written by :meth:`save`."""
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
-        try:
-            with open(path + ".json", encoding="utf-8") as f:
-                meta = json.load(f)
-            tensors = load_file(path + ".safetensors")
-        except (OSError, ValueError) as exc:
-            raise AssetError(f"could not read the class paths saved at {path!r}: {exc}") from exc
-        if meta.get("type") != "ClassPaths":
-            raise AssetError(f"{path}.json does not describe ClassPaths")
+        meta, tensors = load_estimator_files(path, "ClassPaths", "the class paths")
         self = cls(**meta["params"])
         try:
             self.layers_ = list(meta["layers_"])

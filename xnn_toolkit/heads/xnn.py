@@ -27,7 +27,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, atomic_write_text
+from .._io import load_estimator_files, save_estimator_files
 from ..errors import AssetError, InputError, NotFittedError
 
 __all__ = [
@@ -846,8 +845,6 @@ class XNN(_HeadsBase):
         Both are written to temporary files and moved into place, so a failure leaves no
         half-written head.
         """
-        from safetensors.torch import save_file
-
         self._check_fitted()
         path = os.fspath(path)
         meta = {
@@ -859,23 +856,13 @@ class XNN(_HeadsBase):
             "n_inputs_": self.n_inputs_,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
-        atomic_write(path + ".safetensors", lambda f: save_file(tensors, f))
-        atomic_write_text(path + ".json", json.dumps(meta, indent=1))
+        save_estimator_files(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> XNN:
         """Read a head written by :meth:`save`."""
-        from safetensors.torch import load_file
-
         path = os.fspath(path)
-        try:
-            with open(path + ".json") as f:
-                meta = json.load(f)
-            tensors = load_file(path + ".safetensors")
-        except (OSError, ValueError) as exc:
-            raise AssetError(f"could not read the XNN saved at {path!r}: {exc}") from exc
-        if meta.get("type") != "XNN":
-            raise AssetError(f"{path}.json does not describe an XNN head")
+        meta, tensors = load_estimator_files(path, "XNN", "the XNN")
         self = cls(**meta["params"])
         g = len(meta["classes_"])
         module = _GroupedXNN(
