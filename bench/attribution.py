@@ -145,12 +145,30 @@ def _measure(fns: dict, reps: int) -> dict[str, list[float]]:
     return times
 
 
+def _profile(arch: str, fns: dict) -> None:
+    """torch.profiler of one call of our MWP and of TorchRay's: convolution share, op counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in ("mwp", "torchray_eb"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fns[name]()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        conv = [e for e in events if "conv" in e.key and e.key.startswith("aten::")]
+        conv_self = sum(e.self_cpu_time_total for e in conv)
+        counts = ", ".join(f"{e.key} x{e.count}" for e in conv if e.self_cpu_time_total > 0)
+        print(f"profile {arch} {name}: {total / 1e6:.3f} s of operators, convolutions "
+              f"{100 * conv_self / total:.0f} % ({counts})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 px, batch 2, one repetition")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--arch", nargs="*", default=["vgg16", "resnet50"])
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one MWP and one TorchRay call (convolution share)")
     args = ap.parse_args()
 
     import torch
@@ -164,7 +182,10 @@ def main() -> None:
     results: list[tuple[str, float]] = []
     for arch in args.arch:
         model, x, classes = _setup(arch, size, batch)
-        times = _measure(_callables(arch, model, x, classes), reps)
+        fns = _callables(arch, model, x, classes)
+        times = _measure(fns, reps)
+        if args.profile:
+            _profile(arch, fns)
         med = {n: statistics.median(v) for n, v in times.items()}
         unit = med["unit"]
         print(f"\n{arch}: median seconds and multiples of one forward + backward ({unit:.3f} s)")

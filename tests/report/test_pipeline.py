@@ -267,3 +267,20 @@ def test_missing_train_split_fits_on_unscored_test_images(tmp_path, monkeypatch)
     shapes = {r["layer"]: r["shape"] for s in report.sections for b in s.blocks
               if getattr(b, "name", "") == "activations" for r in b.rows}  # fmt: skip
     assert shapes[f"{EVIL}.fc6"] == "20x32"
+
+
+def test_orthogonality_per_class_counts_dead_x_features_without_warning(recwarn):
+    from xnn_toolkit.metrics import orthogonality
+    from xnn_toolkit.report.pipeline import _orthogonality_per_class
+
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 3, 4, 4, generator=gen)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])  # class 2 has one image: skipped
+    maps[:3, 1] = 0.0  # x-feature 1 is dead on class 0
+    maps[3:5, 0] = 0.0
+    maps[3:5, 2] = 0.0  # two dead on class 1
+    scores, constant = _orthogonality_per_class(orthogonality, maps, labels)
+    assert constant == 3 and len(scores) == 2
+    assert not [w for w in recwarn if "zero variance" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match="2 of 3 variables have zero variance"):
+        assert scores[1].o1 == pytest.approx(orthogonality(maps[3:5]).o1)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,6 +449,29 @@ def _z_heatmaps(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return out, units
 
 
+def _orthogonality_per_class(orthogonality, maps: torch.Tensor, labels: torch.Tensor):
+    """O1 / O2 of each class's heatmaps and the number of constant x-features over classes.
+
+    The metric warns about constant (dead) x-features; the report states their count instead
+    of printing one warning per class.
+    """
+    scores, constant = [], 0
+    for c in labels.unique():
+        sel = maps[labels == c]
+        if len(sel) < 2:
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scores.append(orthogonality(sel))
+        for w in caught:
+            found = re.match(r"(\d+) of \d+ variables have zero variance", str(w.message))
+            if found:
+                constant += int(found.group(1))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return scores, constant
+
+
 def _heatmap_section(report: Report, run: _Run) -> None:
     from ..metrics import locality, orthogonality, voronoi_part_probabilities
     from .figures import xnn_figure
@@ -463,12 +488,15 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     sub = _sub_parts(run.parts, idx) if run.parts is not None else None
     rows: dict[str, dict[str, Any]] = {r["method"]: dict(r) for r in run.heads["xnn_rows"]}
     maps_by_kind = {}
+    dead_notes: list[str] = []
     for kind in run.heads["xnn_kinds"]:
         head = run.heads[f"xnn_{kind}"]
         maps = xfeature_heatmaps(run.model, run.x_test[idx], labels, head, run.fc_layer,
                                  run.conv_layer)  # fmt: skip
         maps_by_kind[kind] = maps
-        o = [orthogonality(maps[labels == c]) for c in labels.unique() if (labels == c).sum() > 1]
+        o, constant = _orthogonality_per_class(orthogonality, maps, labels)
+        if constant:
+            dead_notes.append(f"{kind.upper()} {constant}")
         row = rows[kind.upper()]
         if o:
             row["O1"] = sum(float(v.o1) for v in o) / len(o)
@@ -502,6 +530,9 @@ def _heatmap_section(report: Report, run: _Run) -> None:
         "P over the heatmaps of each head, averaged over heads (0 is best); Voronoi locality "
         "= entropy of the part histogram (lower is more local; METHODS §6)." + z_note
         + ("" if sub is not None else " The data has no part keypoints: no locality.")
+        + ("" if not dead_notes else
+           " x-features whose heatmaps are constant (all zero) on their class's images count "
+           "as uncorrelated in O1 / O2; their number over heads: " + ", ".join(dead_notes) + ".")
     ))  # fmt: skip
     s.add(Table("table_3_1", table, columns=["metric", *rows],
                 caption="XNN metrics per method, in the manner of the thesis's Table 3.1"))
