@@ -106,6 +106,10 @@ def test_every_section_is_filled(built):
                  "activations"):  # fmt: skip
         assert _csv(out, name), name
     assert len(_csv(out, "nmf_importance")) == 3
+    (nmf_row,) = _csv(out, "nmf_faithfulness")
+    for key in ("relative reconstruction error (train)", "activation relative error (test)"):
+        assert 0 <= float(nmf_row[key]) <= 1, (key, nmf_row[key])
+    assert 0 <= float(nmf_row["prediction agreement %"]) <= 100
     figures = {f for f in os.listdir(out / "figures")}
     for name in ("samples", "xnn_explanations_srae", "xnn_explanations_nn", "methods",
                  "nmf_concepts", "nmf_top_images", "path_masks", "path_similarity",

@@ -647,7 +647,7 @@ def _nmf_section(report: Report, run: _Run) -> None:
     ))  # fmt: skip
     s.add(Table("nmf_faithfulness", [{
         "rank": cfg.nmf_rank,
-        "relative reconstruction error (train)": float(nmf.reconstruction_err_),
+        "relative reconstruction error (train)": float(nmf.relative_err_),
         "prediction agreement %": 100 * faith.agreement,
         "logit MAE": faith.logit_mae,
         "activation relative error (test)": faith.activation_rel_err,
