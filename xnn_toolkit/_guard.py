@@ -60,16 +60,18 @@ def model_guard(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
+    # only non-empty hook dicts are copied; an empty one must simply be empty afterwards
     hooks = [
-        [(name, OrderedDict(getattr(m, name))) for name in HOOK_DICTS if hasattr(m, name)]
+        [(name, OrderedDict(d) if d else None) for name in HOOK_DICTS
+         if (d := getattr(m, name, None)) is not None]
         for m in modules
-    ]
+    ]  # fmt: skip
     try:
         # A backward inside the block accumulates into ``.grad`` in place; hand it fresh
         # slots so the user's gradients come back untouched.
         for p in params:
             p.grad = None
-        if eval_mode:
+        if eval_mode and any(modes):
             model.eval()
         if freeze:
             for p in params:
@@ -78,7 +80,8 @@ def model_guard(
     finally:
         with torch.no_grad():
             for m, mode in zip(modules, modes):
-                m.training = mode
+                if m.training != mode:  # nn.Module.__setattr__ is slow: only what changed
+                    m.training = mode
             for p, flag, grad in zip(params, flags, grads):
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)
@@ -87,6 +90,9 @@ def model_guard(
         for m, saved in zip(modules, hooks):
             for name, content in saved:
                 d = getattr(m, name)
-                if list(d.items()) != list(content.items()):
+                if content is None:
+                    if d:
+                        d.clear()
+                elif list(d.items()) != list(content.items()):
                     d.clear()
                     d.update(content)

@@ -327,6 +327,12 @@ def test_layernorm_and_signed_inputs_take_recorded_fallbacks():
     text = " ".join(res.metadata.fallbacks)
     assert "layer_norm" in text and "alpha1-beta0" in text
     assert torch.isfinite(res.raw).all()
+    # each fallback names the modules where it was taken, by their dotted names
+    (norms,) = [f for f in res.metadata.fallbacks if "layer_norm" in f]
+    places = norms.split("[at ", 1)[1].rstrip("]").split(", ")
+    names = dict(net.named_modules())
+    assert places[0] in names and places[0].startswith("stages.")
+    assert all(p in names for p in places if " and " not in p)
 
 
 def test_errors_leave_the_model_unchanged():

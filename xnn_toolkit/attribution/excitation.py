@@ -25,6 +25,7 @@ layer propagation is linear in ``P``, so one backward pass yields
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -205,12 +206,15 @@ class _ExcitationMode(TorchFunctionMode):
         self.roots = modules
         self.rules = rules
         self.log = log
-        self._stack: list[tuple[str, nn.Module]] = []
-        self._handles: list[Any] = []
+        self._names: dict[int, tuple[str, nn.Module]] = {}
         # id -> weakref of tensors known to be >= 0 (saves a sign check per conv input)
         self._nonneg: dict[int, weakref.ref] = {}
 
     # module tracking -----------------------------------------------------------------
+    # A recorded call is attributed to the innermost module of ``roots`` whose method is on
+    # the Python stack (found by walking the frames of wrapped calls only), so no hook is
+    # put on the user's modules: registering and removing a pair of hooks on every module
+    # cost more than the whole excitation bookkeeping on deep networks.
     def __enter__(self):
         self.install()
         return super().__enter__()
@@ -222,40 +226,38 @@ class _ExcitationMode(TorchFunctionMode):
             self.uninstall()
 
     def install(self) -> None:
-        """Register the module-tracking hooks (without activating the mode yet)."""
-        if self._handles:
+        """Index the tracked modules by identity (without activating the mode yet)."""
+        if self._names:
             return
         for prefix, root in self.roots:
             for name, mod in root.named_modules():
                 full = ".".join(p for p in (prefix, name) if p)
-                self._handles.append(mod.register_forward_pre_hook(self._push(full)))
-                self._handles.append(
-                    mod.register_forward_hook(self._pop, always_call=True)
-                )
+                self._names.setdefault(id(mod), (full, mod))
 
     def uninstall(self) -> None:
-        """Remove the tracking hooks and forget per-call state."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.clear()
+        """Forget the module index and per-call state."""
+        self._names.clear()
         self._nonneg.clear()
 
-    def _push(self, name: str):
-        def hook(mod: nn.Module, _inputs: object) -> None:
-            self._stack.append((name, mod))
-
-        return hook
-
-    def _pop(self, mod: nn.Module, _inputs: object, _output: object) -> None:
-        if self._stack and self._stack[-1][1] is mod:
-            self._stack.pop()
+    def _module_on_stack(self) -> tuple[str, nn.Module] | None:
+        frame = sys._getframe(2)
+        names = self._names
+        while frame is not None:
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                obj = frame.f_locals.get("self")
+                entry = names.get(id(obj))
+                if entry is not None and entry[1] is obj:
+                    return entry
+            frame = frame.f_back
+        return None
 
     def _where(self, func: Callable) -> tuple[str, str]:
         """(dotted module name, metadata key) of the current call."""
-        if not self._stack:
+        found = self._module_on_stack()
+        if found is None:
             return "", f"functional.{_name(func)}"
-        name, mod = self._stack[-1]
+        name, mod = found
         leaf = next(iter(mod.children()), None) is None
         key = type(mod).__name__ if leaf else f"{type(mod).__name__}.{_name(func)}"
         return name, key
