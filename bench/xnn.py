@@ -21,7 +21,11 @@ Settings (``--setting``, default all):
 
 ``--impl FILE`` times the ``XNN`` of another copy of ``xnn_toolkit/heads/xnn.py`` (e.g. one
 written by ``git show <commit>:xnn_toolkit/heads/xnn.py``) instead of the installed one.
-Prints one ``RESULT xnn_batched_speedup_<setting> <ratio> ratio`` line per setting and
+Three sides per setting: the default grouped fit (``heads_per_step="auto"``: on a CPU, blocks
+of heads whose first-layer weights take about 8 MB), the grouped fit with all heads in every
+step (``heads_per_step=None``) and the loop over classes; repetitions alternate their order.
+Prints one ``RESULT xnn_batched_speedup_<setting> <ratio> ratio`` line per setting (auto),
+``RESULT xnn_all_heads_per_step_speedup_<setting>`` (all heads per step) and
 ``RESULT xnn_batched_speedup <ratio> ratio`` for ``thesis50`` (the headline).
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import sys
 import time
@@ -81,8 +86,13 @@ def _profile(name: str, batched: object, one_by_one: object) -> None:
         print(events.table(sort_by="self_cpu_time_total", row_limit=10))
 
 
-def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> float:
-    """Median one-by-one time over median batched time for one setting."""
+def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> dict[str, float]:
+    """Median one-by-one time over the median times of the grouped fits, for one setting.
+
+    Returns ``{"auto": ratio, "together": ratio}``: the default grouped fit
+    (``heads_per_step="auto"``: blocks of heads on a CPU) and all heads in every step
+    (``heads_per_step=None``); only ``auto`` where ``xnn`` has no such parameter.
+    """
     gen = torch.Generator().manual_seed(0)
     n = s.n
     z = torch.relu(torch.randn(n, s.dim, generator=gen))
@@ -90,10 +100,11 @@ def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> f
     labels = torch.arange(n) % s.classes
     kw = dict(n_features=5, hidden=s.hidden, n_positive=s.n_positive, n_negative=s.n_negative,
               max_epochs=s.epochs, patience=100, batch_size=256)  # fmt: skip
+    blocks = "heads_per_step" in inspect.signature(xnn).parameters
 
-    def batched() -> float:
+    def grouped(**extra) -> float:
         t = time.perf_counter()
-        xnn(**kw).fit(z, logits, labels)
+        xnn(**kw, **extra).fit(z, logits, labels)
         return time.perf_counter() - t
 
     def one_by_one() -> float:
@@ -102,18 +113,25 @@ def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> f
             xnn(classes=[k], **kw).fit(z, logits, labels)
         return time.perf_counter() - t
 
-    batched()  # warm-up
+    sides = {"auto": grouped}
+    if blocks:
+        sides["together"] = lambda: grouped(heads_per_step=None)
+    sides["one by one"] = one_by_one
+    grouped()  # warm-up
     if profile:
-        _profile(name, batched, one_by_one)
-    tb, to = [], []
-    for _ in range(reps):
-        tb.append(batched())
-        to.append(one_by_one())
-    mb, mo = statistics.median(tb), statistics.median(to)
+        _profile(name, grouped, one_by_one)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for rep in range(reps):
+        order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
+        for k in order:
+            times[k].append(sides[k]())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    shown = ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
     print(f"{name}: {s.classes} heads, dim Z = {s.dim}, hidden {s.hidden}, {s.n_positive} / "
           f"{s.n_negative} positives / negatives per class, {s.epochs} epochs, N = {n}: "
-          f"batched {mb:.2f} s, one by one {mo:.2f} s (medians of {reps})", flush=True)  # fmt: skip
-    return mo / mb
+          f"{shown} (medians of {reps}; auto = heads_per_step='auto', together = all heads "
+          "in every step)", flush=True)  # fmt: skip
+    return {k: med["one by one"] / med[k] for k in sides if k != "one by one"}
 
 
 def main() -> None:
@@ -131,8 +149,11 @@ def main() -> None:
     xnn = _xnn_class(args.impl)
     ratios = {}
     for name in names:
-        ratios[name] = run(name, SETTINGS[name], reps, xnn, args.profile)
-        print(f"RESULT xnn_batched_speedup_{name} {ratios[name]:.2f} ratio", flush=True)
+        got = run(name, SETTINGS[name], reps, xnn, args.profile)
+        ratios[name] = got["auto"]
+        print(f"RESULT xnn_batched_speedup_{name} {got['auto']:.2f} ratio", flush=True)
+        if "together" in got:
+            print(f"RESULT xnn_all_heads_per_step_speedup_{name} {got['together']:.2f} ratio")
     if "thesis50" in ratios:
         print(f"RESULT xnn_batched_speedup {ratios['thesis50']:.2f} ratio")
 

@@ -217,7 +217,7 @@ def main() -> None:
             pos = bank.labels[:, None] == head.classes_[None, :]
             row[f"F_cls {split}, positives %"] = 100 * float(kept[pos].float().mean())
         epochs = "" if kind == "lasso" else f", best epochs {head.best_epoch_.min()}-" \
-            f"{head.best_epoch_.max()} of {len(head.history_)} run"
+            f"{head.best_epoch_.max()} of {1 + max(h['epoch'] for h in head.history_)} run"
         print(f"fitted {kind} in {time.perf_counter() - t:.1f} s{epochs}", flush=True)
         rows[kind] = row
 

@@ -208,6 +208,46 @@ def test_seeded_fits_are_identical():
     torch.testing.assert_close(a, b)
 
 
+def test_heads_trained_in_blocks_equal_heads_trained_together():
+    # Full-batch steps make the batch order irrelevant and patience >= epochs keeps every
+    # block running as long as the whole group: heads are independent, so training them
+    # 1, 3 or all 4 at a time must give the same weights.
+    z, logits, labels = _problem()
+    kw = dict(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=4,
+              patience=10, batch_size=10_000)  # fmt: skip
+    together = XNN(heads_per_step=None, **kw).fit(z, logits, labels)
+    for k in (1, 3):
+        blocks = XNN(heads_per_step=k, **kw).fit(z, logits, labels)
+        for (name, a), (_, b) in zip(together.module_.named_parameters(),
+                                     blocks.module_.named_parameters()):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name}, k={k}")
+        torch.testing.assert_close(blocks.best_epoch_, together.best_epoch_)
+        assert {tuple(h["heads"]) for h in blocks.history_} == {
+            (a, min(4, a + k)) for a in range(0, 4, k)
+        }
+    # a block size in small batches trains as well (different batch order, same quality)
+    small = dict(kw, batch_size=64)
+    fit_a = XNN(heads_per_step=None, **small).fit(z, logits, labels)
+    fit_b = XNN(heads_per_step=2, **small).fit(z, logits, labels)
+    assert abs(fit_a.best_val_loss_.mean() - fit_b.best_val_loss_.mean()) < 0.5 * float(
+        fit_a.best_val_loss_.mean()
+    )
+    with pytest.raises(InputError, match="heads_per_step"):
+        XNN(heads_per_step=0, **kw).fit(z, logits, labels)
+
+
+def test_auto_heads_per_step_blocks_by_weight_size_on_cpu():
+    from xnn_toolkit.heads.xnn import _GroupedXNN
+
+    est = XNN()
+    mod = _GroupedXNN(50, 256, (800, 100), 5, decoder=True, relu_x=True,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert est._heads_per_step(50, mod, torch.device("cpu")) == (8 << 20) // (256 * 800 * 4)
+    assert est._heads_per_step(50, mod, torch.device("meta")) == 50
+    assert XNN(heads_per_step=None)._heads_per_step(50, mod, torch.device("cpu")) == 50
+    assert XNN(heads_per_step=7)._heads_per_step(5, mod, torch.device("cpu")) == 5
+
+
 # ----------------------------------------------------------------------------- Lasso
 
 

@@ -239,6 +239,20 @@ class _GroupedXNN(nn.Module):
         return h
 
 
+def _head_block(module: _GroupedXNN, a: int, b: int) -> _GroupedXNN:
+    """A new grouped module holding copies of heads ``a .. b-1`` of ``module``."""
+    enc = module.encoder
+    sizes = [enc[0].weight.shape[2], *(layer.weight.shape[1] for layer in enc)]
+    block = _GroupedXNN(
+        b - a, sizes[0], sizes[1:-1], sizes[-1], decoder=module.decoder is not None,
+        relu_x=module.relu_x, generator=torch.Generator().manual_seed(0),
+    ).to(module.v.device)  # fmt: skip
+    with torch.no_grad():
+        for (_, part), (_, full) in zip(block.named_parameters(), module.named_parameters()):
+            part.copy_(full[a:b])
+    return block
+
+
 def _adam(params: object, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam, fused into one kernel per parameter where this torch build has it.
 
@@ -490,6 +504,14 @@ class XNN(_HeadsBase):
         Where to train (default: CPU).
     layer : str, optional
         Layer to read from an activation bank.
+    heads_per_step : int, "auto" or None
+        How many heads one grouped step trains. ``None``: all of them (one step per batch
+        for every class; the fastest on a GPU). An int ``k``: the heads are trained ``k`` at
+        a time, each block in the same grouped module and to the same objective; the heads
+        are independent, so only the batch order (drawn from the same generator) differs.
+        ``"auto"`` (default): all heads on a GPU; on a CPU blocks whose first-layer weights
+        take about 8 MB, so that a block's weights and Adam state stay in cache
+        (``bench/xnn.py`` measures it).
 
     Attributes
     ----------
@@ -500,7 +522,8 @@ class XNN(_HeadsBase):
     scale_ : float
         Root mean square of the training activations (inputs are divided by it).
     history_ : list of dict
-        Per-epoch mean train / validation losses.
+        Per-epoch mean train / validation losses of each block of heads trained together
+        (``heads``: first and one-past-last head of the block; see ``heads_per_step``).
     best_epoch_ : Tensor
         ``C`` epoch of the kept weights of each head.
     """
@@ -527,6 +550,7 @@ class XNN(_HeadsBase):
         random_state: int = 0,
         device: str | torch.device | None = None,
         layer: str | None = None,
+        heads_per_step: int | str | None = "auto",
     ) -> None:
         self.n_features = n_features
         self.kind = kind
@@ -548,6 +572,7 @@ class XNN(_HeadsBase):
         self.random_state = random_state
         self.device = device
         self.layer = layer
+        self.heads_per_step = heads_per_step
 
     # ---------------------------------------------------------------- validation
     def _validate(self, data: _Data) -> list[int]:
@@ -565,6 +590,9 @@ class XNN(_HeadsBase):
             raise InputError("q must be > 0 and beta, eta >= 0")
         if not 0 < self.val_fraction < 1:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        hps = self.heads_per_step
+        if not (hps is None or hps == "auto" or (isinstance(hps, int) and hps >= 1)):
+            raise InputError(f"heads_per_step must be None, 'auto' or an int >= 1, got {hps!r}")
         k = data.logits.shape[1]
         present = sorted(set(data.labels.tolist()))
         classes = list(self.classes) if self.classes is not None else present
@@ -642,6 +670,57 @@ class XNN(_HeadsBase):
         ).to(device)
         if module.relu_x:
             _start_active(module, z_all, tr_idx.to(device))
+        best = torch.full((g,), float("inf"))
+        best_epoch = torch.zeros(g, dtype=torch.long)
+        history: list[dict] = []
+        step = self._heads_per_step(g, module, device)
+        for a in range(0, g, step):
+            b = min(g, a + step)
+            sub = module if (a, b) == (0, g) else _head_block(module, a, b)
+            sel = slice(a, b)
+            best[sel], best_epoch[sel], hist = self._train_block(
+                sub, z_all, y_all[:, sel], tr_idx[sel], tr_pos[sel], va_idx[sel],
+                va_pos[sel], w_pos, gen, device,
+            )  # fmt: skip
+            if sub is not module:
+                with torch.no_grad():
+                    for (_, full), part in zip(module.named_parameters(), sub.parameters()):
+                        full[sel] = part
+            history.extend(dict(h, heads=[a, b]) for h in hist)
+        module.eval()
+        if self.kind == "cae":
+            self._fit_predictor(module, z_all, y_all, tr_idx, tr_pos, w_pos, device)
+        self.module_ = module
+        self.classes_ = cls
+        self.scale_ = scale
+        self.spatial_ = data.spatial
+        self.n_inputs_ = data.z.shape[-1]
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.best_val_loss_ = best
+        return self
+
+    def _heads_per_step(self, g: int, module: _GroupedXNN, device: torch.device) -> int:
+        hps = self.heads_per_step
+        if hps is None:
+            return g
+        if hps == "auto":
+            if device.type != "cpu":
+                return g
+            first = module.encoder[0].weight
+            per_head = first[0].numel() * first.element_size()
+            return max(1, min(g, (8 << 20) // max(per_head, 1)))
+        return min(g, int(hps))
+
+    def _train_block(
+        self, module, z_all, y_all, tr_idx, tr_pos, va_idx, va_pos, w_pos, gen, device
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Train the heads of ``module`` (a block of them) with early stopping per head.
+
+        Returns the best validation loss and epoch of each head and the epoch history; the
+        module ends with each head's best weights.
+        """
+        g = tr_idx.shape[0]
         opt = _adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         best = torch.full((g,), float("inf"))
         best_epoch = torch.zeros(g, dtype=torch.long)
@@ -682,18 +761,7 @@ class XNN(_HeadsBase):
             if bool((waited >= self.patience).all()):
                 break
         module.load_state_dict(best_state)
-        module.eval()
-        if self.kind == "cae":
-            self._fit_predictor(module, z_all, y_all, tr_idx, tr_pos, w_pos, device)
-        self.module_ = module
-        self.classes_ = cls
-        self.scale_ = scale
-        self.spatial_ = data.spatial
-        self.n_inputs_ = data.z.shape[-1]
-        self.history_ = history
-        self.best_epoch_ = best_epoch
-        self.best_val_loss_ = best
-        return self
+        return best, best_epoch, history
 
     def _w_pos(self, pos: torch.Tensor) -> float:
         if self.positive_weight == "balanced":
@@ -833,6 +901,7 @@ class XNN(_HeadsBase):
             "n_features", "kind", "hidden", "beta", "q", "eta", "classes", "n_positive",
             "n_negative", "positive_weight", "val_fraction", "max_epochs", "patience",
             "batch_size", "lr", "weight_decay", "x_activation", "random_state", "layer",
+            "heads_per_step",
         ]  # fmt: skip
         out = {k: getattr(self, k) for k in keys}
         out["hidden"] = list(out["hidden"])
