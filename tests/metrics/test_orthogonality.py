@@ -75,6 +75,10 @@ def test_all_zero_feature_is_neutral_and_warns():
     assert not math.isnan(res.o1) and not math.isnan(res.o2)
     assert res.o2 == pytest.approx(ref.o2)
     assert res.o1 == pytest.approx(math.sqrt((ref.o1 + math.sqrt(3)) ** 2 + 1) - 2)
+    assert res.n_constant == 1 and ref.n_constant == 0
+    constant = torch.cat([with_dead, torch.full((6, 1, 5, 5), 2.0, dtype=torch.float64)], 1)
+    with pytest.warns(RuntimeWarning, match="2 of 5 variables have zero variance"):
+        assert orthogonality(constant).n_constant == 2
 
 
 def test_errors():

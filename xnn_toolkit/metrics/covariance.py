@@ -99,10 +99,15 @@ class CovarianceAccumulator:
         return _correlation(self.covariance())
 
 
+def _constant(var: torch.Tensor) -> torch.Tensor:
+    """Variables of (numerically) zero variance: ``var <= 1e-12 · max var``, bool mask."""
+    scale = var.abs().max() if var.numel() else var.new_tensor(0.0)
+    return var <= scale * 1e-12 if bool(scale > 0) else torch.ones_like(var, dtype=torch.bool)
+
+
 def _correlation(cov: torch.Tensor) -> torch.Tensor:
     var = torch.diagonal(cov)
-    scale = var.abs().max() if var.numel() else var.new_tensor(0.0)
-    dead = var <= scale * 1e-12 if bool(scale > 0) else torch.ones_like(var, dtype=torch.bool)
+    dead = _constant(var)
     if bool(dead.any()):
         warnings.warn(
             f"{int(dead.sum())} of {var.numel()} variables have zero variance (constant, e.g. "

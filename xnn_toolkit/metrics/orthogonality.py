@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from ._inputs import _as_maps
-from .covariance import CovarianceAccumulator, _neg_logdet
+from .covariance import CovarianceAccumulator, _constant, _neg_logdet
 
 __all__ = ["Orthogonality", "OrthogonalityAccumulator", "orthogonality", "orthogonality_scores"]
 
@@ -37,11 +37,15 @@ class Orthogonality:
         ``−log det P`` (0 at best, ``+inf`` for linearly dependent heatmaps).
     correlation : Tensor
         ``n x n`` correlation matrix ``P`` (float64).
+    n_constant : int
+        x-features whose heatmaps are constant (e.g. all zero) over the data: they have no
+        correlation and count as uncorrelated with the others (a warning says so).
     """
 
     o1: float
     o2: float
     correlation: torch.Tensor
+    n_constant: int = 0
 
 
 def orthogonality_scores(correlation: torch.Tensor) -> Orthogonality:
@@ -104,7 +108,10 @@ class OrthogonalityAccumulator:
 
     def result(self) -> Orthogonality:
         """``O₁``, ``O₂`` and ``P`` of everything seen so far."""
-        return orthogonality_scores(self.covariance_.correlation())
+        cov = self.covariance_.covariance()
+        out = orthogonality_scores(self.covariance_.correlation())
+        out.n_constant = int(_constant(torch.diagonal(cov)).sum())
+        return out
 
 
 def orthogonality(heatmaps: torch.Tensor) -> Orthogonality:
