@@ -165,9 +165,12 @@ def report_fit(tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int) ->
           f"best class (ungated protocol): IoU {same:.4f}")  # fmt: skip
     # a baseline without the max over classes: for each class-specific filter k of class
     # c, every filter of the layer on the same images (those of class c)
-    same_cls = {"iou": [], "ap50": [], "ap30": []}
+    same_cls = {"iou": [], "ap50": [], "ap30": [], "area": [], "spec_area": []}
     for k in spec.tolist():
-        rows = loc.ious[y_loc == loc.specific_class[k]]
+        own = y_loc == loc.specific_class[k]
+        rows = loc.ious[own]
+        same_cls["area"].append(float(loc.areas[own].mean()))
+        same_cls["spec_area"].append(float(loc.areas[own, k].mean()))
         same_cls["iou"].append(float(rows.mean()))
         same_cls["ap50"].append(float((rows >= 0.5).double().mean()))
         same_cls["ap30"].append(float((rows >= 0.3).double().mean()))
@@ -175,6 +178,10 @@ def report_fit(tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int) ->
     print(f"   every filter on the images of each class-specific filter's class (no max over "
           f"classes): IoU {same_cls['iou']:.4f}, AP50 {same_cls['ap50']:.4f}, AP30 "
           f"{same_cls['ap30']:.4f}")  # fmt: skip
+    obj = float(m_te[:n_loc].float().mean())
+    print(f"   segment area (share of the image): class-specific filters on their class "
+          f"{same_cls['spec_area']:.3f}, every filter on the same images {same_cls['area']:.3f}; "
+          f"object masks {obj:.3f}")  # fmt: skip
     print(f"   CAM IoU {loc.cam.iou:.4f} (AP50 {loc.cam.ap:.4f}); gated CAM IoU "
           f"{loc.cam_gated.iou:.4f} (AP50 {loc.cam_gated.ap:.4f})")  # fmt: skip
     print(f"   mutual-information score {s.mutual_information:.4f} nats", flush=True)
@@ -280,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT {p}pooled_filter_ap50 {loc.pooled_ap:.4f} ap")
         print(f"RESULT {p}specific_filter_ap30 {r['ap30_spec']:.4f} ap")
         print(f"RESULT {p}all_filter_ap30 {r['ap30_all']:.4f} ap")
-        for key, unit in (("iou", "iou"), ("ap50", "ap"), ("ap30", "ap")):
+        for key, unit in (("iou", "iou"), ("ap50", "ap"), ("ap30", "ap"), ("area", "ratio"),
+                          ("spec_area", "ratio")):  # fmt: skip
             print(f"RESULT {p}same_class_filter_{key} {r['same_cls'][key]:.4f} {unit}")
         print(f"RESULT {p}cam_iou {loc.cam.iou:.4f} iou")
         print(f"RESULT {p}cam_gated_iou {loc.cam_gated.iou:.4f} iou")

@@ -538,6 +538,7 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
     n, k, h, wd = acts.shape
     size = masks.shape[-2:]
     ious = np.zeros((n, k))
+    areas = np.zeros((n, k))
     for j in range(k):
         vals = np.sort(acts[:, j].reshape(-1).numpy())[::-1]
         thr = vals[math.ceil(top * vals.size) - 1]
@@ -545,6 +546,7 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
             up = F.interpolate(acts[i : i + 1, j : j + 1], size=size, mode="bilinear",
                                align_corners=False)[0, 0].numpy()  # fmt: skip
             seg = up >= thr
+            areas[i, j] = seg.mean()
             m = masks[i].numpy()
             union = (seg | m).sum()
             ious[i, j] = (seg & m).sum() / union if union else 0.0
@@ -568,7 +570,7 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
         seg[order[: math.ceil(round(top * flat.size, 9))]] = True
         m = masks[i].numpy().reshape(-1)
         cams.append((seg & m).sum() / max((seg | m).sum(), 1))
-    return ious, iou_c, ap_c, best, np.array(cams)
+    return ious, iou_c, ap_c, best, np.array(cams), areas
 
 
 def test_gate_localization_literal():
@@ -593,8 +595,11 @@ def test_gate_localization_literal():
     res = gate_localization(gates, model, x, masks, labels, layer="act", head_weight=w)
     assert_same(snapshot(model), before)
     acts = model.act(model.pool(model.conv(x))).detach()
-    ious, iou_c, ap_c, best, cams = literal_localization(acts, masks, labels, gates, w, c)
+    ious, iou_c, ap_c, best, cams, areas = literal_localization(
+        acts, masks, labels, gates, w, c
+    )
     np.testing.assert_allclose(res.ious.numpy(), ious, atol=1e-6)
+    np.testing.assert_allclose(res.areas.numpy(), areas, atol=1e-6)
     np.testing.assert_allclose(res.filters.iou_per_class.numpy(), iou_c, atol=1e-6)
     assert res.filters.best_class.tolist() == best.tolist()
     # class-specific: filters 0, 3 -> class 0; 1, 4 -> class 1; 2 -> class 2; 5 shared
@@ -612,7 +617,7 @@ def test_gate_localization_literal():
     assert res.pooled_ap == pytest.approx(float((ious >= 0.5).mean()))
     assert res.cam.iou == pytest.approx(float(cams.mean()), abs=1e-6)
     # gated CAM: weights W_yk G_yk
-    _, _, _, _, cams_g = literal_localization(acts, masks, labels, gates, w * gates, c)
+    _, _, _, _, cams_g, _ = literal_localization(acts, masks, labels, gates, w * gates, c)
     assert res.cam_gated.iou == pytest.approx(float(cams_g.mean()), abs=1e-6)
     # the class's own filter sees its object: specific filters beat the average filter here
     assert res.specific_iou > float(np.mean(ious))

@@ -1589,6 +1589,8 @@ class GateLocalization:
         the gated CAM ``Σ_k W_yk G_yk A_k`` (None when no head weights are known).
     ious : Tensor
         ``N x K`` per-image, per-filter IoU.
+    areas : Tensor
+        ``N x K`` share of each image's pixels in each filter's segment.
     """
 
     method: str
@@ -1607,6 +1609,7 @@ class GateLocalization:
     cam: Any = None
     cam_gated: Any = None
     ious: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    areas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
 def _activ_thresholds(acts: torch.Tensor, top: float) -> torch.Tensor:
@@ -1779,7 +1782,7 @@ def gate_localization(
         if w.shape != (c, k):
             raise InputError(f"head_weight must be C x K = {(c, k)}, got {tuple(w.shape)}")
     gf = g.detach().float().cpu()
-    ious, cam_ious, camg_ious = [], [], []
+    ious, areas, cam_ious, camg_ious = [], [], [], []
     with model_guard(model):
         for i in range(0, n, batch_size):
             a = acts[i : i + batch_size]
@@ -1791,6 +1794,7 @@ def gate_localization(
             else:
                 seg = _grad_segments(model, layer_name, images[i : i + batch_size], sigma, level)
             ious.append(iou(seg, m))
+            areas.append(seg.float().mean((-2, -1)))
             if w is not None:
                 for weights, out in ((w[yb], cam_ious), (w[yb] * gf[yb], camg_ious)):
                     cam = (a * weights[:, :, None, None]).sum(1, keepdim=True)
@@ -1827,4 +1831,5 @@ def gate_localization(
             class_localization(torch.cat(camg_ious), y, c, min_iou) if w is not None else None
         ),
         ious=ious_t,
+        areas=torch.cat(areas),
     )
