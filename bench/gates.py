@@ -133,10 +133,12 @@ def fit_seconds(model, x, y, **kw) -> tuple[float, ClassSpecificGates]:
     return time.perf_counter() - t0, est
 
 
-def report_fit(tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int) -> dict:
+def report_fit(
+    tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int, method: str = "activmap"
+) -> dict:
     s = est.evaluate(x_te, y_te)
     lo, hi = s.density_bounds
-    loc = gate_localization(est, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc])
+    loc = gate_localization(est, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc], method=method)
     n_spec = [len(f) for f in est.class_specific_filters_]
     print(f"## {tag}: layer {est.layer_}, finetune {est.finetune_}, K = {est.n_filters_}, "
           f"g = {est.g_:g}, head from model: {est.head_from_model_}")  # fmt: skip
@@ -147,7 +149,8 @@ def report_fit(tag: str, est, model_acc: float, x_te, y_te, m_te, n_loc: int) ->
     diag_tp = torch.nanmean(torch.diagonal(s.s_tp)).item()
     off = s.s_tp[~torch.eye(est.n_classes_, dtype=torch.bool)]
     print(f"   S_TP diagonal mean {diag_tp:.3f}, off-diagonal mean {torch.nanmean(off).item():.3f}")
-    print(f"   localization ({loc.n_specific} class-specific filters, {len(y_te[:n_loc])} images): "
+    print(f"   localization ({method}, {loc.n_specific} class-specific filters, "
+          f"{len(y_te[:n_loc])} images): "
           f"IoU {loc.specific_iou:.4f} vs all filters {loc.all_iou:.4f}; AP50 "
           f"{loc.specific_ap:.4f} vs {loc.all_ap:.4f}")  # fmt: skip
     # AP at IoU >= 0.3, the threshold of the authors' ActivMap / CAM code
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also fit the fine-tune recipe (slow: it runs the network every epoch)")
     ap.add_argument("--layer", default=None,
                     help="gated layer (default: the estimator's, the last conv stage)")
+    ap.add_argument("--method", choices=("activmap", "gradmap"), default="activmap",
+                    help="filter maps for localization (seed 001 App. G; default activmap)")
     ap.add_argument("--ft-epochs", type=int, default=15,
                     help="epochs of the fine-tune recipe (default 15)")
     args = ap.parse_args(argv)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         kw["layer"] = args.layer
 
     t_frozen, est = fit_seconds(model, x_fit, y_fit, **kw)
-    frozen = report_fit("frozen recipe", est, model_acc, x_te, y_te, m_te, n_loc)
+    frozen = report_fit("frozen recipe", est, model_acc, x_te, y_te, m_te, n_loc, args.method)
     results = {"": (est, frozen)}
     if args.finetune:
         # every epoch of the fine-tune recipe runs the network: fewer images and epochs,
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         t_ft, est_ft = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], recipe="finetune",
                                    **kw_ft)  # fmt: skip
         results["ft_"] = (est_ft, report_fit("fine-tune recipe", est_ft, model_acc,
-                                             x_te, y_te, m_te, n_loc))  # fmt: skip
+                                             x_te, y_te, m_te, n_loc, args.method))  # fmt: skip
         print(f"   fine-tune fit {t_ft:.1f} s")
 
     # figures
