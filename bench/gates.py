@@ -11,7 +11,7 @@ says which model was used.
 What is measured (METHODS §5, seed 001 App. A, G, H), on held-out images (seed 1):
 
 - accuracy of the original network vs the STD path of the post-hoc CSG head (frozen recipe;
-  with ``--finetune`` also the fine-tune recipe, on 1 000 images for 15 epochs by default
+  with ``--finetune`` also the fine-tune recipe, on 1 000 images for 45 epochs by default
   (``--ft-epochs``) with two CSG epochs in three, since every epoch runs the network): the
   drop must stay within 1 point;
 - the L1-density of the gates and its interval ``[1/C, g/(CK)]``;
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="gated layer (default: the estimator's, the last conv stage)")
     ap.add_argument("--method", choices=("activmap", "gradmap"), default="activmap",
                     help="filter maps for localization (seed 001 App. G; default activmap)")
-    ap.add_argument("--ft-epochs", type=int, default=15,
-                    help="epochs of the fine-tune recipe (default 15)")
+    ap.add_argument("--ft-epochs", type=int, default=45,
+                    help="epochs of the fine-tune recipe (default 45)")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quick = args.quick
