@@ -510,8 +510,8 @@ class XNN(_HeadsBase):
         a time, each block in the same grouped module and to the same objective; the heads
         are independent, so only the batch order (drawn from the same generator) differs.
         ``"auto"`` (default): all heads on a GPU; on a CPU blocks whose first-layer weights
-        take about 8 MB, so that a block's weights and Adam state stay in cache
-        (``bench/xnn.py`` measures it).
+        take about 8 MB (at the thesis's sizes with 50 heads, faster than all heads at
+        once and than one head at a time: ``bench/xnn.py``).
 
     Attributes
     ----------
