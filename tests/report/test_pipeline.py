@@ -283,7 +283,7 @@ def test_orthogonality_per_class_counts_dead_x_features_without_warning(recwarn)
     maps[:3, 1] = 0.0  # x-feature 1 is dead on class 0
     maps[3:5, 0] = 0.0
     maps[3:5, 2] = 0.0  # two dead on class 1
-    scores, constant = _orthogonality_per_class(orthogonality, maps, labels)
+    scores, constant = _orthogonality_per_class(maps, labels)
     assert constant == 3 and len(scores) == 2
     assert not [w for w in recwarn if "zero variance" in str(w.message)]
     with pytest.warns(RuntimeWarning, match="2 of 3 variables have zero variance"):

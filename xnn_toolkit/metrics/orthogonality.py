@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from ._inputs import _as_maps
-from .covariance import CovarianceAccumulator, _constant, _neg_logdet
+from .covariance import CovarianceAccumulator, _constant, _correlation, _neg_logdet
 
 __all__ = ["Orthogonality", "OrthogonalityAccumulator", "orthogonality", "orthogonality_scores"]
 
@@ -109,7 +109,7 @@ class OrthogonalityAccumulator:
     def result(self) -> Orthogonality:
         """``O₁``, ``O₂`` and ``P`` of everything seen so far."""
         cov = self.covariance_.covariance()
-        out = orthogonality_scores(self.covariance_.correlation())
+        out = orthogonality_scores(_correlation(cov))
         out.n_constant = int(_constant(torch.diagonal(cov)).sum())
         return out
 

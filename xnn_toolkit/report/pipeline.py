@@ -448,12 +448,14 @@ def _z_heatmaps(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return out, units
 
 
-def _orthogonality_per_class(orthogonality, maps: torch.Tensor, labels: torch.Tensor):
+def _orthogonality_per_class(maps: torch.Tensor, labels: torch.Tensor):
     """O1 / O2 of each class's heatmaps and the number of constant x-features over classes.
 
     The metric warns about constant (dead) x-features; the report states their count instead
     of printing one warning per class.
     """
+    from ..metrics import orthogonality
+
     scores, constant = [], 0
     for c in labels.unique():
         sel = maps[labels == c]
@@ -467,7 +469,7 @@ def _orthogonality_per_class(orthogonality, maps: torch.Tensor, labels: torch.Te
 
 
 def _heatmap_section(report: Report, run: _Run) -> None:
-    from ..metrics import locality, orthogonality, voronoi_part_probabilities
+    from ..metrics import locality, voronoi_part_probabilities
     from .figures import xnn_figure
     from .heatmaps import class_heatmaps, xfeature_heatmaps
 
@@ -488,7 +490,7 @@ def _heatmap_section(report: Report, run: _Run) -> None:
         maps = xfeature_heatmaps(run.model, run.x_test[idx], labels, head, run.fc_layer,
                                  run.conv_layer)  # fmt: skip
         maps_by_kind[kind] = maps
-        o, constant = _orthogonality_per_class(orthogonality, maps, labels)
+        o, constant = _orthogonality_per_class(maps, labels)
         if constant:
             dead_notes.append(f"{kind.upper()} {constant}")
         row = rows[kind.upper()]
