@@ -558,7 +558,16 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
             if sel.any():
                 iou_c[j, ci] = ious[sel, j].mean()
                 ap_c[j, ci] = (ious[sel, j] >= min_iou).mean()
-    best = np.nanargmax(np.where(np.isnan(ap_c), -np.inf, ap_c), axis=1)
+    best = np.zeros(k, dtype=np.int64)
+    for j in range(k):  # highest APn; on ties the higher IoU; then the first class
+        for ci in range(1, c):
+            if np.isnan(ap_c[j, ci]):
+                continue
+            b = best[j]
+            if np.isnan(ap_c[j, b]) or ap_c[j, ci] > ap_c[j, b] or (
+                ap_c[j, ci] == ap_c[j, b] and iou_c[j, ci] > iou_c[j, b]
+            ):
+                best[j] = ci
     cams = []
     for i in range(n):
         yi = int(labels[i])

@@ -200,6 +200,8 @@ def filter_localization_literal(ious, labels, num_classes, n_frac):
                 continue
             if best is None or ap_ck[k][c] > ap_ck[k][best]:
                 best = c
+            elif ap_ck[k][c] == ap_ck[k][best] and iou_ck[k][c] > iou_ck[k][best]:
+                best = c  # ties of APn go to the higher IoU
         best_cls.append(best)
         per_filter_iou.append(iou_ck[k][best])
         per_filter_ap.append(ap_ck[k][best])

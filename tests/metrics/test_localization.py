@@ -206,6 +206,25 @@ def test_filter_localization_equals_literal():
     torch.testing.assert_close(acc.filter_result().ap_per_class, res.ap_per_class, equal_nan=True)
 
 
+def test_filter_localization_breaks_apn_ties_by_iou():
+    # hand case: 4 images, two per class; no IoU reaches 0.5, so AP50 is 0 for both classes
+    # and filter 0 localizes class 1 better (IoU 0.4 vs 0.1); filter 1 ties in APn at 0.5
+    # (one hit each) and has the higher IoU on class 0; filter 2 ties in both: the first class
+    ious = torch.tensor([
+        [0.1, 0.9, 0.2],
+        [0.1, 0.1, 0.2],
+        [0.4, 0.6, 0.2],
+        [0.4, 0.0, 0.2],
+    ], dtype=torch.float64)  # fmt: skip
+    labels = torch.tensor([0, 0, 1, 1])
+    res = filter_localization(ious, labels, num_classes=2, min_iou=0.5)
+    assert res.best_class.tolist() == [1, 0, 0]
+    assert res.iou_per_filter.tolist() == pytest.approx([0.4, 0.5, 0.2])
+    assert res.ap_per_filter.tolist() == pytest.approx([0.0, 0.5, 0.0])
+    ref = filter_localization_literal(ious.tolist(), labels.tolist(), 2, 0.5)
+    assert ref["best_class"] == [1, 0, 0]
+
+
 def test_class_localization_h2():
     ious = torch.tensor([0.9, 0.2, 0.6, 0.4, 0.7])
     labels = torch.tensor([0, 0, 1, 1, 1])

@@ -233,7 +233,10 @@ class FilterLocalization:
     ap_per_class : Tensor
         ``K x C`` ``APn_c^k``.
     best_class : Tensor
-        ``K`` int64: ``c* = argmax_c APn_c^k`` (first on ties).
+        ``K`` int64: ``c* = argmax_c APn_c^k``; ties (common when few IoUs reach ``n %``,
+        e.g. APn = 0 for every class) go to the class with the higher ``IoU_c^k``, then to
+        the first. App. H.1 leaves ties open; without this rule a filter that never reaches
+        ``n %`` would be scored on class 0.
     iou_per_filter, ap_per_filter : Tensor
         ``K``: ``IoU^k = IoU_{c*}^k`` and ``APn^k = APn_{c*}^k``.
     iou_by_class, ap_by_class : Tensor
@@ -345,7 +348,10 @@ class LocalizationAccumulator:
     def filter_result(self) -> FilterLocalization:
         """The per-filter tables of App. H.1."""
         iou_c, ap_c, cnt = self._tables()
-        best = torch.where(cnt > 0, ap_c, -torch.inf).argmax(1)
+        # lexicographic argmax: APn first, IoU on ties, the first class on ties of both
+        ap_key = torch.where(cnt > 0, ap_c, -torch.inf)
+        top = ap_key == ap_key.max(1, keepdim=True).values
+        best = torch.where(top & (cnt > 0), iou_c, -torch.inf).argmax(1)
         iou_k = iou_c.gather(1, best[:, None])[:, 0]
         ap_k = ap_c.gather(1, best[:, None])[:, 0]
         c = self.num_classes
