@@ -1,7 +1,8 @@
 """Benchmark: class-specific gates fitted post hoc on the synthetic-part residual network.
 
-Run: ``.venv/bin/python bench/gates.py [--quick] [--finetune]``. No network; a few minutes on
-2 idle cores (``--finetune`` adds several more).
+Run: ``.venv/bin/python bench/gates.py [--quick] [--finetune [--seeds N]] [--method gradmap]``.
+No network; a few minutes on 2 idle cores (``--finetune`` adds about 6 minutes per seed,
+``--method gradmap`` about 7 minutes per scored network: one backward pass per filter).
 
 Model: the bundled ``resnet_synth`` (``xnn_toolkit.zoo.load_bundled``). When it is not bundled
 yet, a stand-in is trained once with the same recipe on fewer images and epochs
@@ -18,6 +19,12 @@ What is measured (METHODS §5, seed 001 App. A, G, H), on held-out images (seed 
 - localization (ActivMap, IoU and AP50, object masks): class-specific filters on their
   gated class vs every filter of the same layer without gating (each on its best class),
   and CAM with the head's weights, ungated and gated;
+- with ``--finetune``, the paper's own comparison (seed 001 §5.1, App. H.1): every filter of
+  the layer, each on the class it localizes best (IoU and AP50 with ``c*`` by AP50, AP30 with
+  ``c*`` by AP30; ties by the higher IoU), for the original network, the same fine-tuning
+  *without* gating (``lambda1 = lambda2 = 0``: same blocks, schedule, seed and batches, so the
+  control differs from the CSG fine-tune only in the gates) and the CSG fine-tune; ``--seeds N``
+  repeats both fine-tunes with ``random_state`` 0 .. N-1 and counts the seeds where CSG wins;
 - the mutual-information score (binned estimator; the original vs the fine-tuned network);
 - timings on 500 images, alternating repetitions, medians: the CSG fit vs a plain linear
   probe on the same layer (same epochs and batches), and our binned MI vs scikit-learn's
@@ -191,6 +198,12 @@ def report_fit(
     return dict(s=s, loc=loc, ap30_spec=ap30_spec, ap30_all=ap30_all, same_cls=same_cls)
 
 
+def h1_scores(loc, labels: torch.Tensor, n_classes: int) -> dict:
+    """App. H.1 over all filters: IoU and AP50 (``c*`` by AP50), AP30 (``c*`` by AP30)."""
+    ap30 = filter_localization(loc.ious, labels, n_classes, 0.3).ap
+    return {"iou": loc.all_iou, "ap50": loc.all_ap, "ap30": ap30}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
@@ -203,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="filter maps for localization (seed 001 App. G; default activmap)")
     ap.add_argument("--ft-epochs", type=int, default=45,
                     help="epochs of the fine-tune recipe (default 45)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="with --finetune: fit the gated and the ungated fine-tune this many "
+                         "times (random_state 0, 1, ...; default 1)")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quick = args.quick
@@ -223,16 +239,44 @@ def main(argv: list[str] | None = None) -> int:
     t_frozen, est = fit_seconds(model, x_fit, y_fit, **kw)
     frozen = report_fit("frozen recipe", est, model_acc, x_te, y_te, m_te, n_loc, args.method)
     results = {"": (est, frozen)}
+    h1_rows: dict[str, list[dict]] = {}
     if args.finetune:
         # every epoch of the fine-tune recipe runs the network: fewer images and epochs,
         # two CSG epochs in three (the paper's fine-tuning setting) to keep the gate steps
         n_ft = 300 if quick else 1000
         kw_ft = dict(kw, epochs=args.ft_epochs, warmup=0, csg_ratio=2, lr_gates=2e-2)
-        t_ft, est_ft = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], recipe="finetune",
-                                   **kw_ft)  # fmt: skip
-        results["ft_"] = (est_ft, report_fit("fine-tune recipe", est_ft, model_acc,
-                                             x_te, y_te, m_te, n_loc, args.method))  # fmt: skip
-        print(f"   fine-tune fit {t_ft:.1f} s")
+        h1_rows["model"] = [h1_scores(frozen["loc"], y_te[:n_loc], est.n_classes_)]
+        for seed in range(args.seeds):
+            kw_s = dict(kw_ft, random_state=seed, recipe="finetune")
+            t_ft, est_ft = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], **kw_s)
+            tag = "fine-tune recipe" + (f", seed {seed}" if args.seeds > 1 else "")
+            r_ft = report_fit(tag, est_ft, model_acc, x_te, y_te, m_te, n_loc, args.method)
+            if seed == 0:
+                results["ft_"] = (est_ft, r_ft)
+            print(f"   fine-tune fit {t_ft:.1f} s")
+            # the control: the same fine-tuning (blocks, schedule, seed, batches) without
+            # gating: lambda1 = lambda2 = 0 leave CE(STD) alone in every epoch
+            t_pl, est_pl = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], lambda1=0.0,
+                                       lambda2=0.0, **kw_s)  # fmt: skip
+            loc_pl = gate_localization(est_pl, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc],
+                                       method=args.method)  # fmt: skip
+            acc_pl = est_pl.evaluate(x_te, y_te).std_accuracy
+            print(f"## the same fine-tuning without gating (seed {seed}): fit {t_pl:.1f} s, "
+                  f"accuracy {100 * acc_pl:.2f} %")  # fmt: skip
+            h1_rows.setdefault("ft", []).append(h1_scores(r_ft["loc"], y_te[:n_loc],
+                                                          est.n_classes_))  # fmt: skip
+            h1_rows.setdefault("plain", []).append(h1_scores(loc_pl, y_te[:n_loc],
+                                                             est.n_classes_))  # fmt: skip
+        print(f"## App. H.1 over all K filters of {est.layer_} ({args.method}; each filter on "
+              f"the class it localizes best), the paper's CSG-vs-STD comparison:")  # fmt: skip
+        for name, label in (("model", "original network"), ("plain", "fine-tuned, no gates"),
+                            ("ft", "fine-tuned with CSG")):  # fmt: skip
+            for i, row in enumerate(h1_rows[name]):
+                print(f"   {label:22s} {'' if name == 'model' else f'seed {i}'}: IoU "
+                      f"{row['iou']:.4f}, AP50 {row['ap50']:.4f}, AP30 {row['ap30']:.4f}")
+        for key in ("iou", "ap50", "ap30"):
+            wins = sum(a[key] > b[key] for a, b in zip(h1_rows["ft"], h1_rows["plain"]))
+            print(f"   CSG > no gates in {key}: {wins} of {args.seeds} seeds")
 
     # figures
     from xnn_toolkit.report.figures import save_figure
@@ -298,6 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT {p}cam_iou {loc.cam.iou:.4f} iou")
         print(f"RESULT {p}cam_gated_iou {loc.cam_gated.iou:.4f} iou")
         print(f"RESULT {p}mis {s.mutual_information:.4f} nats")
+    for name, rows in h1_rows.items():
+        for key in ("iou", "ap50", "ap30"):
+            mean = statistics.mean(r[key] for r in rows)
+            print(f"RESULT gates_h1_{name}_{key} {mean:.4f} {'iou' if key == 'iou' else 'ap'}")
+    if h1_rows:
+        for key in ("iou", "ap50", "ap30"):
+            wins = sum(a[key] > b[key] for a, b in zip(h1_rows["ft"], h1_rows["plain"]))
+            print(f"RESULT gates_h1_csg_beats_no_gates_{key} {wins}/{args.seeds} seeds")
     print(f"RESULT gates_mis_model {mutual_information_score(feats, y_te, est.n_classes_):.4f} "
           "nats")  # fmt: skip
     print(f"RESULT gates_fit_seconds_{n_time} {med(t_csg):.2f} s")
