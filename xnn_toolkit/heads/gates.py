@@ -1558,7 +1558,12 @@ class GateLocalization:
     *gated* selection keeps, for each class ``c``, its class-specific filters (see
     :meth:`ClassSpecificGates.class_filters`) and scores each on the images of class ``c``;
     the *ungated* baseline scores every filter of the layer on the class it localizes best
-    (App. H.1, ``c* = argmax_c APn_c^k``), which favours the baseline.
+    (App. H.1, ``c* = argmax_c APn_c^k``, ties by the higher IoU), which favours the baseline.
+
+    The paper's own comparison (seed 001 §5.1) is between networks: :attr:`all_iou` and
+    :attr:`all_ap` of a CSG fine-tune against those of the same fine-tune without gating,
+    ``ClassSpecificGates(recipe="finetune", lambda1=0.0, lambda2=0.0)`` with the same
+    ``random_state`` (``bench/gates.py --finetune`` runs both).
 
     Attributes
     ----------
