@@ -383,6 +383,25 @@ def test_finetune_fit_copies_and_leaves_model_unchanged(data):
     assert scores.model_accuracy is None
 
 
+def test_zero_lambdas_are_the_ungated_control(data):
+    # bench/gates.py's control: with lambda1 = lambda2 = 0 the gates take no part in the
+    # training, so the fitted network and head cannot depend on how the gates start
+    x, y = data[0][:128], data[1][:128]
+    kw = dict(recipe="finetune", lambda1=0.0, lambda2=0.0, g=0.5 * C * K, epochs=6,
+              batch_size=32, lr_backbone=1e-2, random_state=1)  # fmt: skip
+    a = ClassSpecificGates(init=0.5, **kw).fit(tiny_cnn(), x, y)
+    b = ClassSpecificGates(init=0.9, **kw).fit(tiny_cnn(), x, y)
+    sa, sb = a.network_.state_dict(), b.network_.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.head_.weight, b.head_.weight)
+    assert torch.equal(a.gates_, torch.ones(C, K)) and torch.equal(b.gates_, torch.ones(C, K))
+    assert not torch.equal(sa["3.weight"], tiny_cnn().state_dict()["3.weight"])  # it trained
+    # and with gating the init does matter
+    g1 = ClassSpecificGates(init=0.5, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), x, y)
+    g2 = ClassSpecificGates(init=0.9, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), x, y)
+    assert not torch.equal(g1.gates_, g2.gates_)
+
+
 def test_finetune_explicit_blocks_checked(data):
     x, y = data
     model = tiny_cnn()
