@@ -181,12 +181,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not cards:
         print("no bundled models found in", zoo.assets_dir())
         return 0
-    print(f"{'name':16} {'arch':14} {'dataset':22} {'input':12} {'test acc':>8}")
+    print(f"{'name':18} {'arch':27} {'dataset':22} {'input':12} {'test acc':>8}")
     for c in cards:
         size = "x".join(str(v) for v in c["input_size"])
+        acc = c.get("test_accuracy")
+        acc = f"{100 * float(acc):7.2f}%" if acc is not None else "     n/a"
         print(
-            f"{c['name']:16} {c['arch']:14} {str(c['dataset'])[:22]:22} {size:12} "
-            f"{100 * float(c['test_accuracy']):7.2f}%"
+            f"{c['name']:18} {c['arch']:27} {str(c['dataset'])[:22]:22} {size:12} {acc}"
         )
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -348,11 +349,28 @@ def _from_timm(name, pretrained, num_classes, in_chans, kwargs) -> LoadedModel:
         lambda: timm.create_model(name, pretrained=pretrained, **args),
         f"timm model {name!r}", pretrained,
     )
+    if not pretrained:
+        _warn_random(f"timm:{name}")
     chans = in_chans or _first_conv_channels(model) or 3
     prep = _preprocessing_from_timm_config(model, chans)
     k = getattr(model, "num_classes", None)
     names = _timm_class_names(model, k) if pretrained else None
     return LoadedModel(model, prep, f"timm:{name}", arch, k or None, names, None)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A library architecture was built with random weights (no ``pretrained=True``)."""
+
+
+def _warn_random(spec: str) -> None:
+    warnings.warn(
+        f"{spec} has randomly initialised weights (pretrained=False): its predictions and "
+        "explanations carry no meaning for real data. Pass pretrained=True (downloads, "
+        "needs network), load trained weights from a file, or use a bundled model such as "
+        "'bundled:efficientnet_lite0'",
+        RandomWeightsWarning,
+        stacklevel=5,  # the caller of load_model
+    )
 
 
 def _timm_class_names(model: nn.Module, k: int | None) -> list[str] | None:
@@ -392,6 +410,8 @@ def _from_torchvision(name, pretrained, num_classes, in_chans, kwargs) -> Loaded
         lambda: tvm.get_model(name, weights=weights, **args),
         f"torchvision model {name!r}", pretrained,
     )
+    if not pretrained:
+        _warn_random(f"torchvision:{name}")
     if in_chans is not None and in_chans != _first_conv_channels(model):
         _adapt_first_conv(model, in_chans)
     chans = in_chans or _first_conv_channels(model) or 3
@@ -528,7 +548,12 @@ def _from_module(model: nn.Module, num_classes, in_chans) -> LoadedModel:
     chans = in_chans or _first_conv_channels(model) or 3
     k = num_classes if num_classes is not None else _last_linear_out(model)
     name = type(model).__name__
-    return LoadedModel(model, _default_preprocessing(chans), f"module:{name}", name, k)
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        # a timm module knows its own statistics (tf_efficientnet_lite0: mean = std = 0.5)
+        prep = _preprocessing_from_timm_config(model, chans)
+    else:
+        prep = _default_preprocessing(chans)
+    return LoadedModel(model, prep, f"module:{name}", name, k)
 
 
 # --------------------------------------------------------------------------- files
