@@ -90,6 +90,7 @@ def load_estimator_files(
     AssetError
         A file is missing or unreadable, or the JSON describes another type.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.fspath(path)
@@ -97,7 +98,7 @@ def load_estimator_files(
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         tensors = load_file(path + ".safetensors")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # truncated or not safetensors
         raise AssetError(f"could not read {what} saved at {path!r}: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("type") != type_name:
         raise AssetError(f"{path}.json does not describe {type_name}; it is not {what}")

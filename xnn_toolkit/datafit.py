@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["IMAGE_SPACES", "DataFit", "data_fit", "image_space_of", "RAW_TOLERANCE"]
+__all__ = ["IMAGE_SPACES", "RAW_TOLERANCE", "DataFit", "as_labels", "data_fit", "image_space_of"]
 
 IMAGE_SPACES = ("raw", "normalized")
 
@@ -373,3 +373,46 @@ def _dataset_classes(data: object) -> list[str] | None:
 def _show(names: Sequence[str], n: int = 12) -> str:
     shown = ", ".join(names[:n])
     return f"[{shown}{', ...' if len(names) > n else ''}] ({len(names)})"
+
+
+def as_labels(labels: Any, arg: str = "labels") -> torch.Tensor:
+    """Class labels as an int64 tensor; anything but integers is refused, never truncated.
+
+    Parameters
+    ----------
+    labels : Tensor, array or sequence
+        Integer class indices.
+    arg : str
+        How the message names the argument.
+
+    Returns
+    -------
+    Tensor
+        int64, same shape.
+
+    Raises
+    ------
+    InputError
+        Floating point, boolean, complex or non-numeric labels.
+    """
+    if isinstance(labels, torch.Tensor):
+        y = labels
+    else:
+        try:
+            y = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{arg} must be integer class indices (a Tensor, array or list of int), got "
+                f"{type(labels).__name__}: {exc}"
+            ) from None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(
+            f"{arg} must be integer class indices, got dtype {y.dtype}"
+            + (
+                f" (e.g. {float(y.flatten()[0]):g}); labels are never rounded: convert "
+                "whole numbers with labels.long()"
+                if y.is_floating_point() and y.numel()
+                else ""
+            )
+        )
+    return y.long()

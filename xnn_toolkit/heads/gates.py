@@ -83,6 +83,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
@@ -414,7 +415,7 @@ def _check_features(
         x = x.float()
     if not bool(torch.isfinite(x).all()):
         raise InputError("features hold NaN or infinite values")
-    y = torch.as_tensor(labels).reshape(-1).long().to(x.device)
+    y = as_labels(labels).reshape(-1).to(x.device)
     if y.shape[0] != x.shape[0]:
         raise InputError(f"labels must have N = {x.shape[0]} entries, got {y.shape[0]}")
     _check_label_range(y, num_classes)
@@ -437,7 +438,7 @@ def _collate_xy(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the first two items (image, label) of dataset samples; drop the rest."""
     try:
         xs = torch.stack([torch.as_tensor(s[0]) for s in batch])
-        ys = torch.as_tensor([int(s[1]) for s in batch], dtype=torch.long)
+        ys = as_labels([s[1] for s in batch])
     except (TypeError, IndexError, ValueError, RuntimeError) as exc:
         raise InputError(
             "dataset samples must be (image, label, ...) with C x H x W images of one size; "
@@ -523,7 +524,7 @@ class _Source:
                     "every batch must be (images, labels, ...); got "
                     f"{type(batch).__name__}"
                 )
-            x, y = batch[0], torch.as_tensor(batch[1]).reshape(-1).long()
+            x, y = batch[0], as_labels(batch[1]).reshape(-1)
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or y.shape[0] != x.shape[0]:
                 raise InputError(
                     "every batch must hold N x C x H x W images and N labels; got "
@@ -1764,7 +1765,7 @@ def gate_localization(
         masks = masks.object_mask
     if labels is None:
         raise InputError("labels= is needed (the class of each image)")
-    y = torch.as_tensor(labels).reshape(-1).long()
+    y = as_labels(labels).reshape(-1)
     masks = torch.as_tensor(masks)
     if y.shape[0] != n or masks.shape != (n, *images.shape[-2:]):
         raise InputError(

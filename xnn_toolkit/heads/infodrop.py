@@ -51,6 +51,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -577,7 +578,7 @@ class InformationDropout:
             return None
         if labels is None:
             raise InputError("class-mode alphas depend on the class: pass labels=")
-        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        labels = as_labels(labels).reshape(-1).cpu()
         if len(labels) != n:
             raise InputError(f"got {n} images but {len(labels)} labels")
         row_of = torch.full((self.n_outputs_,), -1, dtype=torch.long)

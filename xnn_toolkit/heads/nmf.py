@@ -39,6 +39,7 @@ from sklearn.base import BaseEstimator, clone
 from torch import nn
 
 from .._guard import model_guard
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError, close_matches
 from ..hooks import intervene
 from ..layers import LayerSpec, resolve_layer
@@ -849,7 +850,7 @@ class PerClassNMF(BaseEstimator):
             y = src.labels()
             if y is None:
                 raise InputError("labels are needed: pass y=... (one class label per example)")
-        y = torch.as_tensor(y).long().reshape(-1).cpu()
+        y = as_labels(y).reshape(-1).cpu()
         if n is not None and y.numel() != n:
             raise InputError(f"y has {y.numel()} labels for {n} examples; give one per example")
         if bool((y < 0).any()):
@@ -964,7 +965,7 @@ class PerClassNMF(BaseEstimator):
         Tensor, ``N x C x H x W`` or ``N x C``
         """
         self._check_fitted()
-        labels = torch.as_tensor(y).long().reshape(-1).cpu()
+        labels = as_labels(y).reshape(-1).cpu()
         if labels.numel() != S.shape[0]:
             raise InputError(f"y has {labels.numel()} labels for {S.shape[0]} score maps")
         out: torch.Tensor | None = None
@@ -1359,7 +1360,7 @@ def _batch_labels(
     if not isinstance(nmf, PerClassNMF):
         return None
     if y is not None:
-        return torch.as_tensor(y).reshape(-1)[start : start + n].long().cpu()
+        return as_labels(y).reshape(-1)[start : start + n].cpu()
     if yb is not None:
         return yb.reshape(-1).long().cpu()
     return logits.argmax(1).cpu()
@@ -1432,7 +1433,7 @@ def concept_importance(
             total = torch.zeros(rank, D.shape[2], dtype=torch.float64)
             count = torch.zeros(D.shape[2], dtype=torch.float64)
         if y is not None:
-            lab = torch.as_tensor(y).reshape(-1)[start : start + n].long().cpu()
+            lab = as_labels(y).reshape(-1)[start : start + n].cpu()
         else:
             lab = yb.reshape(-1).long().cpu() if yb is not None else None
         if per_class is not None and per_class != (lab is not None):

@@ -59,6 +59,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -512,7 +513,7 @@ def misclassification_analysis(
     if not 1 <= k <= n_cls - 1:
         raise InputError(f"k must be between 1 and K - 1 = {n_cls - 1}, got {k}")
     logits = torch.as_tensor(logits).float().cpu()
-    labels = torch.as_tensor(labels).long().cpu()
+    labels = as_labels(labels).cpu()
     if logits.dim() != 2 or labels.shape != (len(logits),):
         raise InputError("logits must be N x K_out and labels (N,)")
     if int(cls.max()) >= logits.shape[1]:
@@ -599,7 +600,7 @@ def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, tuple | list) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if isinstance(x, torch.Tensor):
-            return x, torch.as_tensor(y).long().reshape(-1)
+            return x, as_labels(y).reshape(-1)
     raise InputError(
         f"each batch must be (images, labels, ...), got {type(batch).__name__}; pass a "
         "DataLoader of (image, label) pairs, a Dataset, or an (images, labels) tuple"
@@ -1064,7 +1065,7 @@ class ClassPaths:
             A class without a path.
         """
         self._check_fitted()
-        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        labels = as_labels(labels).reshape(-1).cpu()
         row_of = torch.full((self.n_outputs_,), -1, dtype=torch.long)
         row_of[self.classes_] = torch.arange(len(self.classes_))
         ok = (labels >= 0) & (labels < self.n_outputs_)
@@ -1195,7 +1196,7 @@ class ClassPaths:
         HitRates
         """
         self._check_fitted()
-        labels = torch.as_tensor(labels).long()
+        labels = as_labels(labels)
         has = torch.isin(labels, self.classes_)
         images, labels = images[has], labels[has]
         comp, quad_cls, _ = composite_2x2(images, labels, n_composites, random_state)
