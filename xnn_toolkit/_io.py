@@ -13,6 +13,20 @@ from .errors import AssetError
 __all__ = ["atomic_write", "atomic_write_text", "load_estimator_files", "save_estimator_files"]
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(old)
+    return old
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp_path)`` on a temporary file next to ``path``, then move it into place.
 
@@ -39,6 +53,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
     os.close(fd)
     try:
         writer(tmp)
+        # mkstemp creates 0600; the file gets the mode any new file of the user would get
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):

@@ -78,13 +78,6 @@ def image_space_of(data: object) -> str | None:
     return str(space)
 
 
-def _first_conv_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return int(m.in_channels)
-    return None
-
-
 @dataclass
 class DataFit:
     """What a batch must look like for one model, and how to bring it there.
@@ -272,7 +265,7 @@ def data_fit(
         Raw images for a model without preprocessing, more dataset classes than model
         classes, or class names that differ from the model card's.
     """
-    from .models import LoadedModel, _last_linear_out
+    from .models import LoadedModel, _first_conv_channels, _last_linear_out
 
     if not isinstance(grey_to_rgb, bool):
         raise InputError(f"grey_to_rgb must be True or False, got {grey_to_rgb!r}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from sklearn.base import BaseEstimator, clone
 from torch import nn
 
 from .._guard import model_guard
+from .._io import atomic_write
 from ..datafit import as_labels
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError, close_matches
 from ..hooks import intervene
@@ -749,17 +749,7 @@ def _write_safetensors(
         "params": json.dumps(params),
         "attrs": json.dumps(attrs),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nmf-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AssetError(f"could not write {path!r}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _read_safetensors(
