@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=None, help="images per shard "
                    "(default: 4 x batch size)")  # fmt: skip
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process while "
+                   "scoring (default: 1; tables are identical for any number of torchrun "
+                   "processes with the same value)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same arguments)")
     p.add_argument("--no-progress", action="store_true")
@@ -319,7 +322,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         methods=names(args.methods), metrics=None if args.metrics == "auto" else
         names(args.metrics), layer=args.layer, target=args.target, n=args.n,
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        steps=args.steps,
+        steps=args.steps, threads=args.threads,
     )  # fmt: skip
     lm = load_model(args.model, device=device)
     # raw images: score_dataset normalises them after checking that data and model fit

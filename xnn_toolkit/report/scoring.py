@@ -21,8 +21,10 @@ Sharded over processes
     Launched with ``torchrun --nproc_per_node K``, each rank scores a disjoint set of
     shards (gloo on the CPU, NCCL on the GPU); the values are gathered after each round,
     rank 0 writes them, and every rank returns the same tables as a single process would.
-    Results are bit-identical when each process runs its kernels the same way (same device
-    type and intra-op thread count; ``torchrun`` sets ``OMP_NUM_THREADS=1``; on a GPU,
+    Results are bit-identical for any number of processes: CPU kernels split their float
+    reductions by the intra-op thread count, which differs between one process (all cores)
+    and ``torchrun``'s ranks (``OMP_NUM_THREADS=1``), so every shard is scored with
+    :attr:`ScoringConfig.threads` threads whoever runs it (on a GPU, also set
     ``torch.use_deterministic_algorithms(True)`` for kernels such as ``scatter_add``).
 
 The user's model (and every head) is left exactly as it was (:func:`~xnn_toolkit._guard.
@@ -107,6 +109,12 @@ class ScoringConfig:
     method_options : dict of str to dict
         Constructor arguments per method name (e.g. ``{"ig": {"n_steps": 16}}``; a
         ``"layer"`` entry overrides :attr:`layer` for that method). Plain JSON values only.
+    threads : int
+        Intra-op CPU threads while a shard is scored (restored afterwards). The values
+        depend on it in the last digits, so it is fixed per run rather than taken from the
+        process: one process and ``torchrun`` ranks then give identical tables. Scale out
+        with ``torchrun``; raise it for one process on many cores (tables then match other
+        runs with the same value).
     """
 
     methods: tuple[str, ...] = ("cmwp", "gradcam")
@@ -121,6 +129,7 @@ class ScoringConfig:
     top: float = 0.3
     steps: int = 20
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,7 @@ def _check_config(cfg: ScoringConfig) -> ScoringConfig:
     _positive_int("batch_size", cfg.batch_size)
     _positive_int("shard_size", cfg.shard_size, allow_none=True)
     _positive_int("steps", cfg.steps)
+    _positive_int("threads", cfg.threads)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise InputError(f"seed must be an int, got {cfg.seed!r}")
     if not (isinstance(cfg.tolerance, int | float) and cfg.tolerance >= 0):
@@ -581,6 +591,15 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
     """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method)."""
     start, stop = plan.bounds(k)
     dev = _model_device(plan.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.cfg.threads)
+    try:
+        return _score_rows(plan, k, start, stop, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -> torch.Tensor:
     cfg = plan.cfg
     blocks = []
     devices = [dev] if dev.type == "cuda" else []
