@@ -175,7 +175,7 @@ class DataFit:
             if lo < -RAW_TOLERANCE or hi > 1 + RAW_TOLERANCE:
                 hint = (
                     "pixels in 0..255? divide by 255"
-                    if hi > 2
+                    if hi > 20
                     else "already normalised? set the dataset's image_space = 'normalized'"
                 )
                 raise InputError(

@@ -123,7 +123,7 @@ class Preprocessing:
         if x.numel():
             lo, hi = float(x.amin()), float(x.amax())
             if lo < -RAW_TOLERANCE or hi > 1 + RAW_TOLERANCE:
-                hint = "divide by 255" if hi > 2 else "are they normalised already?"
+                hint = "divide by 255" if hi > 20 else "are they normalised already?"
                 raise InputError(
                     f"normalize(x) needs images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]: "
                     f"{hint}"
