@@ -1040,8 +1040,40 @@ def extract(
         if manifest is not None and manifest["complete"]:
             return ActivationBank.load(root)
     skip = int(manifest["num_samples"]) if manifest is not None else 0
+    made_root = root is not None and not root.exists()
     if root is not None and manifest is None:
         _prepare_dir(root, fresh=False, overwrite=True)
+    try:
+        return _extract_into(model, data, names, root, manifest, fit, pool, dtype, shard_size,
+                             fingerprint, total, probe, batch_size, skip, dev, progress)
+    except BaseException:
+        if root is not None and skip == 0:
+            _discard_empty(root, made_root)  # nothing half-written: no bank without a shard
+        raise
+
+
+def _discard_empty(root: Path, made_root: bool) -> None:
+    """Remove a bank this call started and that holds no finished shard."""
+    try:
+        manifest = json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("shards"):
+            return  # finished shards stay, to be resumed
+    except (OSError, ValueError):
+        pass
+    try:
+        for name in os.listdir(root):
+            if name == _MANIFEST or _TMP_FILE.match(name) or _SHARD_FILE.match(name):
+                os.unlink(root / name)
+        if made_root and not os.listdir(root):
+            root.rmdir()
+    except OSError:
+        pass  # the original error matters more than a failed clean-up
+
+
+def _extract_into(
+    model, data, names, root, manifest, fit, pool, dtype, shard_size, fingerprint, total, probe,
+    batch_size, skip, dev, progress,
+) -> ActivationBank:  # fmt: skip
 
     writer: _ShardWriter | None = _ShardWriter(root, manifest) if manifest else None
     collector = _MemoryCollector(total)
