@@ -235,6 +235,10 @@ def load_model(
     >>> lm.preprocessing.mean
     (0.485, 0.456, 0.406)
     """
+    for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise SpecError(f"{arg} must be a positive int or None, got {value!r}")
     if device is not None:
         from ._device import resolve_device
 
@@ -598,7 +602,17 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             f"the card {card_path} needs 'arch': a 'timm:', 'torchvision:', 'zoo:' or "
             f"'bundled:' spec, got {arch!r}"
         )
-    args = dict(card.get("arch_kwargs", card.get("kwargs", {})) or {})
+    raw_args = card.get("arch_kwargs", card.get("kwargs", {})) or {}
+    if not isinstance(raw_args, dict):
+        raise AssetError(f"the card {card_path} needs 'arch_kwargs' as a JSON object, got "
+                         f"{raw_args!r}")  # fmt: skip
+    names = card.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise AssetError(f"the card {card_path} needs 'class_names' as a list of strings or "
+                         f"null, got {names!r}")  # fmt: skip
+    args = dict(raw_args)
     args.update(kwargs)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if value is not None:
@@ -619,12 +633,18 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
                 "file again, or remove weights_sha256 from the card if you changed the "
                 "weights on purpose"
             )
-    base = _load(arch, False, k_arg, c_arg, False, args)
+    try:
+        base = _load(arch, False, k_arg, c_arg, False, args)
+    except (SpecError, TypeError, ValueError) as exc:
+        raise AssetError(f"the card {card_path} describes an architecture that cannot be "
+                         f"built ({arch!r}, {args}): {exc}") from None  # fmt: skip
     state = _read_state_dict(path, is_safetensors)
     _load_state(base.model, state, path)
     prep = _preprocessing_from_card(card, base.preprocessing, str(card_path))
-    names = card.get("class_names")
     k = card.get("num_classes", base.num_classes)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise AssetError(f"the card {card_path} needs 'num_classes' as a positive int, got "
+                         f"{k!r}")  # fmt: skip
     return LoadedModel(
         base.model, prep, str(path), str(card.get("name", path.stem)), k,
         list(names) if names else base.class_names, card,

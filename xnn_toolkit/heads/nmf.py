@@ -689,7 +689,13 @@ class NMFConcepts(BaseEstimator):
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         self.components_ = M.float().to(device)
         self.shift_ = shift.float().to(device)
+        if not isinstance(attrs, dict):
+            raise TypeError(f"attrs must be a JSON object, got {type(attrs).__name__}")
         for k, v in attrs.items():
+            # only what _state writes: a file must not replace methods, settings or tensors
+            if k not in ("reconstruction_err_", "relative_err_", "n_iter_", "layer_",
+                         "spatial_", "n_channels_"):  # fmt: skip
+                raise ValueError(f"unexpected attribute {k!r}")
             setattr(self, k, v)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -722,8 +728,15 @@ class NMFConcepts(BaseEstimator):
             The file is missing, not a safetensors file, or not an NMFConcepts file.
         """
         tensors, meta = _read_safetensors(path, "NMFConcepts")
-        est = cls(**meta["params"])
-        est._restore(tensors, meta["attrs"])
+        try:
+            est = cls(**meta["params"])
+            est._check_params()
+            est._restore(tensors, meta["attrs"])
+        except (KeyError, TypeError, ValueError, AttributeError, InputError) as exc:
+            raise AssetError(
+                f"{os.fspath(path)!r} does not hold valid NMFConcepts settings "
+                f"({type(exc).__name__}: {exc}); save the estimator again"
+            ) from None
         return est
 
 
