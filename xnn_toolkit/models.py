@@ -635,7 +635,10 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             )
     try:
         base = _load(arch, False, k_arg, c_arg, False, args)
-    except (SpecError, TypeError, ValueError) as exc:
+    except SpecError as exc:
+        raise SpecError(f"the card {card_path} names an architecture that cannot be built "
+                        f"({arch!r}): {exc}") from None  # fmt: skip
+    except (TypeError, ValueError) as exc:
         raise AssetError(f"the card {card_path} describes an architecture that cannot be "
                          f"built ({arch!r}, {args}): {exc}") from None  # fmt: skip
     state = _read_state_dict(path, is_safetensors)

@@ -35,7 +35,7 @@ from xnn_toolkit.cli import main
 from xnn_toolkit.data import load_dataset
 from xnn_toolkit.errors import XnnError
 from xnn_toolkit.features import ActivationBank, extract
-from xnn_toolkit.heads import XNN, NMFConcepts
+from xnn_toolkit.heads import XNN, ClassPaths, ClassSpecificGates, InformationDropout, NMFConcepts
 from xnn_toolkit.models import load_model
 from xnn_toolkit.report import ScoringConfig, score_dataset
 from xnn_toolkit.report.scoring import _canonical_methods
@@ -509,6 +509,57 @@ def test_head_load_corruptions(saved_heads, tmp_path_factory, head, kind, where,
     if not isinstance(res, XnnError) and head == "xnn":
         out = res.transform(torch.rand(3, 6))  # what loaded must work
         assert torch.isfinite(out).all()
+
+
+MODEL_HEADS = {
+    "ClassSpecificGates": (
+        lambda: ClassSpecificGates(layer="relu", epochs=1, batch_size=8, warmup=0),
+        lambda h, net, x, y: h.fit(net, x, y),
+    ),
+    "ClassPaths": (
+        lambda: ClassPaths(layers=["relu"], epochs=1, batch_size=8, min_images=2),
+        lambda h, net, x, y: h.fit(net, (x, y)),
+    ),
+    "InformationDropout": (
+        lambda: InformationDropout(layers=["relu"], epochs=1, batch_size=8, min_images=2),
+        lambda h, net, x, y: h.fit(net, (x, y)),
+    ),
+}
+
+
+@pytest.mark.parametrize("head", sorted(MODEL_HEADS))
+@_examples(12)
+@given(x=tensors(dims=(4,) * 6 + (3,), max_side=8, chans=(3, 3, 3, 1),
+                 lead=st.sampled_from([16, 16, 16, 0, 2])),
+       labels=st.data(), kind=st.sampled_from(["none", "none", "truncate", "json"]))  # fmt: skip
+def test_model_heads(net, tmp_path_factory, head, x, labels, kind):
+    x, finite = x
+    n = int(x.shape[0]) if x.dim() else 0
+    y = labels.draw(st.one_of(st.just(torch.arange(n) % 4), labels_for(n)))
+    make, fit = MODEL_HEADS[head]
+    h = make()
+    res = check(f"{head}.fit", lambda: fit(h, net, x, y), model=net, finite=finite,
+                names=["data", "labels", "images", "inputs", "class", "layer", "batch",
+                       "channel", "examples", "samples", "dataset", "min_images"])  # fmt: skip
+    if isinstance(res, XnnError):
+        return
+    if head == "ClassSpecificGates":
+        good = _repair(x)
+        check(f"{head}.transform", lambda: h.transform(good), model=net, names=["images"])
+    folder = tmp_path_factory.mktemp("mh")
+    h.save(folder / "h")
+    files = sorted(folder.iterdir())
+    if kind == "truncate":
+        w = next(f for f in files if f.suffix == ".safetensors")
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    elif kind == "json":
+        j = next(f for f in files if f.suffix == ".json")
+        j.write_text(j.read_text().replace("{", "[", 1))
+    check(
+        f"{head}.load",
+        lambda: type(h).load(folder / "h"),
+        names=["saved", "safetensors", "json", "gates", "paths", "dropout", str(folder)],
+    )
 
 
 # --------------------------------------------------------------------------- metrics

@@ -83,7 +83,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
-from ..datafit import as_labels
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
@@ -455,18 +455,19 @@ class _Source:
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dataset = None
         self.iterable = None
+        self.door: Any = None  # the model's check of every image batch (datafit)
         if isinstance(data, torch.Tensor):
             if labels is None:
                 raise InputError(
                     "images were given as a tensor but labels= is missing; pass "
                     "fit(model, images, labels) or fit(model, (images, labels))"
                 )
-            self.tensors = (data, torch.as_tensor(labels))
+            self.tensors = (data, as_labels(labels))
         elif isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
             if len(data) < 2:
                 raise InputError("a tuple of data must be (images, labels, ...)")
             self._no_labels(labels)
-            self.tensors = (data[0], torch.as_tensor(data[1]))
+            self.tensors = (data[0], as_labels(data[1]))
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             self._no_labels(labels)
             self.dataset = data
@@ -499,6 +500,14 @@ class _Source:
 
     def batches(
         self, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seen = 0
+        for x, y in self._batches(shuffle, generator):
+            yield (x if self.door is None else self.door(x, seen)), y
+            seen += int(x.shape[0])
+
+    def _batches(
+        self, shuffle: bool, generator: torch.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.tensors is not None:
             x, y = self.tensors
@@ -891,6 +900,7 @@ class ClassSpecificGates:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         source = _Source(data, labels, self.batch_size)
+        source.door = data_fit(model, data, arg="data").images
         if self.recipe == "finetune" and not source.reiterable:
             raise InputError(
                 "recipe='finetune' goes over the data once per epoch; pass tensors, a Dataset "

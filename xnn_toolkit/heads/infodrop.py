@@ -51,7 +51,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
-from ..datafit import as_labels
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -423,13 +423,14 @@ class InformationDropout:
     # ---------------------------------------------------------------- fitting
     def _survey(self, model, data, names, dev, n_out, row_of):
         """One no-grad pass: priors, log-normal parameters, activation scales, label counts."""
+        door = data_fit(model, data, arg="data").images
         gen = torch.Generator().manual_seed(self.random_state + 1)
         stats = {n: _LayerStats() for n in names}
         counts = torch.zeros(int((row_of >= 0).sum()), dtype=torch.long)
         run = _DropRun(self, None)
         with intervene(model, {n: partial(run.edit, n) for n in names}, freeze=True):
             with torch.no_grad():
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     if bool(((y < 0) | (y >= n_out)).any()):
                         raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
                     rows = row_of[y]
@@ -473,8 +474,9 @@ class InformationDropout:
         from .paths import ClassPaths
 
         self._check_params()
+        door = data_fit(model, data, arg="data").images
         dev = _model_device(model, self.device)
-        probe = _first_images(data).to(dev)
+        probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
         with model_guard(model, eval_mode=True), torch.no_grad():
@@ -521,7 +523,7 @@ class InformationDropout:
             for _ in range(self.epochs):
                 sums = {"ce": 0.0, "kl": 0.0, "total": 0.0}
                 steps = 0
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     y = y.to(dev)
                     rows = row_of_dev[y]
                     ok = rows >= 0

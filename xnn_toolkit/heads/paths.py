@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -59,7 +59,7 @@ from torch import nn
 
 from .._guard import model_guard
 from .._io import load_estimator_files, save_estimator_files
-from ..datafit import as_labels
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -608,9 +608,19 @@ def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batches(
+    data: object, batch_size: int, gen: torch.Generator, door: Callable | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(images, labels)`` batches, shuffled with ``gen`` where we own the order;
+    ``door(x, start)`` (:meth:`xnn_toolkit.datafit.DataFit.images`) checks each image batch."""
+    seen = 0
+    for x, y in _raw_batches(data, batch_size, gen):
+        yield (x if door is None else door(x, seen)), y
+        seen += int(x.shape[0])
+
+
+def _raw_batches(
     data: object, batch_size: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of ``(images, labels)`` batches, shuffled with ``gen`` where we own the order."""
     if _is_pair(data):
         x, y = _check_pair(data)
         order = torch.randperm(len(x), generator=gen)
@@ -948,8 +958,9 @@ class ClassPaths:
             ``self``.
         """
         self._check_params()
+        door = data_fit(model, data, arg="data").images
         dev = _model_device(model, self.device)
-        probe = _first_images(data).to(dev)
+        probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
         with model_guard(model, eval_mode=True), torch.no_grad():
@@ -985,7 +996,7 @@ class ClassPaths:
             for epoch in range(self.epochs):
                 sums: dict[str, float] = {}
                 steps = 0
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     if bool(((y < 0) | (y >= n_out)).any()):
                         raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
                     y = y.to(dev)
