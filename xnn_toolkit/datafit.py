@@ -238,6 +238,7 @@ def data_fit(
     grey_to_rgb: bool = False,
     arg: str = "dataset",
     space: str | None = None,
+    labels_are_classes: bool = True,
 ) -> DataFit:
     """Check at the door that a model and a dataset fit, and return the per-batch rule.
 
@@ -254,6 +255,11 @@ def data_fit(
         Name of the data argument in messages.
     space : str, optional
         Overrides the data's declared image space.
+    labels_are_classes : bool
+        The caller reads the data's labels as the model's classes (scoring the labelled
+        class, fitting heads): then class names and label ranges must agree with the model.
+        ``False`` (e.g. scoring the predicted class of photos labelled otherwise) skips
+        those two checks.
 
     Returns
     -------
@@ -300,7 +306,7 @@ def data_fit(
             raise InputError(
                 f"{arg} has {c}-channel images, the model reads {in_chans} channels: {fix}"
             )
-    names = _dataset_classes(data)
+    names = _dataset_classes(data) if labels_are_classes else None
     model_names = list(lm.class_names) if lm is not None and lm.class_names else None
     if names is not None and k is not None and len(names) > k:
         raise InputError(
@@ -318,8 +324,8 @@ def data_fit(
     return DataFit(
         mean=pre.mean if pre is not None else None,
         std=pre.std if pre is not None else None,
-        space=space, in_chans=in_chans, num_classes=k, grey_to_rgb=grey_to_rgb, arg=arg,
-        dtype=dtype,
+        space=space, in_chans=in_chans, num_classes=k if labels_are_classes else None,
+        grey_to_rgb=grey_to_rgb, arg=arg, dtype=dtype,
     )  # fmt: skip
 
 

@@ -340,3 +340,28 @@ def test_every_shard_is_scored_with_the_configured_threads(vgg, monkeypatch):
         torch.set_num_threads(1)
     with pytest.raises(InputError, match="threads"):
         score_dataset(vgg, ds, ScoringConfig(threads=0), progress=False)
+
+
+class _Renamed(Dataset):
+    """Synthetic birds that call their classes otherwise (labelled for another model)."""
+
+    image_space = "raw"
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds, self.part_names = ds, ds.part_names
+        self.classes = [f"other{i}" for i in range(len(ds.classes))]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i]
+
+
+def test_class_names_must_agree_only_where_labels_are_read_as_classes(vgg):
+    ds = _Renamed(load_dataset("synthetic", n=4))
+    with pytest.raises(InputError, match=r"class names differ.*other0.*Red_crowned_Warbler"):
+        score_dataset(vgg, ds, CFG, progress=False)
+    cfg = ScoringConfig(**{**CFG.__dict__, "target": "predicted"})
+    res = score_dataset(vgg, ds, cfg, progress=False)  # the labels are not used as classes
+    assert len(res.per_image) == 4

@@ -167,7 +167,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     from ..datafit import data_fit
 
     # the one door of every entry point: channels, classes and class names must fit
-    fit = data_fit(lm, ds, arg=f"the dataset {dataset!r}")
+    fit = data_fit(lm, ds, arg=f"the dataset {dataset!r}", labels_are_classes=target == "label")
     fit.labels(labels)
     x = fit.images(raw)
     k = int(labels.max()) + 1

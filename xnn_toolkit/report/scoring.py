@@ -772,7 +772,10 @@ def score_dataset(
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
     cfg = _check_config(config if config is not None else ScoringConfig())
     t0 = time.perf_counter()
-    fit = data_fit(loaded, dataset, grey_to_rgb=grey_to_rgb)
+    # the labels are read as the model's classes unless only predicted classes and heads
+    # are explained
+    fit = data_fit(loaded, dataset, grey_to_rgb=grey_to_rgb,
+                   labels_are_classes=cfg.target == "label")  # fmt: skip
     plan = _plan(model, dataset, cfg, heads, loaded_spec, fit)
     group = Group(_model_device(model))
     folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
