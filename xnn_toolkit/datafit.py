@@ -141,6 +141,16 @@ class DataFit:
         from .models import check_input
 
         what = f"{self.arg} (images {start}..{start + _len(x) - 1})"
+        if (
+            isinstance(x, torch.Tensor) and x.dim() != 4 and x.dim() >= 2
+            and self.in_chans is None and self.mean is None
+        ):  # fmt: skip
+            # a model without convolutions (an MLP on vectors): no image rules to apply
+            try:
+                check_input(x.reshape(x.shape[0], -1, 1, 1))
+            except InputError as exc:
+                raise InputError(f"{what}: {exc}") from None
+            return x if self.dtype is None else x.to(self.dtype)
         try:
             x = check_input(x)
         except InputError as exc:
