@@ -365,3 +365,17 @@ def test_class_names_must_agree_only_where_labels_are_read_as_classes(vgg):
     cfg = ScoringConfig(**{**CFG.__dict__, "target": "predicted"})
     res = score_dataset(vgg, ds, cfg, progress=False)  # the labels are not used as classes
     assert len(res.per_image) == 4
+
+
+def test_heads_normalise_raw_datasets_with_the_loaded_models_preprocessing(vgg):
+    from xnn_toolkit.heads import ClassPaths
+
+    raw = load_dataset("synthetic", n=24)
+    normed = load_dataset("synthetic", n=24, preprocessing=vgg.preprocessing)
+    kw = dict(layers=["avgpool"], epochs=1, min_images=2, batch_size=8)
+    with pytest.raises(InputError, match="raw images.*LoadedModel"):
+        ClassPaths(**kw).fit(vgg.model, raw)
+    a = ClassPaths(**kw).fit(vgg, raw)  # annotated samples, raw: normalised at the door
+    b = ClassPaths(**kw).fit(vgg.model, normed)
+    for name in a.masks_:
+        torch.testing.assert_close(a.masks_[name], b.masks_[name])

@@ -897,10 +897,12 @@ class ClassSpecificGates:
             Unknown layer or fine-tune block names.
         """
         self._validate_params()
+        door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         source = _Source(data, labels, self.batch_size)
-        source.door = data_fit(model, data, arg="data").images
+        source.door = door
         if self.recipe == "finetune" and not source.reiterable:
             raise InputError(
                 "recipe='finetune' goes over the data once per epoch; pass tensors, a Dataset "

@@ -421,9 +421,8 @@ class InformationDropout:
         return kl_log_normal(alpha, f, mu, sigma)
 
     # ---------------------------------------------------------------- fitting
-    def _survey(self, model, data, names, dev, n_out, row_of):
+    def _survey(self, model, data, names, dev, n_out, row_of, door):
         """One no-grad pass: priors, log-normal parameters, activation scales, label counts."""
-        door = data_fit(model, data, arg="data").images
         gen = torch.Generator().manual_seed(self.random_state + 1)
         stats = {n: _LayerStats() for n in names}
         counts = torch.zeros(int((row_of >= 0).sum()), dtype=torch.long)
@@ -475,6 +474,7 @@ class InformationDropout:
 
         self._check_params()
         door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         dev = _model_device(model, self.device)
         probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
@@ -490,7 +490,9 @@ class InformationDropout:
         known = _known_labels(data)
         if known is not None and bool(((known < 0) | (known >= n_out)).any()):
             raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
-        priors, mus, sigmas, scales, counts = self._survey(model, data, names, dev, n_out, row_of)
+        priors, mus, sigmas, scales, counts = self._survey(
+            model, data, names, dev, n_out, row_of, door
+        )
         self.priors_, self.prior_mu_, self.prior_sigma_, self.scales_ = priors, mus, sigmas, scales
         keep = helper._check_counts(counts, cls)
         n_rows = len(cls)

@@ -631,10 +631,9 @@ def _raw_batches(
         seed = int(torch.randint(2**62, (1,), generator=gen))
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), collate_fn=_collate_pairs,
         )  # fmt: skip
-        for batch in loader:
-            yield _split_batch(batch)
+        yield from loader
     else:
         try:
             it = iter(data)  # type: ignore[call-overload]
@@ -645,6 +644,21 @@ def _raw_batches(
             ) from None
         for batch in it:
             yield _split_batch(batch)
+
+
+def _collate_pairs(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(image, label, ...)`` samples; what follows the label (annotations) is
+    dropped, so that datasets with ground truth can be used as they are."""
+    try:
+        xs = torch.stack([torch.as_tensor(s[0]) for s in samples])
+    except (TypeError, IndexError, RuntimeError) as exc:
+        raise InputError(
+            "dataset samples must be (image, label, ...) with C x H x W images of one size; "
+            f"got {type(samples[0]).__name__}: {exc}"
+        ) from None
+    if not all(isinstance(s, tuple | list) and len(s) > 1 for s in samples):
+        raise InputError("dataset samples must be (image, label, ...) pairs; labels are missing")
+    return xs, as_labels([s[1] for s in samples])
 
 
 def _first_images(data: object) -> torch.Tensor:
@@ -959,6 +973,7 @@ class ClassPaths:
         """
         self._check_params()
         door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         dev = _model_device(model, self.device)
         probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
