@@ -442,6 +442,27 @@ def test_xnn_fit_and_transform(data, n_features):
     res = check("XNN.fit", lambda: head.fit(z, logits, labels), finite=finite, names=HEAD_NAMES)
     if not isinstance(res, XnnError):
         check("XNN.transform", lambda: head.transform(z), finite=finite, names=HEAD_NAMES)
+        return
+    # repaired (finite float activations with at least 3 dimensions, balanced logits): it must
+    # fit, and its x-features must be finite
+    good = (
+        torch.nan_to_num(z.float(), posinf=1.0, neginf=-1.0).reshape(len(z), -1)
+        if (z.dim() >= 2 and len(z) == 40 and z.is_floating_point())
+        else _rand40()
+    )
+    if good.shape[1] < 3:
+        good = _rand40()
+    w = torch.randn(good.shape[1], 3, generator=torch.Generator().manual_seed(0))
+    balanced = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float() * 10
+    ok = XNN(n_features=2, hidden=(4,), n_positive=4, n_negative=8, max_epochs=1,
+             batch_size=16, val_fraction=0.25)  # fmt: skip
+    check("XNN.fit (repaired)", lambda: ok.fit(good, balanced + 0.1 * good @ w), names=[])
+    out = check("XNN.transform (repaired)", lambda: ok.transform(good), names=[])
+    assert out.shape[0] == len(good)
+
+
+def _rand40() -> torch.Tensor:
+    return torch.rand(40, 6, generator=torch.Generator().manual_seed(1))
 
 
 @_examples(50)
