@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from .errors import AssetError
+from .errors import AssetError, InputError, XnnError
 
-__all__ = ["atomic_write", "atomic_write_text", "load_estimator_files", "save_estimator_files"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "checked_load",
+    "load_estimator_files",
+    "loaded_params",
+    "save_estimator_files",
+]
 
 
 def _umask() -> int:
@@ -119,3 +127,44 @@ def load_estimator_files(
     if not isinstance(meta, dict) or meta.get("type") != type_name:
         raise AssetError(f"{path}.json does not describe {type_name}; it is not {what}")
     return meta, tensors
+
+
+def checked_load(what: str) -> Callable:
+    """Decorate an estimator's ``load(cls, path, ...)``: whatever a damaged or edited file
+    makes it raise (a ``KeyError`` for a missing entry, a ``TypeError`` for a value of the
+    wrong type, ...) becomes an :class:`AssetError` that names the files and ``what``."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def load(cls: Any, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(cls, path, *args, **kwargs)
+            except XnnError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    RuntimeError) as exc:  # fmt: skip
+                raise AssetError(
+                    f"{os.fspath(path)}.json / .safetensors do not hold valid {what} "
+                    f"({type(exc).__name__}: {exc}); save it again"
+                ) from None
+
+        return load
+
+    return decorate
+
+
+def loaded_params(cls: type, params: Any, path: str | os.PathLike, what: str) -> Any:
+    """``cls(**params)`` from a file, its hyperparameters checked (``_check_params`` or
+    ``_validate_params``); an invalid value is an :class:`AssetError` naming the file."""
+    if not isinstance(params, dict):
+        raise AssetError(f"{os.fspath(path)}.json: 'params' of {what} must be a JSON object")
+    try:
+        est = cls(**params)
+        check = getattr(est, "_check_params", None) or getattr(est, "_validate_params", None)
+        if check is not None:
+            check()
+    except (InputError, TypeError, ValueError) as exc:
+        raise AssetError(
+            f"{os.fspath(path)}.json holds invalid settings for {what}: {exc}; save it again"
+        ) from None
+    return est

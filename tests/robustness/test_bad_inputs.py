@@ -550,10 +550,18 @@ MODEL_HEADS = {
 
 @pytest.mark.parametrize("head", sorted(MODEL_HEADS))
 @_examples(12)
-@given(x=tensors(dims=(4,) * 6 + (3,), max_side=8, chans=(3, 3, 3, 1),
-                 lead=st.sampled_from([16, 16, 16, 0, 2])),
-       labels=st.data(), kind=st.sampled_from(["none", "none", "truncate", "json"]))  # fmt: skip
-def test_model_heads(net, tmp_path_factory, head, x, labels, kind):
+@given(
+    x=tensors(
+        dims=(4,) * 6 + (3,),
+        max_side=8,
+        chans=(3, 3, 3, 1),
+        lead=st.sampled_from([16, 16, 16, 0, 2]),
+    ),
+    labels=st.data(),
+    kind=st.sampled_from(["none", "truncate", "json", "edit", "edit"]),
+    edit=st.tuples(st.integers(0, 40), st.sampled_from(["junk", -1, None, [1, "a"], 1e300])),
+)
+def test_model_heads(net, tmp_path_factory, head, x, labels, kind, edit):
     x, finite = x
     n = int(x.shape[0]) if x.dim() else 0
     y = labels.draw(st.one_of(st.just(torch.arange(n) % 4), labels_for(n)))
@@ -576,6 +584,13 @@ def test_model_heads(net, tmp_path_factory, head, x, labels, kind):
     elif kind == "json":
         j = next(f for f in files if f.suffix == ".json")
         j.write_text(j.read_text().replace("{", "[", 1))
+    elif kind == "edit":  # one value of the JSON (or of its params) replaced by junk
+        j = next(f for f in files if f.suffix == ".json")
+        meta = json.loads(j.read_text())
+        keys = [(meta, k) for k in meta] + [(meta["params"], k) for k in meta["params"]]
+        where, key = keys[edit[0] % len(keys)]
+        where[key] = edit[1]
+        j.write_text(json.dumps(meta))
     check(
         f"{head}.load",
         lambda: type(h).load(folder / "h"),

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
@@ -1436,6 +1436,7 @@ class ClassSpecificGates:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the gates")
     def load(
         cls,
         path: str | os.PathLike,
@@ -1460,7 +1461,7 @@ class ClassSpecificGates:
         """
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "ClassSpecificGates", "the gates")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the gates")
         c, k = int(meta["n_classes_"]), int(meta["n_filters_"])
         gates = tensors.get("gates")
         if gates is None or tuple(gates.shape) != (c, k):

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
@@ -797,11 +797,12 @@ class InformationDropout:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the information dropout")
     def load(cls, path: str | os.PathLike) -> InformationDropout:
         """Read masks written by :meth:`save`."""
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "InformationDropout", "the information dropout")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the information dropout")
         try:
             self.layers_ = list(meta["layers_"])
             self.priors_ = dict(meta["priors_"])

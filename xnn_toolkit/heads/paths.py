@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
@@ -1327,11 +1327,12 @@ class ClassPaths:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the class paths")
     def load(cls, path: str | os.PathLike) -> ClassPaths:
         """Read paths written by :meth:`save`."""
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "ClassPaths", "the class paths")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the class paths")
         try:
             self.layers_ = list(meta["layers_"])
             self.logits_ = {n: tensors[f"logits/{n}"] for n in self.layers_}
