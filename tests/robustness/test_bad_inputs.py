@@ -679,6 +679,21 @@ def test_feature_metrics(acts, labels, which):
                                 "example", "samples", "classes"])  # fmt: skip
 
 
+@pytest.mark.parametrize("curve", ["deletion_curve", "insertion_curve"])
+@_examples(16)
+@given(x=tensors(dims=(4,) * 5 + (3,), max_side=8, chans=(3, 3, 3, 1)),
+       maps=tensors(dims=(3,) * 5 + (2, 4), max_side=8), target=TARGETS,
+       steps=st.sampled_from([4, 4, 0, -1, 1000]))  # fmt: skip
+def test_curves(net, curve, x, maps, target, steps):
+    (x, x_ok), (m, m_ok) = x, maps
+    if x.dim() == 4 and m.dim() == 3 and m.shape[0] == x.shape[0]:
+        # maps of the images' size (the other shapes stay as generated), so results are reached
+        m = m[:, :1, :1].expand(-1, x.shape[2], x.shape[3]).contiguous()
+    check(f"metric:{curve}", lambda: getattr(M, curve)(net, x, m, target, steps=steps),
+          model=net, finite=x_ok and m_ok,
+          names=METRIC_NAMES + ["inputs", "target", "steps", "model"])  # fmt: skip
+
+
 # --------------------------------------------------------------------------- score_dataset
 
 
