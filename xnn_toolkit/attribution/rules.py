@@ -253,16 +253,28 @@ def _stabilise(z: torch.Tensor, eps: float, relative: bool = False) -> torch.Ten
     )
 
 
-def _stabilise_(z: torch.Tensor, eps: float, relative: bool = False) -> torch.Tensor:
-    """In-place :func:`_stabilise` for a tensor known to be non-negative."""
-    return z.add_(_scale(z, eps, relative, nonneg=True))
+def _stabilise_(z: torch.Tensor, eps: float, relative: bool = False) -> tuple[torch.Tensor, bool]:
+    """In-place :func:`_stabilise` for a tensor known to be non-negative.
+
+    Returns the tensor and whether it may still hold zeros (only where the stabiliser is
+    zero: ``eps = 0``, or an image whose denominators are all zero), so the zero mask of
+    :func:`_divide` is only paid for when it can matter.
+    """
+    e = _scale(z, eps, relative, nonneg=True)
+    z.add_(e)
+    zeros = bool((e == 0).any()) if torch.is_tensor(e) else e == 0
+    return z, zeros
 
 
-def _divide(grad: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def _divide(
+    grad: torch.Tensor, z: torch.Tensor, inplace: bool = False, zeros: bool = True
+) -> torch.Tensor:
     """``grad / z`` where ``z != 0``, else ``0`` (a unit with no contribution passes nothing).
 
-    With ``inplace`` the result is written into ``z``.
+    With ``inplace`` the result is written into ``z``; ``zeros=False`` says ``z`` has none.
     """
+    if not zeros:
+        return torch.div(grad, z, out=z) if inplace else grad / z
     zero = z == 0
     s = torch.div(grad, z, out=z) if inplace else grad / z
     return s.masked_fill_(zero, 0)
@@ -272,7 +284,7 @@ def _excite_through(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     grad: torch.Tensor,
-    denominator: Callable[[torch.Tensor], torch.Tensor],
+    denominator: Callable[[torch.Tensor], tuple[torch.Tensor, bool]],
 ) -> torch.Tensor:
     """``x * J^T(grad / denominator(fn(x)))``: the shared core of the z⁺ and pooling rules.
 
@@ -283,8 +295,8 @@ def _excite_through(
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         y = fn(xg)
-        z = denominator(y.detach())  # the output is not saved by its backward: reuse it
-        s = _divide(grad, z, inplace=z.data_ptr() == y.data_ptr())
+        z, zeros = denominator(y.detach())  # the output is not saved by its backward: reuse it
+        s = _divide(grad, z, inplace=z.data_ptr() == y.data_ptr(), zeros=zeros)
         (g,) = torch.autograd.grad(y, xg, s)
     return g.mul_(x)
 
@@ -304,7 +316,7 @@ class _Stabilised(Rule):
     def relative(self) -> bool:
         return self.mode == "relative"
 
-    def _stab_(self, z: torch.Tensor) -> torch.Tensor:
+    def _stab_(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return _stabilise_(z, self.stabilizer, self.relative)
 
     def __repr__(self) -> str:
@@ -376,7 +388,8 @@ class ZPlus(_Stabilised):
             xpg = xp.detach().requires_grad_(True)
             xng = xn.detach().requires_grad_(True)
             z = call.run(xpg, arg1=wp, arg2=None) + call.run(xng, arg1=wn, arg2=None)
-            s = _divide(grad, self._stab_(z.detach()), inplace=True)
+            zs, zeros = self._stab_(z.detach())
+            s = _divide(grad, zs, inplace=True, zeros=zeros)
             gp, gn = torch.autograd.grad(z, (xpg, xng), s)
         return xp * gp + xn * gn
 
@@ -419,9 +432,10 @@ def _linear_zplus(
         if relative and eps:
             m = (z * (gb != 0)).amax(1, keepdim=True)
             z.add_(m * eps)
+            zeros = bool((m == 0).any())
         else:
-            _stabilise_(z, eps)
-        s = _divide(gb, z, inplace=True)
+            z, zeros = _stabilise_(z, eps)
+        s = _divide(gb, z, inplace=True, zeros=zeros)
         for a, wp in zip(acc, ws):
             a.addmm_(s, wp)
     out = parts[0] * acc[0]
