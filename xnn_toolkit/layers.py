@@ -106,7 +106,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
         st = stages(model)
         if not -len(st) <= layer < len(st):
             raise LayerNotFoundError(
-                f"stage {layer} out of range: {type(model).__name__} has {len(st)} stages "
+                f"layer {layer}: stage {layer} out of range: {type(model).__name__} has "
+                f"{len(st)} stages "
                 f"({', '.join(s.name for s in st)})"
             )
         name = st[layer].name

@@ -105,8 +105,30 @@ class Preprocessing:
         -------
         Tensor
             ``N x C x H x W``, what the model expects.
+
+        Raises
+        ------
+        InputError
+            Integer images (e.g. uint8 pixels in 0..255), or values far outside ``[0, 1]``
+            (pixels in 0..255 stored as float, or images normalised already).
         """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            dtype = getattr(x, "dtype", type(x).__name__)
+            fix = "x.float() / 255" if dtype == torch.uint8 else "torch.as_tensor(x).float()"
+            raise InputError(
+                f"normalize(x) needs float images in [0, 1], got dtype {dtype}: convert with {fix}"
+            )
         mean, std = self._stats(x)
+        from .datafit import RAW_TOLERANCE
+
+        if x.numel():
+            lo, hi = float(x.amin()), float(x.amax())
+            if lo < -RAW_TOLERANCE or hi > 1 + RAW_TOLERANCE:
+                hint = "divide by 255" if hi > 20 else "are they normalised already?"
+                raise InputError(
+                    f"normalize(x) needs images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]: "
+                    f"{hint}"
+                )
         return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +236,14 @@ def load_model(
     >>> lm.preprocessing.mean
     (0.485, 0.456, 0.406)
     """
+    for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise SpecError(f"{arg} must be a positive int or None, got {value!r}")
+    if device is not None:
+        from ._device import resolve_device
+
+        device = resolve_device(device)  # before any weights are read
     loaded = _load(spec, pretrained, num_classes, in_chans, trust_pickle, kwargs)
     if preprocessing is not None:
         if not isinstance(preprocessing, Preprocessing):
@@ -597,7 +627,17 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             f"the card {card_path} needs 'arch': a 'timm:', 'torchvision:', 'zoo:' or "
             f"'bundled:' spec, got {arch!r}"
         )
-    args = dict(card.get("arch_kwargs", card.get("kwargs", {})) or {})
+    raw_args = card.get("arch_kwargs", card.get("kwargs", {})) or {}
+    if not isinstance(raw_args, dict):
+        raise AssetError(f"the card {card_path} needs 'arch_kwargs' as a JSON object, got "
+                         f"{raw_args!r}")  # fmt: skip
+    names = card.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise AssetError(f"the card {card_path} needs 'class_names' as a list of strings or "
+                         f"null, got {names!r}")  # fmt: skip
+    args = dict(raw_args)
     args.update(kwargs)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if value is not None:
@@ -606,12 +646,33 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             args[key] = card[key]
     k_arg = args.pop("num_classes", None)
     c_arg = args.pop("in_chans", None)
-    base = _load(arch, False, k_arg, c_arg, False, args)
+    want = card.get("weights_sha256")
+    if want is not None:
+        from .zoo import _sha256
+
+        have = _sha256(path)
+        if not isinstance(want, str) or have != want.lower():
+            raise AssetError(
+                f"the weights file {path} is damaged or not the one its card {card_path} "
+                f"describes: sha256 {have}, the card's weights_sha256 is {want!r}; copy the "
+                "file again, or remove weights_sha256 from the card if you changed the "
+                "weights on purpose"
+            )
+    try:
+        base = _load(arch, False, k_arg, c_arg, False, args)
+    except SpecError as exc:
+        raise SpecError(f"the card {card_path} names an architecture that cannot be built "
+                        f"({arch!r}): {exc}") from None  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise AssetError(f"the card {card_path} describes an architecture that cannot be "
+                         f"built ({arch!r}, {args}): {exc}") from None  # fmt: skip
     state = _read_state_dict(path, is_safetensors)
     _load_state(base.model, state, path)
     prep = _preprocessing_from_card(card, base.preprocessing, str(card_path))
-    names = card.get("class_names")
     k = card.get("num_classes", base.num_classes)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise AssetError(f"the card {card_path} needs 'num_classes' as a positive int, got "
+                         f"{k!r}")  # fmt: skip
     return LoadedModel(
         base.model, prep, str(path), str(card.get("name", path.stem)), k,
         list(names) if names else base.class_names, card,
@@ -749,8 +810,11 @@ def save_model(
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     # tied weights share storage, which safetensors refuses: give each its own copy
     state = {k: v.clone() for k, v in state.items()}
-    text = json.dumps(card, indent=2, default=str)
     atomic_write(path, lambda tmp: save_file(state, tmp))
+    from .zoo import _sha256
+
+    card["weights_sha256"] = _sha256(path)  # load_model checks it
+    text = json.dumps(card, indent=2, default=str)
     atomic_write_text(_card_path(path), text)
     return path
 
