@@ -8,6 +8,6 @@ The CAM family of pytorch-grad-cam is in the method registry itself
 (:mod:`xnn_toolkit.attribution.gradcam_bridge`).
 """
 
-from .quantus import quantus_explain_func
+from .quantus import quantus_explain_func, quantus_metric_names, quantus_metric_spec
 
-__all__ = ["quantus_explain_func"]
+__all__ = ["quantus_explain_func", "quantus_metric_names", "quantus_metric_spec"]

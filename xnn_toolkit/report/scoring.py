@@ -560,6 +560,13 @@ def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor) -
     return maps
 
 
+def _method_options(plan: _Plan, mi: int, method: Any) -> dict[str, Any]:
+    """Constructor options (layer included) that rebuild method ``mi`` on another model."""
+    name = plan.cfg.methods[mi]
+    opts = {k: v for k, v in plan.cfg.method_options.get(name, {}).items() if k != "layer"}
+    return {"layer": method.layer, **opts}
+
+
 def _shard_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63 - 1)
 
@@ -588,7 +595,9 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
                     maps = _heatmaps(method, x, t, classes)
                     inp = ScoreInputs(maps=maps, images=x, classes=classes, parts=parts,
                                       model=plan.model, tolerance=cfg.tolerance, top=cfg.top,
-                                      steps=cfg.steps, batch_size=max(64, cfg.batch_size))
+                                      steps=cfg.steps, batch_size=max(64, cfg.batch_size),
+                                      method=plan.cfg.methods[mi],
+                                      method_options=_method_options(plan, mi, method))
                     cols = [torch.tensor(idx, dtype=torch.float64),
                             torch.full((b,), float(ti), dtype=torch.float64),
                             torch.full((b,), float(mi), dtype=torch.float64),
