@@ -105,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--methods", default="cmwp,gradcam", help="comma-separated attribution "
-                   "methods (default: cmwp,gradcam)")  # fmt: skip
+                   "methods (default: cmwp,gradcam); besides the toolkit's own, the CAM "
+                   "family of pytorch-grad-cam (extra [cam]): scorecam, layercam, xgradcam, "
+                   "hirescam, eigencam, eigengradcam, ablationcam, fullgrad")  # fmt: skip
     p.add_argument("--metrics", default="auto", help="comma-separated metrics, or auto: "
-                   "every metric the dataset's ground truth supports")  # fmt: skip
+                   "every metric the dataset's ground truth supports; quantus:NAME adds any "
+                   "Quantus metric (e.g. quantus:Sparseness, quantus:MaxSensitivity, "
+                   "quantus:RandomLogit), scored from the runner's maps")  # fmt: skip
     p.add_argument("--target", default="label", choices=["label", "predicted"],
                    help="class explained on each image (default: label)")  # fmt: skip
     p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
