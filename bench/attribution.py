@@ -17,6 +17,13 @@ rotating order per repetition (medians over ``--reps``):
   package needs a graph to hook, so with frozen parameters its input requires grad and its
   backward runs down to the input; ours stops at the layer).
 
+``--real`` (on by default, ``--no-real`` to skip) adds the real ImageNet
+EfficientNet-Lite0 (``bundled:efficientnet_lite0``: depthwise convolutions, ReLU6, residual
+adds) on scikit-image's photos: time of MWP, c-MWP, MWP to the input and Grad-CAM in units
+of one forward + backward, and the conservation books (``metadata.conservation``): mass at
+the read layer and the share lost per image. When the bundled weights are not installed it
+says so and uses timm's architecture with random weights.
+
 Targets (reference on this kind of machine, from the brief): MWP <= TorchRay's time at the
 same layer; c-MWP <= 0.75 x TorchRay's contrastive; MWP to the input <= 0.5 x Zennit's.
 
@@ -106,15 +113,20 @@ def _callables(arch: str, model, x, classes):
         "torchray_eb": lambda: excitation_backprop(model, x, classes, saliency_layer=read),
         "cmwp": lambda: cmwp.attribute(x, target),
         "torchray_ceb": lambda: contrastive_excitation_backprop(
-            model, x, classes, saliency_layer=read, contrast_layer=contrast,
+            model,
+            x,
+            classes,
+            saliency_layer=read,
+            contrast_layer=contrast,
             classifier_layer=classifier,
         ),
         "mwp_input": lambda: mwp_in.attribute(x, target),
         "zennit_eb": zennit,
         "gradcam": lambda: gradcam.attribute(x, target),
         # the package needs a graph: with frozen parameters the input must require grad
-        "gradcam_pkg": lambda: pkg(input_tensor=x.clone().requires_grad_(True),
-                                   targets=pkg_targets),
+        "gradcam_pkg": lambda: pkg(
+            input_tensor=x.clone().requires_grad_(True), targets=pkg_targets
+        ),
     }
 
 
@@ -157,8 +169,108 @@ def _profile(arch: str, fns: dict) -> None:
         conv = [e for e in events if "conv" in e.key and e.key.startswith("aten::")]
         conv_self = sum(e.self_cpu_time_total for e in conv)
         counts = ", ".join(f"{e.key} x{e.count}" for e in conv if e.self_cpu_time_total > 0)
-        print(f"profile {arch} {name}: {total / 1e6:.3f} s of operators, convolutions "
-              f"{100 * conv_self / total:.0f} % ({counts})")
+        print(
+            f"profile {arch} {name}: {total / 1e6:.3f} s of operators, convolutions "
+            f"{100 * conv_self / total:.0f} % ({counts})"
+        )
+
+
+def _real_model():
+    """bundled:efficientnet_lite0 and two photos at its input size (or a stand-in, said)."""
+    import numpy as np
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from skimage import data
+
+    from xnn_toolkit import load_model
+
+    try:
+        lm = load_model("bundled:efficientnet_lite0")
+        model, what = lm.model, "bundled:efficientnet_lite0 (ImageNet weights)"
+        mean, std = lm.preprocessing.mean, lm.preprocessing.std
+    except Exception as err:  # noqa: BLE001 - the bench still runs, and says what it ran
+        torch.manual_seed(0)
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        what = f"timm tf_efficientnet_lite0, RANDOM weights ({type(err).__name__}: {err})"
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    photos = [data.chelsea(), data.coffee()]
+    x = torch.stack(
+        [
+            F.interpolate(
+                torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255,
+                size=(224, 224),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
+            for im in photos
+        ]
+    )
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return model, (x - m) / s, what
+
+
+def _real(reps: int) -> list[tuple[str, float]]:
+    import torch
+
+    from xnn_toolkit.attribution import ContrastiveExcitationBackprop, ExcitationBackprop, GradCAM
+    from xnn_toolkit.layers import default_read_layer
+
+    model, x, what = _real_model()
+    with torch.no_grad():
+        classes = model(x).argmax(1)
+    target = classes.tolist()
+    read = default_read_layer(model)
+    methods = {
+        "mwp": ExcitationBackprop(model),
+        "cmwp": ContrastiveExcitationBackprop(model),
+        "mwp_input": ExcitationBackprop(model, layer="input"),
+        "gradcam": GradCAM(model),
+    }
+
+    def unit():
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        g = torch.zeros_like(out)
+        g[torch.arange(len(target)), classes] = 1
+        out.backward(g)
+
+    fns = {"unit": unit, **{n: (lambda m=m: m.attribute(x, target)) for n, m in methods.items()}}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for rep in range(reps):
+        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
+        for n in order:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    print(f"\nefficientnet_lite0: {what}; predicted classes {target}; read layer {read}")
+    print(f"  median seconds and multiples of one forward + backward ({med['unit']:.3f} s)")
+    results = []
+    for n, t in med.items():
+        print(f"  {n:13s} {t:8.3f} s  {t / med['unit']:6.2f} x")
+        if n != "unit":
+            results.append((f"efficientnet_lite0_{n}_over_unit", t / med["unit"]))
+    for n in ("mwp", "mwp_input", "cmwp"):
+        res = methods[n].attribute(x, target)
+        books = res.metadata.conservation
+        lost = books.lost_share
+        print(
+            f"  {n:13s} at {res.metadata.layer}: sum {books.read_sum.tolist()}, "
+            f"|sum| {books.read_abs.tolist()}, lost {lost.tolist()}, "
+            f"top losses {dict(list(books.by_layer.items())[:3])}, "
+            f"fallbacks {len(res.metadata.fallbacks)}"
+        )
+        if n != "cmwp":
+            results.append((f"efficientnet_lite0_{n}_lost_share_max", float(lost.max())))
+    return results
 
 
 def main() -> None:
@@ -167,8 +279,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--arch", nargs="*", default=["vgg16", "resnet50"])
-    ap.add_argument("--profile", action="store_true",
-                    help="also profile one MWP and one TorchRay call (convolution share)")
+    ap.add_argument(
+        "--real",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the real EfficientNet-Lite0 on two photos (default on)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one MWP and one TorchRay call (convolution share)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -177,8 +298,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     size, batch = (64, 2) if args.quick else (224, 4)
     reps = args.reps or (1 if args.quick else 4)
-    print(f"images {batch} x 3 x {size} x {size}, reps {reps}, threads "
-          f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+    print(
+        f"images {batch} x 3 x {size} x {size}, reps {reps}, threads "
+        f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}, torch {torch.__version__}"
+    )
     results: list[tuple[str, float]] = []
     for arch in args.arch:
         model, x, classes = _setup(arch, size, batch)
@@ -197,9 +320,12 @@ def main() -> None:
         for n in med:
             if n != "unit":
                 results.append((f"{arch}_{n}_over_unit", med[n] / unit))
+    if args.real:
+        results += _real(reps)
     print()
     for name, value in results:
-        print(f"RESULT {name} {value:.3f} ratio")
+        unit = "share" if name.endswith("lost_share_max") else "ratio"
+        print(f"RESULT {name} {value:.4f} {unit}")
 
 
 if __name__ == "__main__":

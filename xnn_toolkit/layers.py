@@ -8,6 +8,8 @@ change of spatial resolution.
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,9 +150,7 @@ def _pattern_stages(model: nn.Module) -> list[Stage] | None:
         return [Stage(n) for n in dense]
     feats = getattr(model, "features", None)
     if isinstance(feats, nn.Sequential):
-        pools = [
-            f"features.{i}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)
-        ]
+        pools = [f"features.{i}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
         if len(pools) >= 3:  # VGG-style: stages end at the pooling layers
             return [Stage(p) for p in pools]
     return None
@@ -175,7 +175,6 @@ def _probe_stages(model: nn.Module) -> list[Stage]:
     body = model.get_submodule(body_name) if body_name else model
     prefix = body_name + "." if body_name else ""
     in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    size = 64
     order: list[tuple[str, int, int]] = []
 
     def make(name: str):
@@ -185,15 +184,18 @@ def _probe_stages(model: nn.Module) -> list[Stage]:
 
         return hook
 
+    size = 0
     with model_guard(model, eval_mode=True):
-        handles = [
-            m.register_forward_hook(make(prefix + n)) for n, m in body.named_children()
-        ]
+        handles = [m.register_forward_hook(make(prefix + n)) for n, m in body.named_children()]
         try:
-            with torch.no_grad():
-                model(torch.zeros(1, in_ch, size, size))
-        except Exception:  # noqa: BLE001 - a failed probe only means "no stages known"
-            order.clear()
+            for size in _probe_sizes(model):
+                order.clear()
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(1, in_ch, size, size))
+                    break
+                except Exception:  # noqa: BLE001 - a failed probe: try the next size
+                    order.clear()
         finally:
             for h in handles:
                 h.remove()
@@ -230,11 +232,116 @@ def stages(model: nn.Module) -> list[Stage]:
     return _timm_stages(model) or _pattern_stages(model) or _probe_stages(model)
 
 
+def _probe_sizes(model: nn.Module) -> list[int]:
+    """Input sizes to probe a model with: 64, then its data config's size, then 224.
+
+    Models with a fixed input size (a flatten + linear head) only run at their own size,
+    which timm and the toolkit's cards record as ``pretrained_cfg["input_size"]``.
+    """
+    sizes = [64]  # cheap, and enough for every network that takes any size
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(size, list | tuple) and len(size) == 3 and int(size[-1]) > 0:
+            sizes.append(int(size[-1]))
+    for size in (64, 224):
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _nearest_stride(st: list[Stage], stride: int) -> Stage:
+    """The deepest stage whose reduction is nearest ``stride`` (on a log scale)."""
+    known = [s for s in st if s.reduction]
+    if not known:
+        return st[len(st) // 2]
+    best = min(abs(math.log2(s.reduction) - math.log2(stride)) for s in known)  # type: ignore[arg-type]
+    return [s for s in known if abs(math.log2(s.reduction) - math.log2(stride)) == best][-1]  # type: ignore[arg-type]
+
+
+_MAIN_PATH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _main_path(model: nn.Module, name: str, taps: list[str]) -> str:
+    """The block output that holds ``name`` when ``name`` is a tap inside a block.
+
+    timm's ``feature_info`` sometimes names a module inside a residual block (xception's
+    ``blocks.2.stack.act3``, before the shortcut is added): only part of the signal passes
+    there. The outermost enclosing module with the tap's resolution that holds no other
+    stage tap is the block's output on the main path; when the block itself downsamples
+    (the tap is taken before its strided convolution), the previous block's output is.
+    """
+    parts = name.split(".")
+    if len(parts) <= 2:
+        return name
+    cache = _MAIN_PATH.setdefault(model, {})
+    if name in cache:
+        return cache[name]
+    from ._guard import model_guard
+
+    modules = dict(model.named_modules())
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
+    ancestors = [
+        a
+        for a in ancestors
+        if a in modules and not any(t != name and t.startswith(a + ".") for t in taps)
+    ]
+    shapes: dict[str, tuple] = {}
+
+    def make(key: str):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(key, tuple(out.shape))
+
+        return hook
+
+    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    chosen = name
+    outer = ancestors[0] if ancestors else ""
+    parent = outer.rpartition(".")[0]
+    siblings = [f"{parent}.{n}" for n, _ in modules[parent].named_children()] if parent else []
+    with model_guard(model, eval_mode=True):
+        watched = dict.fromkeys([*ancestors, name, *siblings])
+        handles = [modules[k].register_forward_hook(make(k)) for k in watched]
+        try:
+            for size in _probe_sizes(model):
+                shapes.clear()
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(1, in_ch, size, size))
+                    break
+                except Exception:  # noqa: BLE001 - a failed probe: try the next size
+                    shapes.clear()
+        finally:
+            for h in handles:
+                h.remove()
+    spatial = shapes[name][2:] if name in shapes else None
+    if spatial is not None and ancestors:
+        outer = ancestors[0]
+        same = [a for a in ancestors if a in shapes and shapes[a][2:] == spatial]
+        if same:
+            chosen = same[0]  # the outermost block with the tap's resolution
+        else:
+            # the tap sits before the block's own downsampling: the main path at the tap's
+            # resolution is the output of the block before it
+            parent, _, last = outer.rpartition(".")
+            siblings = [n for n, _ in modules[parent].named_children()] if parent else []
+            if last in siblings and siblings.index(last) > 0:
+                prev = f"{parent}.{siblings[siblings.index(last) - 1]}"
+                if shapes.get(prev, ())[2:] == spatial:
+                    chosen = prev
+    cache[name] = chosen
+    return chosen
+
+
 def default_read_layer(model: nn.Module) -> str:
-    """The layer where heatmaps are read by default (METHODS §2.1).
+    """The layer where heatmaps are read by default.
 
     VGG-style nets: the fourth pooling layer (pool4); ResNets: the end of stage 3
-    (``layer3``); otherwise the middle stage.
+    (``layer3``); otherwise the output of the stage whose stride is nearest 16 (the stride of
+    pool4 and ResNet's ``layer3``, measured, so multi-branch nets such as HRNet are covered),
+    taken on the main path: when timm names a tap inside a residual block, the block's
+    output is used instead.
 
     Parameters
     ----------
@@ -246,7 +353,7 @@ def default_read_layer(model: nn.Module) -> str:
         A dotted layer name.
     """
     names = {n for n, _ in model.named_modules()}
-    if "layer3" in names:
+    if {"layer3", "layer4"} <= names:
         return "layer3"
     feats = getattr(model, "features", None)
     if isinstance(feats, nn.Sequential):
@@ -258,4 +365,49 @@ def default_read_layer(model: nn.Module) -> str:
         raise LayerNotFoundError(
             f"could not find stages in {type(model).__name__}; pass layer= explicitly"
         )
-    return st[len(st) // 2].name
+    stage = _nearest_stride(st, 16)
+    if stage.reduction != 16:
+        found = _module_at_stride(model, 16)
+        if found is not None:
+            return found
+    return _main_path(model, stage.name, [s.name for s in st])
+
+
+def _module_at_stride(model: nn.Module, stride: int) -> str | None:
+    """The last module to output a map at ``stride``, the shallowest of those (a probe).
+
+    For multi-branch networks (HRNet) whose stages output lists of maps, so no stage
+    output is a single map at the wanted stride.
+    """
+    from ._guard import model_guard
+
+    runs: list[tuple[str, int]] = []
+    size = 0
+
+    def make(key: str):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 0:
+                runs.append((key, size // int(out.shape[-1])))
+
+        return hook
+
+    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    with model_guard(model, eval_mode=True):
+        handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
+        try:
+            for size in _probe_sizes(model):
+                runs.clear()
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(1, in_ch, size, size))
+                    break
+                except Exception:  # noqa: BLE001 - a failed probe: try the next size
+                    runs.clear()
+        finally:
+            for h in handles:
+                h.remove()
+    at = [(i, name) for i, (name, r) in enumerate(runs) if r == stride]
+    if not at:
+        return None
+    depth = min(name.count(".") for _, name in at)
+    return [name for _, name in at if name.count(".") == depth][-1]

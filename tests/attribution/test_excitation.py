@@ -47,9 +47,7 @@ def _literal_mwp(layers: list[nn.Module], x: torch.Tensor, top: torch.Tensor) ->
         if isinstance(layer, nn.Conv2d):
 
             def fn(t, layer=layer):
-                return nn.functional.conv2d(
-                    t, layer.weight, None, layer.stride, layer.padding
-                )
+                return nn.functional.conv2d(t, layer.weight, None, layer.stride, layer.padding)
 
         elif isinstance(layer, nn.Linear):
 
@@ -110,8 +108,8 @@ def test_rules_are_recorded_per_module_type():
     rules = res.metadata.rules
     assert rules["Conv2d"].startswith("z+")
     assert rules["ReLU"] == "pass-through"
-    assert "proportion" in rules["ResidualConcatNet.add"]
-    assert "proportion" in rules["ResidualConcatNet.add_"]
+    assert rules["ResidualConcatNet.add"] == "positive split over the branches"
+    assert rules["ResidualConcatNet.add_"] == "positive split over the branches"
     assert rules["ResidualConcatNet.cat"] == "routed to its parts"
     assert rules["ResidualConcatNet.max_pool2d"] == "winner takes all"
 
@@ -210,7 +208,11 @@ def test_mwp_matches_zennit_excitation_backprop(arch):
     for p in net.parameters():
         p.requires_grad_(True)
     before = snapshot(net)
-    ours = ExcitationBackprop(net, layer="input", stabilizer=1e-6).attribute(x, classes).raw
+    # zennit: an absolute stabiliser and the proportional split of residual sums
+    ours = ExcitationBackprop(
+        net, layer="input", stabilizer=1e-6, stabilizer_mode="absolute", residual="proportional"
+    )
+    ours = ours.attribute(x, classes).raw
     assert_unchanged(net, before)
     for n in range(2):
         corr = torch.corrcoef(torch.stack([ours[n].flatten(), ref[n].flatten()]))[0, 1]
@@ -228,15 +230,20 @@ def test_mwp_and_cmwp_match_torchray_on_vgg16_at_pool4():
     # float64: c-MWP is a small difference of two maps that each carry mass 1
     net = torchvision.models.vgg16(num_classes=20).eval().double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    ours = ExcitationBackprop(net, layer="features.23", stabilizer=1e-20).attribute(x, [4, 9])
-    ours_c = ContrastiveExcitationBackprop(net, layer="features.23", stabilizer=1e-20)
+    kw = {"stabilizer": 1e-20, "stabilizer_mode": "absolute"}  # TorchRay's form
+    ours = ExcitationBackprop(net, layer="features.23", **kw).attribute(x, [4, 9])
+    ours_c = ContrastiveExcitationBackprop(net, layer="features.23", **kw)
     ours_c = ours_c.attribute(x, [4, 9])
     for n, c in enumerate([4, 9]):
         ref = excitation_backprop(net, x[n : n + 1], c, saliency_layer="features.23")
         torch.testing.assert_close(ours.raw[n : n + 1].sum(1, keepdim=True), ref)
         ref = contrastive_excitation_backprop(
-            net, x[n : n + 1], c, saliency_layer="features.23",
-            contrast_layer="features.30", classifier_layer="classifier.6",
+            net,
+            x[n : n + 1],
+            c,
+            saliency_layer="features.23",
+            contrast_layer="features.30",
+            classifier_layer="classifier.6",
         )
         mine = ours_c.raw[n : n + 1].sum(1, keepdim=True).clamp(min=0)
         corr = torch.corrcoef(torch.stack([mine.flatten(), ref.flatten()]))[0, 1]
@@ -253,7 +260,13 @@ def test_mwp_matches_torchray_resnet_with_identity_batchnorm():
     patched = update_resnet(copy.deepcopy(net))  # TorchRay edits the blocks' forward
     x = torch.randn(1, 3, 64, 64)
     ref = excitation_backprop(patched, x, 6, saliency_layer="layer3")
-    ours = ExcitationBackprop(net, batchnorm="identity", stabilizer=1e-20).attribute(x, 6)
+    ours = ExcitationBackprop(
+        net,
+        batchnorm="identity",
+        stabilizer=1e-20,
+        stabilizer_mode="absolute",
+        residual="proportional",  # TorchRay's split of the skip connections
+    ).attribute(x, 6)
     torch.testing.assert_close(ours.raw.sum(1, keepdim=True), ref, rtol=1e-4, atol=1e-7)
 
 

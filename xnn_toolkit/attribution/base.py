@@ -22,6 +22,7 @@ from .targets import Target, as_target
 
 __all__ = [
     "Attribution",
+    "Conservation",
     "AttributionInfo",
     "AttributionMethod",
     "available_methods",
@@ -29,6 +30,47 @@ __all__ = [
     "get_method",
     "register_method",
 ]
+
+
+@dataclass(frozen=True)
+class Conservation:
+    """Where the winning probability of an Excitation Backprop call went, per image.
+
+    The top signal carries ``top`` (1 for a one-hot class); the rules pass it down layer by
+    layer; what reaches the read layer sums to ``read_sum``. The difference is ``lost``:
+    ``P`` that arrived at units with no positive contribution (``z+ = 0``; a depthwise filter
+    with no positive weight, a pooling window with no positive value) and the stabiliser's
+    share, booked where it happened. ``top - lost - read_sum`` is what operations without a
+    rule (plain-gradient fallbacks) changed.
+
+    Attributes
+    ----------
+    top : Tensor
+        ``N`` float64: mass of the top signal.
+    read_sum : Tensor
+        ``N``: sum of the map at the read layer (MWP: ``top - lost``; c-MWP: near 0).
+    read_abs : Tensor
+        ``N``: sum of its absolute values.
+    lost : Tensor
+        ``N``: mass not passed down, all layers together (c-MWP: that of the target half at
+        the top layer, then that of the difference below it).
+    lost_zero : Tensor
+        ``N``: the part of ``lost`` at conv, linear and pooling calls.
+    by_layer : dict of str to float
+        Share of ``top`` lost at each layer (mean over images), largest first.
+    """
+
+    top: torch.Tensor
+    read_sum: torch.Tensor
+    read_abs: torch.Tensor
+    lost: torch.Tensor
+    lost_zero: torch.Tensor
+    by_layer: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lost_share(self) -> torch.Tensor:
+        """``N``: ``lost / top`` (0 where ``top`` is 0)."""
+        return torch.where(self.top != 0, self.lost / self.top.where(self.top != 0, 1.0), 0.0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +93,9 @@ class AttributionInfo:
         BatchNorm treatment (``"fold"``, ``"identity"``, or ``"n/a"``).
     params : dict of str to object
         Hyperparameters of the call (stabiliser, blur sigma, steps, ...).
+    conservation : Conservation or None
+        Excitation Backprop: where the winning probability went (``None`` for other
+        methods).
     """
 
     method: str
@@ -60,6 +105,7 @@ class AttributionInfo:
     fallbacks: tuple[str, ...] = ()
     batchnorm: str = "n/a"
     params: dict[str, object] = field(default_factory=dict)
+    conservation: Conservation | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ layer propagation is linear in ``P``, so one backward pass yields
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,8 +39,15 @@ from torch.overrides import TorchFunctionMode
 from ..errors import InputError
 from ..layers import LayerSpec, default_read_layer
 from ._capture import _backward_to_read, _run
-from .base import Attribution, AttributionInfo, AttributionMethod, _heatmap, register_method
-from .rules import OpCall, Rule, _Log, default_rules
+from .base import (
+    Attribution,
+    AttributionInfo,
+    AttributionMethod,
+    Conservation,
+    _heatmap,
+    register_method,
+)
+from .rules import RESIDUAL_SPLITS, STABILIZER_MODES, OpCall, Rule, _Log, default_rules
 from .targets import Target
 
 __all__ = ["ExcitationBackprop", "ContrastiveExcitationBackprop", "excitation_mode"]
@@ -75,10 +83,13 @@ class _Excite(torch.autograd.Function):
         call: OpCall = ctx.call
         inputs = call.inputs + tuple(ctx.saved_tensors)
         grads = ctx.rule.backward(call, inputs, grad)
+        if ctx.rule.books:
+            call.log.book(call, grad, grads)
         return (None, None, None, *grads)
 
 
 # --- which torch functions are which kind -------------------------------------------------
+
 
 def _objs(names: Iterable[str], *spaces: object) -> list[Callable]:
     out = []
@@ -92,31 +103,100 @@ def _objs(names: Iterable[str], *spaces: object) -> list[Callable]:
 
 _TENSOR = torch.Tensor
 _ACT_NAMES = [
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu",
-    "elu_", "selu", "selu_", "celu", "celu_", "gelu", "silu", "mish", "hardswish",
-    "hardsigmoid", "sigmoid", "sigmoid_", "tanh", "tanh_", "softplus", "prelu", "rrelu",
-    "threshold", "threshold_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_",
-    "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink",
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "elu",
+    "elu_",
+    "selu",
+    "selu_",
+    "celu",
+    "celu_",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "softplus",
+    "prelu",
+    "rrelu",
+    "threshold",
+    "threshold_",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "clamp_min",
+    "clamp_min_",
+    "logsigmoid",
+    "softsign",
+    "tanhshrink",
+    "hardshrink",
+    "softshrink",
 ]
 _KINDS: dict[str, list[Callable]] = {
     "linear": _objs(["conv1d", "conv2d", "conv3d", "linear"], F),
     "pool": _objs(
-        ["avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-         "adaptive_avg_pool2d", "adaptive_avg_pool3d"], F
-    ) + _objs(["mean", "sum"], torch, _TENSOR),
+        [
+            "avg_pool1d",
+            "avg_pool2d",
+            "avg_pool3d",
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d",
+        ],
+        F,
+    )
+    + _objs(["mean", "sum"], torch, _TENSOR),
     "maxpool": _objs(
-        ["max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
-         "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool1d_with_indices",
-         "max_pool2d_with_indices", "max_pool3d_with_indices"], F
-    ) + _objs(["amax", "max"], torch, _TENSOR),
-    "add": _objs(["add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
-                  "__isub__"], torch, _TENSOR),
-    "gate": _objs(["mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_",
-                   "__truediv__", "__itruediv__", "true_divide"], torch, _TENSOR),
+        [
+            "max_pool1d",
+            "max_pool2d",
+            "max_pool3d",
+            "adaptive_max_pool1d",
+            "adaptive_max_pool2d",
+            "adaptive_max_pool3d",
+            "max_pool1d_with_indices",
+            "max_pool2d_with_indices",
+            "max_pool3d_with_indices",
+        ],
+        F,
+    )
+    + _objs(["amax", "max"], torch, _TENSOR),
+    "add": _objs(
+        ["add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"],
+        torch,
+        _TENSOR,
+    ),
+    "gate": _objs(
+        [
+            "mul",
+            "mul_",
+            "__mul__",
+            "__imul__",
+            "__rmul__",
+            "div",
+            "div_",
+            "__truediv__",
+            "__itruediv__",
+            "true_divide",
+        ],
+        torch,
+        _TENSOR,
+    ),
     "activation": _objs(_ACT_NAMES, F, torch, _TENSOR),
     "batchnorm": _objs(["batch_norm"], F),
-    "norm": _objs(["layer_norm", "group_norm", "instance_norm", "local_response_norm",
-                   "rms_norm"], F),
+    "norm": _objs(
+        ["layer_norm", "group_norm", "instance_norm", "local_response_norm", "rms_norm"], F
+    ),
     "route": _objs(["cat", "concat", "concatenate", "stack"], torch),
 }
 _KIND_OF: dict[Callable, str] = {}
@@ -126,14 +206,58 @@ for _kind, _funcs in _KINDS.items():
 
 #: Calls whose plain gradient is exact routing (no rule needed, nothing recorded).
 _ROUTING = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
-    "transpose", "t", "contiguous", "chunk", "split", "split_with_sizes", "tensor_split",
-    "unbind", "narrow", "select", "__getitem__", "squeeze", "unsqueeze", "expand",
-    "expand_as", "clone", "detach", "requires_grad_", "to", "type", "float", "double", "half",
-    "bfloat16", "cpu", "cuda", "dropout", "dropout1d", "dropout2d", "dropout3d",
-    "alpha_dropout", "feature_alpha_dropout", "pad", "movedim", "moveaxis", "swapaxes",
-    "swapdims", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-    "native_channel_shuffle", "identity", "__get__", "__set__", "roll",
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "t",
+    "contiguous",
+    "chunk",
+    "split",
+    "split_with_sizes",
+    "tensor_split",
+    "unbind",
+    "narrow",
+    "select",
+    "__getitem__",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "clone",
+    "detach",
+    "requires_grad_",
+    "to",
+    "type",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "cpu",
+    "cuda",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "pad",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "channel_shuffle",
+    "native_channel_shuffle",
+    "identity",
+    "__get__",
+    "__set__",
+    "roll",
 }
 
 #: Activations whose output is never negative.
@@ -143,8 +267,7 @@ _LINEAR_ARGS = {
     "linear": ("input", "weight", "bias"),
     "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
 }
-_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-            "eps")
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _BN_DEFAULTS = (None, None, None, None, None, False, 0.1, 1e-5)
 
 
@@ -304,9 +427,7 @@ class _ExcitationMode(TorchFunctionMode):
             return out
         bound = self._bind(kind, func, list(args), kwargs, where)
         if bound is None:
-            self.log.fallback(
-                f"{_name(func)}: operands not understood, plain gradient", where
-            )
+            self.log.fallback(f"{_name(func)}: operands not understood, plain gradient", where)
             return func(*args, **kwargs)
         args_l, slots, coefs = bound
         call = OpCall(func, kind, args_l, kwargs, slots, coefs, where, self.log)
@@ -406,9 +527,26 @@ def excitation_mode(
 
 _PASS_KINDS = {"activation", "batchnorm", "norm", "pool", "gate"}
 _ROUTE_NODES = (
-    "View", "UnsafeView", "Reshape", "ReshapeAlias", "Select", "Index", "Slice", "Squeeze",
-    "Unsqueeze", "Permute", "Transpose", "T", "Clone", "Expand", "AsStrided", "ToCopy",
-    "Alias", "Flatten", "Narrow", "Unbind",
+    "View",
+    "UnsafeView",
+    "Reshape",
+    "ReshapeAlias",
+    "Select",
+    "Index",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Permute",
+    "Transpose",
+    "T",
+    "Clone",
+    "Expand",
+    "AsStrided",
+    "ToCopy",
+    "Alias",
+    "Flatten",
+    "Narrow",
+    "Unbind",
 )
 
 
@@ -459,13 +597,14 @@ def _mark_contrast(top: torch.Tensor) -> str:
 
 # --- the methods ------------------------------------------------------------------------
 
+
 @register_method("mwp", "excitation_backprop", "eb")
 class ExcitationBackprop(AttributionMethod):
     """Excitation Backprop: the marginal winning probability (MWP) at a layer.
 
-    METHODS §2.1. Rules: conv / linear z⁺ (BatchNorm folded by default), average pooling
-    proportional, max pooling winner-takes-all, activations pass-through, additions split in
-    proportion, concatenations routed (:mod:`xnn_toolkit.attribution.rules`).
+    Rules: conv / linear z⁺ (BatchNorm folded by default), average pooling proportional, max
+    pooling winner-takes-all, activations pass-through, additions split over the branches'
+    positive contributions, concatenations routed (:mod:`xnn_toolkit.attribution.rules`).
 
     Parameters
     ----------
@@ -473,19 +612,31 @@ class ExcitationBackprop(AttributionMethod):
         Any timm / torchvision / custom CNN; it is not edited.
     layer : layer spec or "input", optional
         Where to read the MWP; default :func:`xnn_toolkit.layers.default_read_layer` (VGG
-        pool4, ResNet end of stage 3, else the middle stage).
+        pool4, ResNet end of stage 3, else the main-path stage output nearest stride 16).
     batchnorm : {"fold", "identity"}
         Fold BatchNorm into the preceding conv (default) or treat it as the identity.
     stabilizer : float
-        Denominator stabiliser.
+        Denominator stabiliser; ``0`` is allowed (a zero denominator gives a zero share).
+    stabilizer_mode : {"relative", "absolute"}
+        ``stabilizer`` times the largest denominator of the image in that layer (default: the
+        map does not depend on the magnitude of the activations), or ``stabilizer`` itself
+        (zennit's and TorchRay's form).
+    residual : {"positive", "absolute", "proportional"}
+        How additions ``y = a + b`` split ``P(y)``: over the branches' positive contributions
+        (default; bounded and conserving, the z⁺ idea), over absolute values, or in
+        proportion to the signed branches (TorchRay's form; unbounded when the branches
+        cancel). See :class:`~xnn_toolkit.attribution.rules.SplitSum`.
     rules : dict of str to Rule, optional
         Override the rule of some kinds (see :func:`~xnn_toolkit.attribution.rules.default_rules`).
+    warn_lost : float
+        Warn when more than this share of the winning probability is lost on its way to the
+        read layer (``metadata.conservation`` always says how much and where).
 
     Notes
     -----
     ``raw`` is ``N x C x h x w`` at the read layer; ``heatmap`` is its channel sum, upsampled
-    bilinearly (not clamped: MWP is non-negative on ReLU networks, signed residual branches
-    can make it negative in places).
+    bilinearly (not clamped). With a one-hot target the MWP is non-negative and sums to 1
+    per image minus the booked losses (:class:`~xnn_toolkit.attribution.base.Conservation`).
     """
 
     contrastive = False
@@ -497,28 +648,53 @@ class ExcitationBackprop(AttributionMethod):
         *,
         batchnorm: str = "fold",
         stabilizer: float = 1e-9,
+        stabilizer_mode: str = "relative",
+        residual: str = "positive",
         rules: dict[str, Rule] | None = None,
+        warn_lost: float = 0.01,
     ) -> None:
         super().__init__(model, layer)
         if batchnorm not in ("fold", "identity"):
             raise InputError(f"batchnorm must be 'fold' or 'identity', got {batchnorm!r}")
         if not stabilizer >= 0:
             raise InputError(f"stabilizer must be >= 0, got {stabilizer!r}")
+        if stabilizer_mode not in STABILIZER_MODES:
+            raise InputError(
+                f"stabilizer_mode must be one of {', '.join(STABILIZER_MODES)}, "
+                f"got {stabilizer_mode!r}"
+            )
+        if residual not in RESIDUAL_SPLITS:
+            raise InputError(
+                f"residual must be one of {', '.join(RESIDUAL_SPLITS)}, got {residual!r}"
+            )
         self.batchnorm = batchnorm
         self.stabilizer = stabilizer
+        self.stabilizer_mode = stabilizer_mode
+        self.residual = residual
         self.rules = rules
+        self.warn_lost = warn_lost
 
     def _attribute(self, x: torch.Tensor, target: Target) -> Attribution:
         read = self.layer if self.layer is not None else default_read_layer(self.model)
-        rules = default_rules(self.stabilizer, self.batchnorm)
+        rules = default_rules(
+            self.stabilizer,
+            self.batchnorm,
+            stabilizer_mode=self.stabilizer_mode,
+            residual=self.residual,
+        )
         rules.update(self.rules or {})
         log = _Log()
+        log.batch = int(x.shape[0])
         head = getattr(target, "head", None)
         extra = [("head", head)] if isinstance(head, nn.Module) else []
         mode = _ExcitationMode([("", self.model), *extra], rules, log)
         fwd = _run(self.model, x, target, read, mode=mode)
         signal = target.excitation(fwd.top)
-        params: dict[str, object] = {"stabilizer": self.stabilizer}
+        params: dict[str, object] = {
+            "stabilizer": self.stabilizer,
+            "stabilizer_mode": self.stabilizer_mode,
+            "residual": self.residual,
+        }
         if self.contrastive:
             params["contrast_layer"] = _mark_contrast(fwd.top)
         raw = _backward_to_read(fwd, signal)
@@ -527,6 +703,9 @@ class ExcitationBackprop(AttributionMethod):
                 f"the read layer ran {fwd.read_calls} times; the first call is read",
                 str(fwd.read_name),
             )
+        books = _conservation(log, signal, raw)
+        if books is not None:
+            self._warn_lost(books, str(fwd.read_name))
         info = AttributionInfo(
             method=self.name,
             layer=str(fwd.read_name),
@@ -535,9 +714,50 @@ class ExcitationBackprop(AttributionMethod):
             fallbacks=log.summary(),
             batchnorm=self.batchnorm,
             params=params,
+            conservation=books,
         )
         heat = _heatmap(raw, tuple(x.shape[-2:]), clamp=self.contrastive)
         return Attribution(raw=raw, heatmap=heat, metadata=info)
+
+    def _warn_lost(self, books: Conservation, read: str) -> None:
+        share = books.lost_share
+        if not share.numel() or not float(share.abs().max()) > self.warn_lost:
+            return
+        worst = ", ".join(
+            f"{100 * v:.1f} % at {k}" for k, v in list(books.by_layer.items())[:3] if v > 0
+        )
+        warnings.warn(
+            f"{self.name}: {100 * float(share.mean()):.1f} % of the winning probability "
+            f"(mean over {share.numel()} images, up to {100 * float(share.max()):.1f} %) is "
+            f"lost between the target and the read layer {read!r} ({worst}): units with no "
+            "positive contribution (z+ = 0, e.g. filters with no positive weight) pass "
+            "nothing down. The map is the MWP of what arrives; metadata.conservation has "
+            "the books per image and layer",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _conservation(log: _Log, signal: torch.Tensor, raw: torch.Tensor) -> Conservation | None:
+    """The books of one call (``None`` when the batch dimension cannot be followed)."""
+    n = log.batch
+    if signal.dim() == 0 or signal.shape[0] != n or raw.shape[0] != n:
+        return None
+    top = signal.detach().reshape(n, -1).sum(1, dtype=torch.float64)
+    flat = raw.detach().reshape(n, -1)
+    zero = torch.zeros(n, dtype=torch.float64)
+    lost = sum(log.lost.values(), zero)
+    denom = top.abs().where(top != 0, torch.ones_like(top))
+    by_layer = {k: float((v / denom).mean()) for k, v in log.lost.items() if bool((v != 0).any())}
+    by_layer = dict(sorted(by_layer.items(), key=lambda kv: -abs(kv[1])))
+    return Conservation(
+        top=top,
+        read_sum=flat.sum(1, dtype=torch.float64),
+        read_abs=flat.abs().sum(1, dtype=torch.float64),
+        lost=lost,
+        lost_zero=log.lost_zero if log.lost_zero is not None else zero,
+        by_layer=by_layer,
+    )
 
 
 @register_method("cmwp", "c_mwp", "contrastive_excitation_backprop", "ceb")

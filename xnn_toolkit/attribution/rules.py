@@ -11,7 +11,7 @@ kind                     rule
 =======================  ====================================================================
 ``linear`` (conv, fc)    :class:`ZPlus`: ``P(a_j) = sum_i a_j w+_ji / (sum_j' a_j' w+_j'i) P(a_i)``
 ``pool`` (avg, mean)     :class:`Proportional`: ``P(a_j) = a_j / (sum of the window) P(a_i)``
-``add`` (``x + y``)      :class:`SplitSum`: each branch gets ``x_k / (sum_k x_k)`` of ``P(y)``
+``add`` (``x + y``)      :class:`SplitSum`: each branch gets its share of the positive contributions
 ``maxpool``              :class:`WinnerTakesAll`: the plain gradient routes ``P`` to the winner
 ``activation``           :class:`PassThrough`: ``P(input) = P(output)``
 ``batchnorm``            :class:`FoldBatchNorm`: folded into the preceding conv, else identity
@@ -20,8 +20,16 @@ kind                     rule
 ``route`` (cat, view)    :class:`Route`: the plain gradient routes ``P`` to the parts
 =======================  ====================================================================
 
-Divisions use a stabiliser added with the sign of the denominator (``0`` counts as
-positive), so ``0 / 0`` gives ``0``; biases are ignored.
+Divisions use a stabiliser added with the sign of the denominator. By default it is
+*relative*: ``stabilizer`` times the largest ``|z|`` of the same image in that layer, so a map
+does not depend on the magnitude of the activations (a network whose weights are all scaled
+by ``1e-3`` gives the same map); ``stabilizer_mode="absolute"`` adds ``stabilizer`` itself
+(zennit's and TorchRay's form). An exactly zero denominator always gives a zero share, so
+``0 / 0`` is ``0`` and ``stabilizer=0`` never yields NaN. Biases are ignored.
+
+Every wrapped call also books how much ``P`` it did not pass down (``P`` that reached units
+with no positive contribution, ``z+ = 0``, or the stabiliser's share), so each attribution
+reports where mass was lost (:class:`Conservation`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,42 @@ class _Log:
     def __init__(self) -> None:
         self.rules: dict[str, str] = {}
         self.fallbacks: dict[str, list[str]] = {}
+        #: batch size of the attribution (per-image mass books need it); 0: no books
+        self.batch = 0
+        #: where -> per-image mass that a call did not pass down
+        self.lost: dict[str, torch.Tensor] = {}
+        #: the part of ``lost`` at conv / linear / pooling calls (units with z+ = 0)
+        self.lost_zero: torch.Tensor | None = None
+        #: per-image (target, dual) mass formed at the c-MWP top layer
+        self.contrast: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _per_image(self, t: torch.Tensor) -> torch.Tensor | None:
+        if t.dim() == 0 or t.shape[0] != self.batch:
+            return None
+        return t.detach().reshape(self.batch, -1).sum(1, dtype=torch.float64)
+
+    def book(self, call: OpCall, grad: torch.Tensor, grads: tuple) -> None:
+        """Book the mass ``call`` received (``grad``) and did not pass down (``grads``)."""
+        if not self.batch:
+            return
+        into = self._per_image(grad)
+        if into is None:
+            return
+        out = torch.zeros_like(into)
+        for g in grads:
+            if g is None:
+                continue
+            m = self._per_image(g)
+            if m is None:
+                return
+            out += m
+        if call.contrast and self.contrast is not None:
+            out = self.contrast[0]  # the target half's books; the difference flows on
+        lost = into - out
+        key = call.where or f"functional.{_name(call.func)}"
+        self.lost[key] = self.lost[key] + lost if key in self.lost else lost
+        if call.kind in ("linear", "pool"):
+            self.lost_zero = lost if self.lost_zero is None else self.lost_zero + lost
 
     def rule(self, key: str, text: str) -> None:
         self.rules.setdefault(key, text)
@@ -141,11 +185,15 @@ class Rule:
     wraps : bool
         Whether the mechanism must wrap the call in an autograd Function (``False`` for
         rules that are the plain gradient, e.g. routing and winner-takes-all).
+    books : bool
+        Whether the mechanism books the mass the rule does not pass down (rules that can
+        lose mass: z⁺, pooling, sums).
     """
 
     description = ""
     saves_inputs = True
     wraps = True
+    books = False
 
     def prepare(self, call: OpCall) -> None:
         """Forward-time hook (e.g. BatchNorm folding marks the preceding conv)."""
@@ -180,43 +228,109 @@ def _eps(eps: float, dtype: torch.dtype) -> float:
     return max(eps, torch.finfo(dtype).tiny) if dtype.is_floating_point else eps
 
 
-def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)`` with ``sign(0) = +1``: never zero, 0/0 gives 0 downstream."""
-    e = _eps(eps, z.dtype)
-    return z + torch.where(z >= 0, e, -e).to(z.dtype)
+STABILIZER_MODES = ("relative", "absolute")
 
 
-def _stabilise_(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """In-place :func:`_stabilise` for a tensor known to be non-negative."""
-    return z.add_(_eps(eps, z.dtype))
+def _scale(z: torch.Tensor, eps: float, relative: bool, nonneg: bool) -> torch.Tensor | float:
+    """The stabiliser for denominators ``z``: ``eps`` or ``eps * max |z|`` per image."""
+    if not relative or eps == 0:
+        return _eps(eps, z.dtype) if eps else 0.0
+    if z.dim() < 2 or z.numel() == 0:
+        m = z.abs().amax() if z.numel() else z.new_zeros(())
+        return m * eps
+    m = z.reshape(z.shape[0], -1)
+    m = (m if nonneg else m.abs()).amax(1)
+    return (m * eps).view(-1, *([1] * (z.dim() - 1)))
+
+
+def _stabilise(z: torch.Tensor, eps: float, relative: bool = False) -> torch.Tensor:
+    """``z + e * sign(z)`` with ``sign(0) = +1`` (``e`` from :func:`_scale`)."""
+    e = _scale(z, eps, relative, nonneg=False)
+    return (
+        z + torch.where(z >= 0, e, -e)
+        if torch.is_tensor(e)
+        else z + torch.where(z >= 0, e, -e).to(z.dtype)
+    )
+
+
+def _stabilise_(z: torch.Tensor, eps: float, relative: bool = False) -> tuple[torch.Tensor, bool]:
+    """In-place :func:`_stabilise` for a tensor known to be non-negative.
+
+    Returns the tensor and whether it may still hold zeros (only where the stabiliser is
+    zero: ``eps = 0``, or an image whose denominators are all zero), so the zero mask of
+    :func:`_divide` is only paid for when it can matter.
+    """
+    e = _scale(z, eps, relative, nonneg=True)
+    z.add_(e)
+    zeros = bool((e == 0).any()) if torch.is_tensor(e) else e == 0
+    return z, zeros
+
+
+def _divide(
+    grad: torch.Tensor, z: torch.Tensor, inplace: bool = False, zeros: bool = True
+) -> torch.Tensor:
+    """``grad / z`` where ``z != 0``, else ``0`` (a unit with no contribution passes nothing).
+
+    With ``inplace`` the result is written into ``z``; ``zeros=False`` says ``z`` has none.
+    """
+    if not zeros:
+        return torch.div(grad, z, out=z) if inplace else grad / z
+    zero = z == 0
+    s = torch.div(grad, z, out=z) if inplace else grad / z
+    return s.masked_fill_(zero, 0)
 
 
 def _excite_through(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     grad: torch.Tensor,
-    denominator: Callable[[torch.Tensor], torch.Tensor],
+    denominator: Callable[[torch.Tensor], tuple[torch.Tensor, bool]],
 ) -> torch.Tensor:
     """``x * J^T(grad / denominator(fn(x)))``: the shared core of the z⁺ and pooling rules.
 
     ``J`` is the Jacobian of the linear map ``fn`` (one forward call and one transposed call;
-    buffers are reused in place because these tensors are private to this function).
+    buffers are reused in place because these tensors are private to this function). A zero
+    denominator gives a zero share (:func:`_divide`).
     """
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         y = fn(xg)
-        z = denominator(y.detach())  # the output is not saved by its backward: reuse it
-        s = torch.div(grad, z, out=z) if z.data_ptr() == y.data_ptr() else grad / z
+        z, zeros = denominator(y.detach())  # the output is not saved by its backward: reuse it
+        s = _divide(grad, z, inplace=z.data_ptr() == y.data_ptr(), zeros=zeros)
         (g,) = torch.autograd.grad(y, xg, s)
     return g.mul_(x)
 
 
-class ZPlus(Rule):
-    """The z⁺ rule of Excitation Backprop for conv and linear layers (METHODS §2.1).
+class _Stabilised(Rule):
+    """A rule with a denominator stabiliser (relative by default, see the module notes)."""
 
-    ``P(a_j) = a_j sum_i w+_ji P(a_i) / (sum_j' a_j' w+_j'i + eps)``, biases ignored, ``w``
+    books = True
+
+    def __init__(self, stabilizer: float = 1e-9, mode: str = "relative") -> None:
+        if mode not in STABILIZER_MODES:
+            raise ValueError(f"stabilizer mode must be one of {STABILIZER_MODES}, got {mode!r}")
+        self.stabilizer = stabilizer
+        self.mode = mode
+
+    @property
+    def relative(self) -> bool:
+        return self.mode == "relative"
+
+    def _stab_(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        return _stabilise_(z, self.stabilizer, self.relative)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(stabilizer={self.stabilizer!r}, mode={self.mode!r})"
+
+
+class ZPlus(_Stabilised):
+    """The z⁺ rule of Excitation Backprop for conv and linear layers.
+
+    ``P(a_j) = a_j sum_i w+_ji P(a_i) / stab(sum_j' a_j' w+_j'i)``, biases ignored, ``w``
     replaced by the folded ``w gamma / sigma`` when a BatchNorm follows. Computed as
     ``a * J^T(P / (W+ a))`` with one forward and one transposed call of the same function.
+    A unit whose denominator is zero (no positive contribution, e.g. a depthwise filter with
+    no positive weight) passes nothing down; the lost mass is booked per layer.
 
     Fallback (recorded): an input with negative values (below the first ReLU, after SiLU,
     GELU or LayerNorm) is split over positive contributions, ``a+ w+`` and ``a- w-``
@@ -227,13 +341,12 @@ class ZPlus(Rule):
     Parameters
     ----------
     stabilizer : float
-        Added to the denominator.
+        Stabiliser of the denominator.
+    mode : {"relative", "absolute"}
+        ``stabilizer`` times the largest denominator of the image, or ``stabilizer`` itself.
     """
 
     description = "z+ (positive weights, biases ignored)"
-
-    def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = stabilizer
 
     def backward(self, call, inputs, grad):
         (x,) = inputs
@@ -252,26 +365,32 @@ class ZPlus(Rule):
             )
         p = self._excite(call, x, w, grad, signed)
         if call.contrast:
-            p = p - self._excite(call, x, -w, grad, signed)
+            dual = self._excite(call, x, -w, grad, signed)
+            log = call.log
+            if log.batch and p.shape[0] == log.batch:
+                log.contrast = (log._per_image(p), log._per_image(dual))
+            p = p - dual
         return (p,)
 
     def _excite(self, call, x, w, grad, signed):
         eps = self.stabilizer
         if getattr(call.func, "__name__", "") == "linear" and w.dim() == 2:
-            return _linear_zplus(x, w, grad, eps, signed)
+            return _linear_zplus(x, w, grad, eps, signed, self.relative)
 
         def lin(weight):
             return lambda inp: call.run(inp, arg1=weight, arg2=None)
 
         if not signed:
-            return _excite_through(lin(w.clamp(min=0)), x, grad, lambda z: _stabilise_(z, eps))
+            return _excite_through(lin(w.clamp(min=0)), x, grad, self._stab_)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         with torch.enable_grad():
             xpg = xp.detach().requires_grad_(True)
             xng = xn.detach().requires_grad_(True)
             z = call.run(xpg, arg1=wp, arg2=None) + call.run(xng, arg1=wn, arg2=None)
-            gp, gn = torch.autograd.grad(z, (xpg, xng), grad / _stabilise_(z.detach(), eps))
+            zs, zeros = self._stab_(z.detach())
+            s = _divide(grad, zs, inplace=True, zeros=zeros)
+            gp, gn = torch.autograd.grad(z, (xpg, xng), s)
         return xp * gp + xn * gn
 
 
@@ -280,14 +399,20 @@ _BLOCK = 1 << 21
 
 
 def _linear_zplus(
-    x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, eps: float, signed: bool
+    x: torch.Tensor,
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    eps: float,
+    signed: bool,
+    relative: bool = True,
 ) -> torch.Tensor:
     """The z⁺ rule of a fully connected layer, blocked over output units.
 
     Same result as the generic path, but each block of rows of ``w`` is clamped, used for
     ``z+`` and for the transposed product while it is still in cache, so a large classifier
     matrix (VGG's 4096 x 25088) is read once instead of four times; blocks whose outputs
-    carry no ``P`` (a one-hot top signal) are skipped.
+    carry no ``P`` (a one-hot top signal) are skipped. The relative stabiliser is scaled by
+    the largest denominator of the image among the units that carry ``P``.
     """
     x2 = x.reshape(-1, x.shape[-1])
     g2 = grad.reshape(-1, grad.shape[-1])
@@ -303,7 +428,14 @@ def _linear_zplus(
         z = parts[0] @ ws[0].T
         for xp, wp in zip(parts[1:], ws[1:]):
             z.addmm_(xp, wp.T)
-        s = torch.div(g2[:, r : r + step], _stabilise_(z, eps), out=z)
+        gb = g2[:, r : r + step]
+        if relative and eps:
+            m = (z * (gb != 0)).amax(1, keepdim=True)
+            z.add_(m * eps)
+            zeros = bool((m == 0).any())
+        else:
+            z, zeros = _stabilise_(z, eps)
+        s = _divide(gb, z, inplace=True, zeros=zeros)
         for a, wp in zip(acc, ws):
             a.addmm_(s, wp)
     out = parts[0] * acc[0]
@@ -312,61 +444,104 @@ def _linear_zplus(
     return out.view_as(x)
 
 
-class Proportional(Rule):
-    """Average / adaptive-average pooling and means: proportional split (METHODS §2.1).
+class Proportional(_Stabilised):
+    """Average / adaptive-average pooling and means: proportional split.
 
-    ``P(a_j) = sum_i a_j / (sum_{j' in window i} a_j') P(a_i)``, computed as
+    ``P(a_j) = sum_i a_j / stab(sum_{j' in window i} a_j') P(a_i)``, computed as
     ``a * J^T(P / f(a))`` for the pooling function ``f`` (the ``1/k`` of an average cancels).
-    Signed inputs keep the raw proportion (zennit's Norm rule); the sum is stabilised.
+    Signed inputs are split over their positive values (the z⁺ rule with the window's
+    weights, which are positive), so ``P`` stays non-negative and bounded; a window with no
+    positive value passes nothing (booked as lost).
 
     Parameters
     ----------
     stabilizer : float
-        Added to the window sum with its sign.
+        Stabiliser of the window sum.
+    mode : {"relative", "absolute"}
+        As for :class:`ZPlus`.
     """
 
     description = "proportional split over the window"
 
-    def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = stabilizer
-
     def backward(self, call, inputs, grad):
         (x,) = inputs
-        eps = self.stabilizer
         if call.nonneg:
-            return (_excite_through(call.run, x, grad, lambda y: _stabilise_(y, eps)),)
-        return (_excite_through(call.run, x, grad, lambda y: _stabilise(y, eps)),)
+            return (_excite_through(call.run, x, grad, self._stab_),)
+        if x.numel() and bool(x.min() < 0):
+            call.log.fallback(
+                f"{_name(call.func)}: input has negative values, split over the positive ones",
+                call.where,
+            )
+            return (_excite_through(call.run, x.clamp(min=0), grad, self._stab_),)
+        return (_excite_through(call.run, x, grad, self._stab_),)
 
 
-class SplitSum(Rule):
-    """Residual and functional additions ``y = sum_k c_k x_k``: split in proportion.
+#: How :class:`SplitSum` shares ``P(y)`` among the branches of a sum.
+RESIDUAL_SPLITS = ("positive", "absolute", "proportional")
 
-    ``P(x_k) = c_k x_k / stab(sum_k' c_k' x_k') P(y)`` (METHODS §2.1, guarded against
-    ``y = 0``). Operands that are broadcast (fewer elements than the output), parameters or
-    numbers are biases and get nothing, as biases everywhere in Excitation Backprop.
+
+class SplitSum(_Stabilised):
+    """Residual and functional additions ``y = sum_k c_k x_k``: a bounded, conserving split.
+
+    With ``t_k = c_k x_k`` the contribution of branch ``k``:
+
+    - ``"positive"`` (default): ``P(x_k) = t_k+ / (sum_k' t_k'+) P(y)``, the z⁺ idea applied to
+      a sum: only branches that push ``y`` up share ``P``; where no branch is positive the
+      negative ones share it, ``t_k- / sum_k' t_k'-``.
+    - ``"absolute"``: ``P(x_k) = |t_k| / (sum_k' |t_k'|) P(y)``.
+    - ``"proportional"``: ``P(x_k) = t_k / stab(sum_k' t_k') P(y)`` (TorchRay's form; shares
+      are unbounded and negative when the branches have opposite signs).
+
+    The first two keep each share in ``[0, 1]`` and the shares sum to 1, so ``P`` is
+    conserved and keeps its sign; where every branch is exactly zero the branches share
+    ``P(y)`` equally. With non-negative branches all three are the same split. Operands that
+    are broadcast (fewer elements than the output), parameters or numbers are biases and get
+    nothing, as biases everywhere in Excitation Backprop.
 
     Parameters
     ----------
     stabilizer : float
-        Added to the sum with its sign.
+        Stabiliser of the ``"proportional"`` split's denominator.
+    mode : {"relative", "absolute"}
+        Stabiliser mode, as for :class:`ZPlus`.
+    split : {"positive", "absolute", "proportional"}
+        The split.
     """
 
     description = "split in proportion to each branch"
 
-    def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = stabilizer
+    def __init__(
+        self, stabilizer: float = 1e-9, mode: str = "relative", split: str = "positive"
+    ) -> None:
+        super().__init__(stabilizer, mode)
+        if split not in RESIDUAL_SPLITS:
+            raise ValueError(f"residual split must be one of {RESIDUAL_SPLITS}, got {split!r}")
+        self.split = split
+        self.description = f"{split} split over the branches"
 
     def backward(self, call, inputs, grad):
         if len(inputs) == 1:
             return (grad,)
         parts = [x if c == 1 else c * x for c, x in zip(call.coefs, inputs)]
-        total = parts[0] + parts[1]
-        for p in parts[2:]:
-            total += p
-        e = torch.tensor(_eps(self.stabilizer, total.dtype), dtype=total.dtype)
-        total.add_(torch.copysign(e.to(total.device), total))  # sign(0) = +1
-        s = torch.div(grad, total, out=total)
-        return tuple(p * s for p in parts)
+        if self.split == "proportional":
+            total = _stabilise(sum(parts[1:], parts[0]), self.stabilizer, self.relative)
+            s = _divide(grad, total, inplace=True)
+            return tuple(p * s for p in parts)
+        if self.split == "absolute":
+            shares = [p.abs() for p in parts]
+        else:
+            pos = [p.clamp(min=0) for p in parts]
+            neg = [p.clamp(max=0) for p in parts]
+            any_pos = sum(pos[1:], pos[0]) > 0
+            shares = [torch.where(any_pos, a, b) for a, b in zip(pos, neg)]
+        total = sum(shares[1:], shares[0])
+        empty = total == 0
+        equal = torch.full_like(total, 1.0 / len(parts))
+        s = torch.where(empty, 0.0, grad / total.masked_fill(empty, 1.0))
+        return tuple(torch.where(empty, equal * grad, sh * s) for sh in shares)
+
+    def __repr__(self) -> str:
+        return f"SplitSum(split={self.split!r}, mode={self.mode!r})"
 
 
 class WinnerTakesAll(Rule):
@@ -434,9 +609,7 @@ class FoldBatchNorm(Rule):
 
     def __init__(self, fold: bool = True) -> None:
         self.fold = fold
-        self.description = (
-            "folded into the preceding conv" if fold else "identity (not folded)"
-        )
+        self.description = "folded into the preceding conv" if fold else "identity (not folded)"
 
     def prepare(self, call):
         if not self.fold:
@@ -497,7 +670,11 @@ def _name(func: Callable) -> str:
 
 
 def default_rules(
-    stabilizer: float = 1e-9, batchnorm: str = "fold"
+    stabilizer: float = 1e-9,
+    batchnorm: str = "fold",
+    *,
+    stabilizer_mode: str = "relative",
+    residual: str = "positive",
 ) -> dict[str, Rule]:
     """The rule for each kind of operation (a composite, in zennit's terms).
 
@@ -507,6 +684,11 @@ def default_rules(
         Denominator stabiliser of the z⁺, proportional and sum rules.
     batchnorm : {"fold", "identity"}
         BatchNorm treatment.
+    stabilizer_mode : {"relative", "absolute"}
+        The stabiliser is ``stabilizer`` times the largest denominator of the image (default)
+        or ``stabilizer`` itself.
+    residual : {"positive", "absolute", "proportional"}
+        How additions split ``P`` among their branches (:class:`SplitSum`).
 
     Returns
     -------
@@ -515,17 +697,16 @@ def default_rules(
         ``batchnorm``, ``norm``, ``gate``.
     """
     return {
-        "linear": ZPlus(stabilizer),
-        "pool": Proportional(stabilizer),
-        "add": SplitSum(stabilizer),
+        "linear": ZPlus(stabilizer, stabilizer_mode),
+        "pool": Proportional(stabilizer, stabilizer_mode),
+        "add": SplitSum(stabilizer, stabilizer_mode, residual),
         "maxpool": WinnerTakesAll(),
         "route": Route(),
         "activation": PassThrough("pass-through"),
         "batchnorm": FoldBatchNorm(fold=batchnorm == "fold"),
         "norm": PassThrough(
             "identity (fallback)",
-            fallback="Excitation Backprop is undefined for data-dependent normalisation: "
-            "identity",
+            fallback="Excitation Backprop is undefined for data-dependent normalisation: identity",
         ),
         "gate": Gate(),
     }
