@@ -4,8 +4,9 @@ Same images, same method (c-MWP on ``bundled:vgg_synth``), same metric (Quantus
 ``Sparseness``): (a) ``score_dataset`` with ``metrics=("quantus:Sparseness",)``, which hands
 Quantus the heatmaps it already holds as ``a_batch``; (b) Quantus's own call with
 ``explain_func=quantus_explain_func("cmwp")``, which computes the heatmaps itself. Both give
-the same numbers (checked); both sides load the images from the same data set; the ratio
-``runner / quantus`` is the runner's cost (prediction pass, per-batch checks, tables) on top. Timings alternate the two sides and report medians; one CPU thread.
+the same numbers (checked) and load the images from the same data set; the ratio
+``runner / quantus`` is the runner's cost (prediction pass, per-batch checks, tables) on top.
+Timings alternate the two sides and report medians; one CPU thread.
 
 Usage: ``.venv/bin/python bench/interop.py [--quick]``
 """

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same arguments)")
+    p.add_argument("--save-maps", action="store_true", help="also write every heatmap "
+                   "(float32) to OUT/maps as safetensors shards + manifest.json; read them "
+                   "with xnn_toolkit.load_maps(OUT)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
@@ -299,7 +302,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         methods=names(args.methods), metrics=None if args.metrics == "auto" else
         names(args.metrics), layer=args.layer, target=args.target, n=args.n,
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        steps=args.steps,
+        steps=args.steps, save_maps=args.save_maps,
     )  # fmt: skip
     lm = load_model(args.model, device=device)
     ds = load_dataset(args.dataset, split=args.split, n=args.n, preprocessing=lm.preprocessing)

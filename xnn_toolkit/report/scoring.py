@@ -105,6 +105,10 @@ class ScoringConfig:
     method_options : dict of str to dict
         Constructor arguments per method name (e.g. ``{"ig": {"n_steps": 16}}``; a
         ``"layer"`` entry overrides :attr:`layer` for that method). Plain JSON values only.
+    save_maps : bool
+        Also write every heatmap (float32, input resolution) to ``<out>/maps/`` as
+        safetensors shards with a JSON manifest; read them with
+        :func:`xnn_toolkit.load_maps`. Needs ``out``.
     """
 
     methods: tuple[str, ...] = ("cmwp", "gradcam")
@@ -119,6 +123,7 @@ class ScoringConfig:
     top: float = 0.3
     steps: int = 20
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    save_maps: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ class _Plan:
     part_names: list[str]
     value_columns: list[str]
     header: dict[str, Any]
+    maps_dir: Path | None = None
 
     @property
     def num_shards(self) -> int:
@@ -577,6 +583,7 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
     dev = _model_device(plan.model)
     cfg = plan.cfg
     blocks = []
+    saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_shard_seed(cfg.seed, k))
@@ -593,6 +600,8 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
                 classes = _classes(t, labels, pred, idx)
                 for mi, (_, method) in enumerate(plan.methods):
                     maps = _heatmaps(method, x, t, classes)
+                    if plan.maps_dir is not None:
+                        _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps)
                     inp = ScoreInputs(maps=maps, images=x, classes=classes, parts=parts,
                                       model=plan.model, tolerance=cfg.tolerance, top=cfg.top,
                                       steps=cfg.steps, batch_size=max(64, cfg.batch_size),
@@ -607,7 +616,31 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
                     per_pair.append(torch.stack(cols, 1))
             # image-major: row (i, t, m)
             blocks.append(torch.stack(per_pair, 1).reshape(-1, plan.ncols))
+    if plan.maps_dir is not None:
+        from ..interop.maps import write_shard
+
+        maps = {key: torch.cat(v) for key, v in saved.pop("maps").items()}
+        write_shard(plan.maps_dir, k, maps, saved)
     return torch.cat(blocks)
+
+
+def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[int],
+               labels: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor) -> None:
+    """Collect one batch's maps of one (target, method) pair for the shard's maps file."""
+    name, method = plan.methods[mi]
+    key = f"{plan.targets[ti].name}|{name}"
+    if key not in saved["maps"]:
+        saved["order"].append(key)
+        saved["maps"][key], saved["groups"][key] = [], []
+    saved["maps"][key].append(maps.detach().float().cpu())
+    names = getattr(plan.dataset, "class_names", None) or []
+    layer = getattr(method, "layer", None)
+    for i, lab, c in zip(idx, labels.tolist(), classes.tolist()):
+        saved["groups"][key].append({
+            "index": i, "label": lab, "class": c,
+            "class_name": names[c] if 0 <= c < len(names) else None,
+            "method": name, "layer": "default" if layer is None else str(layer),
+            "target": plan.targets[ti].name})  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tables
@@ -738,8 +771,12 @@ def score_dataset(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
     cfg = _check_config(config if config is not None else ScoringConfig())
+    if cfg.save_maps and out is None:
+        raise InputError("save_maps=True writes the maps next to the tables: pass out=FOLDER")
     t0 = time.perf_counter()
     plan = _plan(model, dataset, cfg, heads, loaded_spec)
+    if cfg.save_maps:
+        plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps")
     group = Group(_model_device(model))
     try:
         return _run(plan, group, out, overwrite, resume, progress, t0)
@@ -761,6 +798,12 @@ def _run(plan: _Plan, group: Group, out, overwrite: bool, resume: bool, progress
                                                               dtype=torch.float64))
 
     opened = group.on_rank0(open_folder, "prepare the output folder")
+    if plan.maps_dir is not None:
+        from ..interop.maps import write_manifest
+
+        maps_dir = plan.maps_dir
+        group.on_rank0(lambda: write_manifest(maps_dir, plan.header, plan.num_shards),
+                       "write the maps manifest")  # fmt: skip
     n_done = group.broadcast(torch.tensor([0 if opened is None else opened[0].numel()]))
     ids = opened[0] if opened is not None else torch.zeros(int(n_done[0]), dtype=torch.long)
     ids = group.broadcast(ids)
