@@ -6,7 +6,7 @@ import pytest
 from xnn_toolkit.attribution import explain
 from xnn_toolkit.data.normalized import Normalized
 from xnn_toolkit.data.synthetic import SyntheticParts
-from xnn_toolkit.errors import SpecError
+from xnn_toolkit.errors import InputError, MissingExtraError, SpecError
 from xnn_toolkit.report.score_metrics import get_metric
 from xnn_toolkit.report.scoring import ScoringConfig, score_dataset
 
@@ -46,3 +46,19 @@ def test_unknown_quantus_metric_suggests_close_names():
 def test_localisation_metric_needs_masks():
     assert "object_mask" in get_metric("quantus:PointingGame").needs
     assert "object_mask" not in get_metric("quantus:Sparseness").needs
+
+
+def test_quantus_localisation_metric_refused_without_masks(bundled):
+    pre = bundled.preprocessing
+    ds = Normalized(SyntheticParts(2, size=64, seed=1, num_classes=10), pre.mean, pre.std)
+    cfg = ScoringConfig(methods=("cmwp",), metrics=("quantus:PointingGame",))
+    with pytest.raises(InputError, match="object"):
+        score_dataset(bundled.model, ds, cfg, progress=False)
+
+
+def test_missing_quantus_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "quantus.helpers.constants", None)
+    with pytest.raises(MissingExtraError, match=r"xnn_toolkit\[quantus\]"):
+        get_metric("quantus:Sparseness")

@@ -41,6 +41,38 @@ def test_maps_come_back_and_reproduce_the_table(run):
     one = xnn_toolkit.load_maps(run, image=3, cls=saved.records[3]["class"])
     assert len(one) == 2 and {r["method"] for r in one.records} == {"cmwp", "layercam"}
     assert one.manifest["num_shards"] == 1
+    assert one.manifest["model"]["spec"] == "bundled:vgg_synth"
+    assert one.manifest["preprocessing"]["input_size"] == [3, 64, 64]
+    assert one.manifest["versions"]["xnn_toolkit"] == xnn_toolkit.__version__
+    names = one.manifest["class_names"]
+    assert all(r["class_name"] == names[r["class"]] for r in one.records)
+
+
+def test_overwrite_replaces_saved_maps(run, tmp_path):
+    import shutil
+
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    main(
+        [
+            "score",
+            "--model",
+            "bundled:vgg_synth",
+            "--methods",
+            "gradcam",
+            "--metrics",
+            "iou",
+            "--n",
+            "2",
+            "--save-maps",
+            "--out",
+            str(again),
+            "--overwrite",
+            "--no-progress",
+        ]
+    )
+    saved = xnn_toolkit.load_maps(again)
+    assert {r["method"] for r in saved.records} == {"gradcam"} and len(saved) == 2
 
 
 def test_missing_and_truncated_shards_are_named(run, tmp_path):

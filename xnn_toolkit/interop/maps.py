@@ -64,7 +64,8 @@ class SavedMaps:
         Per map: ``index`` (image index in the data set), ``label``, ``class`` (explained
         class, ``-1`` for none), ``class_name``, ``method``, ``layer``, ``target``.
     manifest : dict
-        The run's ``manifest.json`` (model spec, preprocessing, versions, ...).
+        The run's ``manifest.json``: model spec and weights fingerprint, ``preprocessing``,
+        ``class_names``, data set, configuration, ``versions`` (toolkit included).
     """
 
     maps: torch.Tensor
@@ -97,7 +98,7 @@ def load_maps(
     Returns
     -------
     SavedMaps
-        Maps in shard order (image, then target, then method).
+        Maps shard by shard; inside a shard by (target, method) pair, then image.
 
     Raises
     ------

@@ -240,6 +240,7 @@ class _Plan:
     value_columns: list[str]
     header: dict[str, Any]
     maps_dir: Path | None = None
+    maps_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:
@@ -633,7 +634,7 @@ def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[i
         saved["order"].append(key)
         saved["maps"][key], saved["groups"][key] = [], []
     saved["maps"][key].append(maps.detach().float().cpu())
-    names = getattr(plan.dataset, "class_names", None) or []
+    names = plan.maps_info.get("class_names") or []
     layer = getattr(method, "layer", None)
     for i, lab, c in zip(idx, labels.tolist(), classes.tolist()):
         saved["groups"][key].append({
@@ -767,6 +768,7 @@ def score_dataset(
         The folder cannot be written, or holds damaged shards.
     """
     loaded_spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
+    loaded = model if not isinstance(model, nn.Module) else None
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
@@ -776,7 +778,12 @@ def score_dataset(
     t0 = time.perf_counter()
     plan = _plan(model, dataset, cfg, heads, loaded_spec)
     if cfg.save_maps:
-        plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps")
+        pre = getattr(loaded, "preprocessing", None)
+        names = getattr(loaded, "class_names", None) or getattr(dataset, "class_names", None)
+        info = {"preprocessing": None if pre is None else dataclasses.asdict(pre),
+                "class_names": list(names) if names else None}  # fmt: skip
+        plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps",
+                                   maps_info=json.loads(json.dumps(info)))  # fmt: skip
     group = Group(_model_device(model))
     try:
         return _run(plan, group, out, overwrite, resume, progress, t0)
@@ -802,7 +809,8 @@ def _run(plan: _Plan, group: Group, out, overwrite: bool, resume: bool, progress
         from ..interop.maps import write_manifest
 
         maps_dir = plan.maps_dir
-        group.on_rank0(lambda: write_manifest(maps_dir, plan.header, plan.num_shards),
+        group.on_rank0(lambda: write_manifest(maps_dir, {**plan.header, **plan.maps_info},
+                                              plan.num_shards),
                        "write the maps manifest")  # fmt: skip
     n_done = group.broadcast(torch.tensor([0 if opened is None else opened[0].numel()]))
     ids = opened[0] if opened is not None else torch.zeros(int(n_done[0]), dtype=torch.long)
