@@ -101,3 +101,26 @@ def test_save_maps_needs_an_out_folder():
             SyntheticParts(2, size=64, return_annotations=True),
             cfg,
         )
+
+
+def test_resume_writes_the_missing_shard_only(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = ["score", "--model", "bundled:vgg_synth", "--methods", "gradcam", "--metrics", "iou",
+            "--n", "4", "--batch-size", "2", "--shard-size", "2", "--save-maps", "--out",
+            str(out), "--no-progress"]  # fmt: skip
+    main(args)
+    before = xnn_toolkit.load_maps(out)
+    # an interrupted run: shard 1 never finished (its table shard and maps are absent)
+    m = json.loads((out / "manifest.json").read_text())
+    m["shards"] = [s for s in m["shards"] if s["shard"] == 0]
+    m["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "shards" / "s00001.json").unlink()
+    (out / "maps" / "shard-00001.safetensors").unlink()
+    kept = (out / "maps" / "shard-00000.safetensors").stat().st_mtime_ns
+    main([*args, "--resume"])
+    after = xnn_toolkit.load_maps(out)
+    assert torch.equal(after.maps, before.maps) and after.records == before.records
+    assert (out / "maps" / "shard-00000.safetensors").stat().st_mtime_ns == kept
