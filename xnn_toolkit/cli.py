@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=1000, help="training images of the XNN head "
                    "(default: 1000)")  # fmt: skip
     p.add_argument("--n-features", type=int, default=5, help="x-features (default: 5)")
+    p.add_argument("--per-image", action="store_true", help="also one overlay per image and "
+                   "method")  # fmt: skip
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map (default: jet)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of the per-image "
+                   "overlays (default: 0.5)")  # fmt: skip
+    p.add_argument("--colorbar", action="store_true", help="colour bar on per-image overlays")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -329,6 +335,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         split=args.split, layer=args.layer, xnn=args.xnn, fc_layer=args.fc_layer,
         n_train=args.n_train, n_features=args.n_features, formats=_names(args.formats) or (),
         dpi=args.dpi, device=args.device, seed=args.seed, progress=not args.no_progress,
+        per_image=args.per_image, cmap=args.cmap, alpha=args.alpha, colorbar=args.colorbar,
     )  # fmt: skip
     index = report.write(out, overwrite=args.overwrite)
     print("\n".join(sorted(

@@ -45,6 +45,28 @@ def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
     return names
 
 
+def _per_image(report: Report, raw: torch.Tensor, grid: torch.Tensor, names: list[str],
+               rows: list[str], look: dict[str, Any], fmts: tuple[str, ...], dpi: int) -> None:
+    """One overlay figure per image and method, each map scaled by its own maximum."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from .figures import DisplayFigure, overlay
+
+    s = report.section("Per image")
+    for i in range(grid.shape[0]):
+        for j, name in enumerate(names):
+            fig = DisplayFigure(figsize=(3.2 if look["colorbar"] else 2.6, 2.6))
+            ax = fig.add_subplot(1, 1, 1)
+            overlay(ax, raw[i], grid[i, j], cmap=look["cmap"], alpha=look["alpha"],
+                    title=f"{rows[i]} · {name}")  # fmt: skip
+            if look["colorbar"]:
+                fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=look["cmap"]), ax=ax,
+                             fraction=0.046, pad=0.04)  # fmt: skip
+            s.add(ReportFigure(f"image{i:03d}_{name}", fig, caption=f"image {i}, {name}",
+                               formats=fmts, dpi=dpi))  # fmt: skip
+
+
 def _targets(target: int | str, labels: torch.Tensor, pred: torch.Tensor,
              class_names: list[str]) -> tuple[torch.Tensor, str]:  # fmt: skip
     """One class per image from ``label``, ``predicted``, a class index or a class name."""
@@ -86,6 +108,10 @@ def figure_report(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    per_image: bool = False,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    colorbar: bool = False,
 ) -> Report:
     """Heatmap figures of a model on the first ``n`` images of a dataset.
 
@@ -123,12 +149,22 @@ def figure_report(
     seed : int
         Seeds the XNN head.
     progress : bool
+    per_image : bool
+        Also one overlay figure per image and method (``image003_cmwp``), in a section
+        "Per image".
+    cmap : str
+        Matplotlib colour map of the overlays (and of the grid).
+    alpha : float
+        Opacity of the heatmap in the per-image overlays, in ``[0, 1]``.
+    colorbar : bool
+        Add a colour bar to each per-image overlay.
 
     Returns
     -------
     Report
-        Sections "Heatmaps" (figure ``heatmaps``, table ``images``) and, with ``xnn``,
-        "XNN explanations" (figure ``xnn_layout``); write it with :meth:`Report.write`.
+        Sections "Heatmaps" (figure ``heatmaps``, table ``images``), with ``per_image``
+        "Per image", and with ``xnn`` "XNN explanations" (figure ``xnn_layout``); write it
+        with :meth:`Report.write`.
 
     Raises
     ------
@@ -142,14 +178,24 @@ def figure_report(
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(target, str) and not target.strip():
         raise InputError(f"target is empty; use one of {_TARGETS}, a class index or a name")
+    if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise InputError(
+            f"unknown colour map {cmap!r}; "
+            + close_matches(str(cmap), list(matplotlib.colormaps))
+        )
+    look = {"per_image": per_image, "cmap": cmap, "alpha": float(alpha), "colorbar": colorbar}
     with user_model(model):
         return _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train,
                         n_features, xnn_epochs, tuple(dict.fromkeys(formats)), dpi, device,
-                        seed, progress)  # fmt: skip
+                        seed, progress, look)  # fmt: skip
 
 
 def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train, n_features,
-             xnn_epochs, fmts, dpi, device, seed, progress) -> Report:  # fmt: skip
+             xnn_epochs, fmts, dpi, device, seed, progress, look) -> Report:  # fmt: skip
     """The work of :func:`figure_report`, its arguments checked."""
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
@@ -183,13 +229,17 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
         f"per method; layer-based methods read at {read}. Each map is scaled by its own "
         "maximum (colour bar)."
     ))  # fmt: skip
-    fig = heatmap_grid(raw, grid, col_labels=["image", *names], row_labels=rows)
+    fig = heatmap_grid(raw, grid, col_labels=["image", *names], row_labels=rows,
+                       cmap=look["cmap"])  # fmt: skip
     s.add(ReportFigure("heatmaps", fig, caption=", ".join(names), formats=fmts, dpi=dpi))
     s.add(Table("images", [
         {"image": i, "label": class_names[int(labels[i])], "predicted": class_names[int(pred[i])],
          "explained class": class_names[int(classes[i])]}
         for i in range(len(x))
     ]))  # fmt: skip
+
+    if look["per_image"]:
+        _per_image(report, raw, grid, names, rows, look, fmts, dpi)
 
     if xnn:
         from torch.utils.data import TensorDataset
