@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of the per-image "
                    "overlays (default: 0.5)")  # fmt: skip
     p.add_argument("--colorbar", action="store_true", help="colour bar on per-image overlays")
+    p.add_argument("--save-maps", action="store_true", help="also write the heatmaps "
+                   "(float32) to OUT/maps; read them with xnn_toolkit.load_maps(OUT)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -338,6 +340,10 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         per_image=args.per_image, cmap=args.cmap, alpha=args.alpha, colorbar=args.colorbar,
     )  # fmt: skip
     index = report.write(out, overwrite=args.overwrite)
+    if args.save_maps:
+        from .report.export import save_figure_maps
+
+        save_figure_maps(report, os.path.join(out, "maps"))
     print("\n".join(sorted(
         os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))
     )))  # fmt: skip

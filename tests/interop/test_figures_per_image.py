@@ -35,3 +35,42 @@ def test_bad_look_is_refused():
         figure_report("bundled:vgg_synth", n=1, per_image=True, cmap="viridsi")
     with pytest.raises(InputError, match="alpha"):
         figure_report("bundled:vgg_synth", n=1, per_image=True, alpha=1.5)
+
+
+def test_figures_save_maps_equal_a_fresh_explanation(tmp_path):
+    import torch
+
+    import xnn_toolkit
+    from xnn_toolkit.attribution import explain
+    from xnn_toolkit.data import load_dataset
+
+    out = tmp_path / "figs"
+    main(
+        [
+            "figures",
+            "--model",
+            "bundled:vgg_synth",
+            "--methods",
+            "gradcam",
+            "--n",
+            "3",
+            "--formats",
+            "png",
+            "--dpi",
+            "40",
+            "--save-maps",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    saved = xnn_toolkit.load_maps(out)
+    assert saved.maps.shape == (3, 64, 64)
+    assert saved.manifest["model"]["spec"] == "bundled:vgg_synth"
+    lm = xnn_toolkit.load_model("bundled:vgg_synth")
+    ds = load_dataset("synthetic", split="test", n=3)
+    x = lm.preprocessing.normalize(torch.stack([ds[i][0] for i in range(3)]))
+    labels = [r["class"] for r in saved.records]
+    assert labels == [int(ds[i][1]) for i in range(3)]
+    want = explain(lm.model, x, labels, method="gradcam", layer=saved.records[0]["layer"])
+    torch.testing.assert_close(saved.maps, want.heatmap)

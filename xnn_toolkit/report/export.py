@@ -11,6 +11,7 @@ Every argument is checked before any work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,15 +39,27 @@ def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"unknown figure formats {bad or list(formats)}; choose from {FORMATS}")
-    for what, v, lo in (("n", n, 1), ("n_train", n_train, 2), ("n_features", n_features, 1),
-                        ("dpi", dpi, 10)):
+    for what, v, lo in (
+        ("n", n, 1),
+        ("n_train", n_train, 2),
+        ("n_features", n_features, 1),
+        ("dpi", dpi, 10),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
     return names
 
 
-def _per_image(report: Report, raw: torch.Tensor, grid: torch.Tensor, names: list[str],
-               rows: list[str], look: dict[str, Any], fmts: tuple[str, ...], dpi: int) -> None:
+def _per_image(
+    report: Report,
+    raw: torch.Tensor,
+    grid: torch.Tensor,
+    names: list[str],
+    rows: list[str],
+    look: dict[str, Any],
+    fmts: tuple[str, ...],
+    dpi: int,
+) -> None:
     """One overlay figure per image and method, each map scaled by its own maximum."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -65,6 +78,57 @@ def _per_image(report: Report, raw: torch.Tensor, grid: torch.Tensor, names: lis
                              fraction=0.046, pad=0.04)  # fmt: skip
             s.add(ReportFigure(f"image{i:03d}_{name}", fig, caption=f"image {i}, {name}",
                                formats=fmts, dpi=dpi))  # fmt: skip
+
+
+def _plain_preprocessing(pre: Any) -> dict[str, Any] | None:
+    import dataclasses
+    import json
+
+    return None if pre is None else json.loads(json.dumps(dataclasses.asdict(pre)))
+
+
+def save_figure_maps(report: Report, folder: str | os.PathLike) -> None:
+    """Write the heatmaps behind a :func:`figure_report` to ``folder`` (one maps shard).
+
+    Same layout as the scoring runner's ``save_maps`` (read back with
+    :func:`xnn_toolkit.load_maps`): float32 maps at the input resolution, one key per method,
+    records with image index, label, explained class and name, method and read layer.
+
+    Parameters
+    ----------
+    report : Report
+        A report returned by :func:`figure_report`.
+    folder : str or PathLike
+        Destination (created; ``maps/`` next to the figures by convention).
+
+    Raises
+    ------
+    InputError
+        ``report`` did not come from :func:`figure_report`.
+    """
+    from pathlib import Path
+
+    from .. import __version__
+    from ..interop.maps import write_manifest, write_shard
+
+    held = getattr(report, "heatmaps", None)
+    if not held:
+        raise InputError("save_figure_maps needs a report made by figure_report")
+    from ..attribution import get_method
+
+    maps, groups, order = {}, {}, []
+    for j, name in enumerate(held["methods"]):
+        key = f"figures|{name}"
+        order.append(key)
+        maps[key] = held["maps"][:, j]
+        reads_input = bool(getattr(get_method(name), "captum_name", ""))
+        groups[key] = [{**r, "method": name, "target": "figures",
+                        "layer": "input" if reads_input else held["layer"]}
+                       for r in held["records"]]  # fmt: skip
+    folder = Path(folder)
+    header = {**held["manifest"], "versions": {"xnn_toolkit": __version__}}
+    write_manifest(folder, header, 1)
+    write_shard(folder, 0, maps, {"order": order, "groups": groups})
 
 
 def _targets(target: int | str, labels: torch.Tensor, pred: torch.Tensor,
@@ -184,8 +248,7 @@ def figure_report(
 
     if cmap not in matplotlib.colormaps:
         raise InputError(
-            f"unknown colour map {cmap!r}; "
-            + close_matches(str(cmap), list(matplotlib.colormaps))
+            f"unknown colour map {cmap!r}; " + close_matches(str(cmap), list(matplotlib.colormaps))
         )
     look = {"per_image": per_image, "cmap": cmap, "alpha": float(alpha), "colorbar": colorbar}
     with user_model(model):
@@ -240,6 +303,15 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
 
     if look["per_image"]:
         _per_image(report, raw, grid, names, rows, look, fmts, dpi)
+    # the maps themselves, for save_figure_maps (xnn figures --save-maps)
+    report.heatmaps = {
+        "maps": grid.detach().float().cpu(), "methods": list(names), "layer": read,
+        "records": [{"index": i, "label": int(labels[i]), "class": int(classes[i]),
+                     "class_name": class_names[int(classes[i])]} for i in range(len(x))],
+        "manifest": {"model": {"spec": spec}, "dataset": dataset, "split": split,
+                     "target": what, "class_names": class_names,
+                     "preprocessing": _plain_preprocessing(lm.preprocessing)},
+    }  # fmt: skip
 
     if xnn:
         from torch.utils.data import TensorDataset
@@ -274,8 +346,11 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
             )
         idx = keep.nonzero().flatten()
         cls = classes[idx]
-        one = grid[idx, names.index("cmwp")] if "cmwp" in names else class_heatmaps(
-            net, x[idx], cls, "cmwp", read)
+        one = (
+            grid[idx, names.index("cmwp")]
+            if "cmwp" in names
+            else class_heatmaps(net, x[idx], cls, "cmwp", read)
+        )
         feats = xfeature_heatmaps(net, x[idx], cls, head, fc, read)
         contrib = head.contributions(bank)[idx]
         pos = torch.stack([(head.classes_ == c).nonzero().flatten()[0] for c in cls])
