@@ -39,12 +39,8 @@ def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"unknown figure formats {bad or list(formats)}; choose from {FORMATS}")
-    for what, v, lo in (
-        ("n", n, 1),
-        ("n_train", n_train, 2),
-        ("n_features", n_features, 1),
-        ("dpi", dpi, 10),
-    ):
+    for what, v, lo in (("n", n, 1), ("n_train", n_train, 2), ("n_features", n_features, 1),
+                        ("dpi", dpi, 10)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
     return names
