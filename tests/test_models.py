@@ -281,7 +281,11 @@ def test_weight_file_errors(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(card))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(AssetError, match="corrupt or truncated"):
+    with pytest.raises(AssetError, match="is damaged.*weights_sha256"):  # the card's hash
+        load_model(path)
+    (tmp_path / "m.json").write_text(json.dumps({k: v for k, v in card.items()
+                                                 if k != "weights_sha256"}))  # fmt: skip
+    with pytest.raises(AssetError, match="corrupt or truncated"):  # no hash: safetensors
         load_model(path)
     with pytest.raises(AssetError, match="no weights file"):
         load_model(tmp_path / "absent.safetensors")
@@ -314,11 +318,11 @@ def test_save_model_needs_an_architecture(tmp_path):
 
 def test_normalize_denormalize_by_hand():
     p = Preprocessing((0.5, 0.25), (0.5, 2.0), (2, 1, 2), "bilinear")
-    x = torch.tensor([[[[1.0, 0.0]], [[0.25, 4.25]]]])
-    want = torch.tensor([[[[1.0, -1.0]], [[0.0, 2.0]]]])
+    x = torch.tensor([[[[1.0, 0.0]], [[0.25, 0.75]]]])
+    want = torch.tensor([[[[1.0, -1.0]], [[0.0, 0.25]]]])
     assert torch.equal(p.normalize(x), want)
     assert torch.equal(p.denormalize(want), x)
-    x64 = _x(c=2).double()
+    x64 = _x(c=2).double().sigmoid()  # images in [0, 1]
     torch.testing.assert_close(p.denormalize(p.normalize(x64)), x64)
     assert p.normalize(x64).dtype == torch.float64
     with pytest.raises(InputError, match="N x 2 x H x W"):

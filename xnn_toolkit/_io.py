@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from .errors import AssetError
+from .errors import AssetError, InputError, XnnError
 
-__all__ = ["atomic_write", "atomic_write_text", "load_estimator_files", "save_estimator_files"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "checked_load",
+    "load_estimator_files",
+    "loaded_params",
+    "save_estimator_files",
+]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(old)
+    return old
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
@@ -39,6 +61,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
     os.close(fd)
     try:
         writer(tmp)
+        # mkstemp creates 0600; the file gets the mode any new file of the user would get
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.exists(tmp):
@@ -90,6 +114,7 @@ def load_estimator_files(
     AssetError
         A file is missing or unreadable, or the JSON describes another type.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.fspath(path)
@@ -97,8 +122,49 @@ def load_estimator_files(
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         tensors = load_file(path + ".safetensors")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # truncated or not safetensors
         raise AssetError(f"could not read {what} saved at {path!r}: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("type") != type_name:
         raise AssetError(f"{path}.json does not describe {type_name}; it is not {what}")
     return meta, tensors
+
+
+def checked_load(what: str) -> Callable:
+    """Decorate an estimator's ``load(cls, path, ...)``: whatever a damaged or edited file
+    makes it raise (a ``KeyError`` for a missing entry, a ``TypeError`` for a value of the
+    wrong type, ...) becomes an :class:`AssetError` that names the files and ``what``."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def load(cls: Any, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(cls, path, *args, **kwargs)
+            except XnnError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    RuntimeError) as exc:  # fmt: skip
+                raise AssetError(
+                    f"{os.fspath(path)}.json / .safetensors do not hold valid {what} "
+                    f"({type(exc).__name__}: {exc}); save it again"
+                ) from None
+
+        return load
+
+    return decorate
+
+
+def loaded_params(cls: type, params: Any, path: str | os.PathLike, what: str) -> Any:
+    """``cls(**params)`` from a file, its hyperparameters checked (``_check_params`` or
+    ``_validate_params``); an invalid value is an :class:`AssetError` naming the file."""
+    if not isinstance(params, dict):
+        raise AssetError(f"{os.fspath(path)}.json: 'params' of {what} must be a JSON object")
+    try:
+        est = cls(**params)
+        check = getattr(est, "_check_params", None) or getattr(est, "_validate_params", None)
+        if check is not None:
+            check()
+    except (InputError, TypeError, ValueError) as exc:
+        raise AssetError(
+            f"{os.fspath(path)}.json holds invalid settings for {what}: {exc}; save it again"
+        ) from None
+    return est

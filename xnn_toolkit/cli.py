@@ -11,6 +11,7 @@ errors print one line that says what was wrong and what to try.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``xnn`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
         prog="xnn",
+        allow_abbrev=False,  # a typo must not silently pick another option
         description="Explain pretrained CNNs post hoc: XNN heads, NMF concepts, class paths, "
         "class-specific gates, Excitation Backprop / CAM heatmaps and their metrics.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
+    )  # fmt: skip
 
     p = sub.add_parser("demo", help="explain a bundled model end to end into an HTML report")
     _common(p, "xnn-report")
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["avg", "max"], default=None, help="pool spatial maps")
     p.add_argument("--float16", action="store_true", help="store float16")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grey-to-rgb", action="store_true", help="accept a grey dataset for a "
+                   "colour model (the channel is repeated)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score heatmap methods with metrics into tables "
@@ -114,11 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "quantus:RandomLogit), scored from the runner's maps")  # fmt: skip
     p.add_argument("--target", default="label", choices=["label", "predicted"],
                    help="class explained on each image (default: label)")  # fmt: skip
-    p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
+    # --num-images: torchrun's own parser reads "--n" as an abbreviation of its --nnodes
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=200,
+                   help="number of images (default: 200); under torchrun use --num-images")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grey-to-rgb", action="store_true", help="accept a grey dataset for a "
+                   "colour model (the channel is repeated)")  # fmt: skip
     p.add_argument("--shard-size", type=int, default=None, help="images per shard "
                    "(default: 4 x batch size)")  # fmt: skip
     p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process while "
+                   "scoring (default: 1; tables are identical for any number of torchrun "
+                   "processes with the same value)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same arguments)")
     p.add_argument("--save-maps", action="store_true", help="also write every heatmap "
@@ -177,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if getattr(args, "device", None) is not None:
+            from ._device import resolve_device
+
+            if not (args.device == "cuda" and "LOCAL_RANK" in os.environ):
+                resolve_device(args.device, "--device")
         return _COMMANDS[args.command](args)
     except XnnError as exc:
         print(f"xnn {args.command}: error: {exc}", file=sys.stderr)
@@ -196,12 +215,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not cards:
         print("no bundled models found in", zoo.assets_dir())
         return 0
-    print(f"{'name':16} {'arch':14} {'dataset':22} {'input':12} {'test acc':>8}")
+    print(f"{'name':18} {'arch':27} {'dataset':22} {'input':12} {'test acc':>8}")
     for c in cards:
         size = "x".join(str(v) for v in c["input_size"])
+        acc = c.get("test_accuracy")
+        acc = f"{100 * float(acc):7.2f}%" if acc is not None else "     n/a"
         print(
-            f"{c['name']:16} {c['arch']:14} {str(c['dataset'])[:22]:22} {size:12} "
-            f"{100 * float(c['test_accuracy']):7.2f}%"
+            f"{c['name']:18} {c['arch']:27} {str(c['dataset'])[:22]:22} {size:12} {acc}"
         )
     return 0
 
@@ -243,18 +263,25 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .features import extract
     from .models import load_model
 
+    out = _prepare_out(args.out, args.overwrite, create=False)
     lm = load_model(args.model, device=args.device)
-    ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed,
-                      preprocessing=lm.preprocessing)  # fmt: skip
-    out = _prepare_out(args.out, args.overwrite)
+    # raw images: extract normalises them with the model's preprocessing after checking
+    # that data and model fit (channels, classes)
+    ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed)
     import torch
 
-    bank = extract(
-        lm.model, ds, args.layer, pool=args.pool,
-        dtype=torch.float16 if args.float16 else torch.float32, path=out,
-        batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-        resume=not args.overwrite,
-    )  # fmt: skip
+    made = not os.path.exists(out)
+    try:
+        bank = extract(
+            lm, ds, args.layer, pool=args.pool,
+            dtype=torch.float16 if args.float16 else torch.float32, path=out,
+            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+            resume=not args.overwrite, grey_to_rgb=args.grey_to_rgb,
+        )  # fmt: skip
+    except BaseException:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # an empty folder left by the failure
+        raise
     print(f"wrote {len(bank)} examples of layers {', '.join(bank.layers)} to {out}")
     return 0
 
@@ -300,8 +327,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
     if args.n < 1:
         raise InputError(f"--n must be at least 1, got {args.n}")
-    if rank == 0:
-        _prepare_out(args.out, args.overwrite or args.resume, create=False)
+    # every rank checks (read-only) before the processes meet: all of them stop with this
+    # one line instead of the others failing inside a collective
+    _prepare_out(args.out, args.overwrite or args.resume, create=False)
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(v.strip() for v in text.split(",") if v.strip())
@@ -310,12 +338,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
         methods=names(args.methods), metrics=None if args.metrics == "auto" else
         names(args.metrics), layer=args.layer, target=args.target, n=args.n,
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        steps=args.steps, save_maps=args.save_maps,
+        steps=args.steps, threads=args.threads, save_maps=args.save_maps,
     )  # fmt: skip
     lm = load_model(args.model, device=device)
-    ds = load_dataset(args.dataset, split=args.split, n=args.n, preprocessing=lm.preprocessing)
+    # raw images: score_dataset normalises them after checking that data and model fit
+    ds = load_dataset(args.dataset, split=args.split, n=args.n)
     res = score_dataset(lm, ds, cfg, out=args.out, overwrite=args.overwrite,
-                        resume=args.resume, progress=not args.no_progress)  # fmt: skip
+                        resume=args.resume, progress=not args.no_progress,
+                        grey_to_rgb=args.grey_to_rgb)  # fmt: skip
     if rank == 0:
         shown = list(res.manifest["metrics"])
         print(f"{'target':10} {'method':10} " + " ".join(f"{m[:14]:>14}" for m in shown))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write, atomic_write_text
+from .datafit import data_fit
 from .errors import AssetError, BankError, InputError, LayerNotFoundError, close_matches
 from .hooks import record
 from .layers import LayerSpec, resolve_layer
@@ -672,6 +673,31 @@ def _same_model(a: dict | None, b: dict) -> bool:
     return bool(np.allclose(a["norms"], b["norms"], rtol=1e-5, atol=1e-8, equal_nan=True))
 
 
+def _data_probe(data: object, total: int | None, k: int = 8) -> int | None:
+    """CRC-32 of ``k`` evenly spaced images of the data (``None`` where the data cannot be
+    indexed), so that a bank refuses to stand in for other data of the same length."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader) and _is_map_dataset(data.dataset):
+        data = data.dataset
+        total = len(data)  # type: ignore[arg-type]
+    if not total or not (isinstance(data, torch.Tensor) or _is_map_dataset(data)):
+        return None
+    crc = zlib.crc32(str(total).encode())
+    for i in sorted({round(j * (total - 1) / max(k - 1, 1)) for j in range(k)}):
+        item = data[i]
+        if isinstance(item, dict):
+            item = next((item[key] for key in ("image", "x", "input", "inputs", "img")
+                         if key in item), None)  # fmt: skip
+        elif isinstance(item, list | tuple):
+            item = item[0] if item else None
+        if not isinstance(item, torch.Tensor):
+            return None
+        raw = item.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        crc = zlib.crc32(raw.numpy().tobytes(), crc)
+    return crc
+
+
 def _known_length(data: object) -> int | None:
     from torch.utils.data import DataLoader, IterableDataset
 
@@ -912,6 +938,8 @@ def extract(
     device: str | torch.device | None = None,
     progress: bool = True,
     resume: bool = True,
+    grey_to_rgb: bool = False,
+    reuse: bool = False,
 ) -> ActivationBank:
     """Run the model over the data and keep the activations of some layers, with the logits.
 
@@ -920,7 +948,10 @@ def extract(
     model : nn.Module or LoadedModel
         The network (in eval mode during extraction; left exactly as it was afterwards).
     data : DataLoader, Dataset, Tensor or iterable
-        Inputs already normalised for the model: an ``N x C x H x W`` Tensor, a map-style
+        Images as the data declares them in its ``image_space`` attribute: ``"raw"`` (in
+        ``[0, 1]``, normalised here with the preprocessing of the LoadedModel given as
+        ``model``) or ``"normalized"`` (the default where nothing is declared); batches whose
+        values contradict it are refused. An ``N x C x H x W`` Tensor, a map-style
         Dataset whose items are ``x``, ``(x, y, ...)`` or ``{"image": x, "label": y}``, or a
         DataLoader / iterable yielding batches ``x``, ``(x, y, ...)`` or such dicts. Labels are
         kept where ``y`` is an integer class per sample, else ``-1``. To resume, the data must
@@ -944,6 +975,11 @@ def extract(
     resume : bool
         With ``path``: continue an unfinished extraction there (or return the finished bank);
         with ``False`` start over, deleting the bank in ``path``.
+    grey_to_rgb : bool
+        Accept grey (1-channel) images for a colour model by repeating the channel.
+    reuse : bool
+        With ``path``: return a finished bank there even when the data's fingerprint differs
+        from the data it was extracted from (by default that is an error).
 
     Returns
     -------
@@ -959,9 +995,11 @@ def extract(
         A bank in ``path`` that does not match (other layers, model or options) or cannot be
         written; finished shards are kept.
     """
+    loaded = model
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
+    fit = data_fit(loaded, data, grey_to_rgb=grey_to_rgb, arg="data")
     if pool not in (None, "avg", "max"):
         raise InputError(f"pool must be None, 'avg' or 'max', got {pool!r}")
     if isinstance(dtype, str):
@@ -995,14 +1033,47 @@ def extract(
     root = Path(path) if path is not None else None
     manifest: dict | None = None
     fingerprint = _model_fingerprint(model) if root is not None else None
+    probe = _data_probe(data, total) if root is not None else None
     if root is not None:
         manifest = _open_for_resume(root, names, pool, dtype, shard_size, fingerprint, total,
-                                    resume)
+                                    resume, probe, reuse)  # fmt: skip
         if manifest is not None and manifest["complete"]:
             return ActivationBank.load(root)
     skip = int(manifest["num_samples"]) if manifest is not None else 0
+    made_root = root is not None and not root.exists()
     if root is not None and manifest is None:
         _prepare_dir(root, fresh=False, overwrite=True)
+    try:
+        return _extract_into(model, data, names, root, manifest, fit, pool, dtype, shard_size,
+                             fingerprint, total, probe, batch_size, skip, dev, progress)
+    except BaseException:
+        if root is not None and skip == 0:
+            _discard_empty(root, made_root)  # nothing half-written: no bank without a shard
+        raise
+
+
+def _discard_empty(root: Path, made_root: bool) -> None:
+    """Remove a bank this call started and that holds no finished shard."""
+    try:
+        manifest = json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("shards"):
+            return  # finished shards stay, to be resumed
+    except (OSError, ValueError):
+        pass
+    try:
+        for name in os.listdir(root):
+            if name == _MANIFEST or _TMP_FILE.match(name) or _SHARD_FILE.match(name):
+                os.unlink(root / name)
+        if made_root and not os.listdir(root):
+            root.rmdir()
+    except OSError:
+        pass  # the original error matters more than a failed clean-up
+
+
+def _extract_into(
+    model, data, names, root, manifest, fit, pool, dtype, shard_size, fingerprint, total, probe,
+    batch_size, skip, dev, progress,
+) -> ActivationBank:  # fmt: skip
 
     writer: _ShardWriter | None = _ShardWriter(root, manifest) if manifest else None
     collector = _MemoryCollector(total)
@@ -1014,12 +1085,14 @@ def extract(
                 n = int(x.shape[0])
                 if n == 0:
                     continue
+                x = fit.images(x, seen)
+                fit.labels(_labels(y, n), seen)
                 out = _output_tensor(model(x.to(dev, non_blocking=True)))
                 arrays = _collect(rec.activations, names, out, y, n, seen, b, pool, dtype)
                 if root is not None:
                     if writer is None:
                         manifest = _start_manifest(root, names, pool, dtype, shard_size,
-                                                   fingerprint, total, arrays)
+                                                   fingerprint, total, arrays, probe)
                         writer = _ShardWriter(root, manifest)
                     writer.add({k: v.numpy() for k, v in arrays.items()})
                 else:
@@ -1123,17 +1196,22 @@ def _collect(acts, names, out, y, n, start, batch, pool, dtype) -> dict[str, tor
     return arrays
 
 
-def _start_manifest(root, names, pool, dtype, shard_size, fingerprint, total, arrays) -> dict:
+def _start_manifest(
+    root, names, pool, dtype, shard_size, fingerprint, total, arrays, probe=None
+) -> dict:
     shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
     dtypes = {k: _storage_dtype(k, dtype) for k in arrays}
     manifest = _new_manifest(names, pool, dtype, fingerprint, shapes, dtypes)
     manifest["shard_size"] = shard_size or _auto_shard_size(shapes, dtypes)
     manifest["expected_samples"] = total
+    manifest["data"] = {"probe_crc32": probe}
     _write_manifest(root, manifest)
     return manifest
 
 
-def _open_for_resume(root, names, pool, dtype, shard_size, fingerprint, total, resume):
+def _open_for_resume(
+    root, names, pool, dtype, shard_size, fingerprint, total, resume, probe=None, reuse=False
+):
     """The manifest of an unfinished (or finished) matching bank in ``root``, else ``None``."""
     if not (root / _MANIFEST).is_file():
         return None
@@ -1150,6 +1228,12 @@ def _open_for_resume(root, names, pool, dtype, shard_size, fingerprint, total, r
         diffs.append(f"{manifest['expected_samples']} samples (the data has {total})")
     if not _same_model(manifest.get("model"), fingerprint):
         diffs.append("another model (its weights differ)")
+    held = (manifest.get("data") or {}).get("probe_crc32")
+    if held is not None and probe is not None and held != probe and not reuse:
+        diffs.append(
+            "other data (the images differ from those the bank holds; pass reuse=True to "
+            "return the bank anyway)"
+        )
     if diffs:
         raise BankError(
             f"the bank in {root} was extracted differently: {'; '.join(diffs)}. Use another "

@@ -106,7 +106,8 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
         st = stages(model)
         if not -len(st) <= layer < len(st):
             raise LayerNotFoundError(
-                f"stage {layer} out of range: {type(model).__name__} has {len(st)} stages "
+                f"layer {layer}: stage {layer} out of range: {type(model).__name__} has "
+                f"{len(st)} stages "
                 f"({', '.join(s.name for s in st)})"
             )
         name = st[layer].name
@@ -162,8 +163,6 @@ def _probe_stages(model: nn.Module) -> list[Stage]:
     The body is the ``features`` (or ``trunk_output``, ``layers``) sequence when the model has one,
     otherwise its top-level children; their outputs are NCHW in every torchvision family.
     """
-    from ._guard import model_guard
-
     body_name = next(
         (
             n
@@ -174,31 +173,8 @@ def _probe_stages(model: nn.Module) -> list[Stage]:
     )
     body = model.get_submodule(body_name) if body_name else model
     prefix = body_name + "." if body_name else ""
-    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    order: list[tuple[str, int, int]] = []
-
-    def make(name: str):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor) and out.dim() == 4:
-                order.append((name, int(out.shape[-1]), int(out.shape[1])))
-
-        return hook
-
-    size = 0
-    with model_guard(model, eval_mode=True):
-        handles = [m.register_forward_hook(make(prefix + n)) for n, m in body.named_children()]
-        try:
-            for size in _probe_sizes(model):
-                order.clear()
-                try:
-                    with torch.no_grad():
-                        model(torch.zeros(1, in_ch, size, size))
-                    break
-                except Exception:  # noqa: BLE001 - a failed probe: try the next size
-                    order.clear()
-        finally:
-            for h in handles:
-                h.remove()
+    size, runs = _probe(model, {prefix + n: m for n, m in body.named_children()})
+    order = [(name, shape[-1], shape[1]) for name, shape in runs if len(shape) == 4]
     # Global pools emit 1 x 1 maps and some blocks upsample: keep only outputs no smaller
     # than anything after them.
     kept: list[tuple[str, int, int]] = []
@@ -250,6 +226,49 @@ def _probe_sizes(model: nn.Module) -> list[int]:
     return sizes
 
 
+def _probe(
+    model: nn.Module, modules: dict[str, nn.Module]
+) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
+    """Run a zero image through ``model`` and list the output shapes of ``modules``.
+
+    The first size of :func:`_probe_sizes` that runs is used; the model is left as it was.
+
+    Returns
+    -------
+    size : int
+        The input size that ran (0 when none did).
+    runs : list of (str, tuple of int)
+        ``(name, shape)`` of every tensor output of a watched module, in call order.
+    """
+    from ._guard import model_guard
+
+    runs: list[tuple[str, tuple[int, ...]]] = []
+
+    def make(name: str):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor):
+                runs.append((name, tuple(out.shape)))
+
+        return hook
+
+    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    with model_guard(model, eval_mode=True):
+        handles = [m.register_forward_hook(make(n)) for n, m in modules.items()]
+        try:
+            for size in _probe_sizes(model):
+                runs.clear()
+                try:
+                    with torch.no_grad():
+                        model(torch.zeros(1, in_ch, size, size))
+                    return size, runs
+                except Exception:  # noqa: BLE001 - a failed probe: try the next size
+                    continue
+        finally:
+            for h in handles:
+                h.remove()
+    return 0, []
+
+
 def _nearest_stride(st: list[Stage], stride: int) -> Stage:
     """The deepest stage whose reduction is nearest ``stride`` (on a log scale)."""
     known = [s for s in st if s.reduction]
@@ -277,7 +296,6 @@ def _main_path(model: nn.Module, name: str, taps: list[str]) -> str:
     cache = _MAIN_PATH.setdefault(model, {})
     if name in cache:
         return cache[name]
-    from ._guard import model_guard
 
     modules = dict(model.named_modules())
     ancestors = [".".join(parts[:i]) for i in range(1, len(parts))]
@@ -286,50 +304,25 @@ def _main_path(model: nn.Module, name: str, taps: list[str]) -> str:
         for a in ancestors
         if a in modules and not any(t != name and t.startswith(a + ".") for t in taps)
     ]
-    shapes: dict[str, tuple] = {}
-
-    def make(key: str):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor):
-                shapes.setdefault(key, tuple(out.shape))
-
-        return hook
-
-    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    chosen = name
     outer = ancestors[0] if ancestors else ""
     parent = outer.rpartition(".")[0]
     siblings = [f"{parent}.{n}" for n, _ in modules[parent].named_children()] if parent else []
-    with model_guard(model, eval_mode=True):
-        watched = dict.fromkeys([*ancestors, name, *siblings])
-        handles = [modules[k].register_forward_hook(make(k)) for k in watched]
-        try:
-            for size in _probe_sizes(model):
-                shapes.clear()
-                try:
-                    with torch.no_grad():
-                        model(torch.zeros(1, in_ch, size, size))
-                    break
-                except Exception:  # noqa: BLE001 - a failed probe: try the next size
-                    shapes.clear()
-        finally:
-            for h in handles:
-                h.remove()
+    watched = dict.fromkeys([*ancestors, name, *siblings])
+    shapes: dict[str, tuple] = {}
+    for key, shape in _probe(model, {k: modules[k] for k in watched})[1]:
+        shapes.setdefault(key, shape)
+    chosen = name
     spatial = shapes[name][2:] if name in shapes else None
     if spatial is not None and ancestors:
-        outer = ancestors[0]
         same = [a for a in ancestors if a in shapes and shapes[a][2:] == spatial]
         if same:
             chosen = same[0]  # the outermost block with the tap's resolution
-        else:
+        elif outer in siblings and siblings.index(outer) > 0:
             # the tap sits before the block's own downsampling: the main path at the tap's
             # resolution is the output of the block before it
-            parent, _, last = outer.rpartition(".")
-            siblings = [n for n, _ in modules[parent].named_children()] if parent else []
-            if last in siblings and siblings.index(last) > 0:
-                prev = f"{parent}.{siblings[siblings.index(last) - 1]}"
-                if shapes.get(prev, ())[2:] == spatial:
-                    chosen = prev
+            prev = siblings[siblings.index(outer) - 1]
+            if shapes.get(prev, ())[2:] == spatial:
+                chosen = prev
     cache[name] = chosen
     return chosen
 
@@ -379,33 +372,8 @@ def _module_at_stride(model: nn.Module, stride: int) -> str | None:
     For multi-branch networks (HRNet) whose stages output lists of maps, so no stage
     output is a single map at the wanted stride.
     """
-    from ._guard import model_guard
-
-    runs: list[tuple[str, int]] = []
-    size = 0
-
-    def make(key: str):
-        def hook(_m, _i, out):
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-1] > 0:
-                runs.append((key, size // int(out.shape[-1])))
-
-        return hook
-
-    in_ch = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
-    with model_guard(model, eval_mode=True):
-        handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
-        try:
-            for size in _probe_sizes(model):
-                runs.clear()
-                try:
-                    with torch.no_grad():
-                        model(torch.zeros(1, in_ch, size, size))
-                    break
-                except Exception:  # noqa: BLE001 - a failed probe: try the next size
-                    runs.clear()
-        finally:
-            for h in handles:
-                h.remove()
+    size, shapes = _probe(model, {n: m for n, m in model.named_modules() if n})
+    runs = [(n, size // sh[-1]) for n, sh in shapes if len(sh) == 4 and sh[-1] > 0]
     at = [(i, name) for i, (name, r) in enumerate(runs) if r == stride]
     if not at:
         return None

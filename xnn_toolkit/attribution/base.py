@@ -249,7 +249,7 @@ class AttributionMethod:
         -------
         Attribution
         """
-        x = _check_inputs(inputs)
+        x = _check_inputs(inputs, self.model)
         tgt = self._as_target(target, x.shape[0])
         with model_guard(self.model, eval_mode=True, freeze=True):
             return self._attribute(x, tgt)
@@ -264,7 +264,12 @@ class AttributionMethod:
         return f"{type(self).__name__}(layer={self.layer!r})"
 
 
-def _check_inputs(inputs: object) -> torch.Tensor:
+def _check_inputs(inputs: object, model: nn.Module | None = None) -> torch.Tensor:
+    """The batch a method may use: 4-D, float, finite, the model's channels, dtype and
+    device (a float64 batch for a float32 model is converted; NaN is refused, since it
+    would come back as a NaN heatmap that looks like a result)."""
+    from ..models import _first_conv_channels, check_input
+
     if not isinstance(inputs, torch.Tensor):
         raise InputError(f"inputs must be a tensor N x C x H x W, got {type(inputs).__name__}")
     if inputs.dim() != 4 or not inputs.is_floating_point() or inputs.shape[0] == 0:
@@ -272,6 +277,21 @@ def _check_inputs(inputs: object) -> torch.Tensor:
             f"inputs must be a non-empty float tensor N x C x H x W, got {inputs.dtype} of "
             f"shape {tuple(inputs.shape)}; add a batch dimension with x[None] for one image"
         )
+    chans = _first_conv_channels(model) if model is not None else None
+    try:
+        check_input(inputs, in_chans=chans)
+    except InputError as exc:
+        raise InputError(f"inputs: {exc}") from None
+    param = next((p for p in model.parameters() if p.is_floating_point()), None) if (
+        model is not None) else None  # fmt: skip
+    if param is not None:
+        if inputs.device != param.device:
+            raise InputError(
+                f"inputs are on {inputs.device}, the model on {param.device}: move them with "
+                f"inputs.to({str(param.device)!r})"
+            )
+        if inputs.dtype != param.dtype:
+            inputs = inputs.to(param.dtype)
     return inputs.detach()
 
 

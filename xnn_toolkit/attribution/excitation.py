@@ -720,6 +720,19 @@ class ExcitationBackprop(AttributionMethod):
         return Attribution(raw=raw, heatmap=heat, metadata=info)
 
     def _warn_lost(self, books: Conservation, read: str) -> None:
+        if not self.contrastive:
+            top = books.top.where(books.top != 0, torch.ones_like(books.top))
+            bypass = (books.top - books.lost - books.read_sum) / top
+            if bypass.numel() and float(bypass.abs().max()) > self.warn_lost:
+                warnings.warn(
+                    f"{self.name}: {100 * float(bypass.mean()):.1f} % of the winning "
+                    f"probability does not pass through the read layer {read!r} (mean over "
+                    f"{bypass.numel()} images): other branches join the network above it, so "
+                    "the map shows only part of the evidence; read at a layer every path "
+                    "crosses (a stage output, or 'input')",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         share = books.lost_share
         if not share.numel() or not float(share.abs().max()) > self.warn_lost:
             return

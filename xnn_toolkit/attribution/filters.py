@@ -51,7 +51,9 @@ def _filter_target(target: object, n: int, layer: LayerSpec) -> Target:
     if isinstance(target, Target):
         tgt = target
     elif target is None:
-        raise InputError("a filter map needs the filter index (an int or one per image)")
+        raise InputError(
+            "target: a filter map needs the filter index (an int or one per image)"
+        )
     else:
         tgt = as_target(target, n)
         if not isinstance(tgt, Class) or tgt.index is None:

@@ -243,6 +243,8 @@ class FashionMNIST(Dataset):
     """
 
     classes = CLASSES
+    #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
+    image_space = "raw"
     mean = MEAN
     std = STD
 

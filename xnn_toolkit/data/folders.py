@@ -280,6 +280,8 @@ class CUBFolder(Dataset):
     AssetError
         Missing or malformed files, or ids that do not match across files.
     """
+    #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
+    image_space = "raw"
 
     def __init__(
         self,
@@ -534,6 +536,8 @@ class MaskFolder(Dataset):
         Missing folders, images without masks (``missing="error"``), duplicate stems, masks of
         another size than their image, or part labels above ``len(part_names)``.
     """
+    #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
+    image_space = "raw"
 
     def __init__(
         self,

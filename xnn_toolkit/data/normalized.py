@@ -21,6 +21,9 @@ class Normalized(Dataset):
         Per-channel statistics (e.g. a model's ``Preprocessing``).
     """
 
+    #: the images it hands out are normalised (see :mod:`xnn_toolkit.datafit`)
+    image_space = "normalized"
+
     def __init__(self, dataset: Dataset, mean: Sequence[float], std: Sequence[float]) -> None:
         self.dataset = dataset
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)

@@ -153,6 +153,8 @@ class SyntheticParts(Dataset):
 
     TRAIN_SEED = 0
     TEST_SEED = 1
+    #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
+    image_space = "raw"
 
     #: Per-channel mean and standard deviation of images of ``SyntheticParts(seed=0)``
     #: with default options, measured once over its first 20 000 images (64 x 64) by

@@ -9,11 +9,11 @@ wins, and its colour is blended over the image with an opacity proportional to t
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 
+from .._io import atomic_write
 from ..errors import AssetError, InputError
 from ..heads.nmf import concept_maps
 
@@ -93,16 +93,10 @@ def _save_atomic(fig: object, path: str | os.PathLike, dpi: int) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise AssetError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".fig-", suffix=f".{ext}", dir=directory)
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")  # type: ignore[attr-defined]
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AssetError(f"could not write {path!r}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
 
 
 def concept_gallery(

@@ -82,7 +82,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
@@ -414,7 +415,7 @@ def _check_features(
         x = x.float()
     if not bool(torch.isfinite(x).all()):
         raise InputError("features hold NaN or infinite values")
-    y = torch.as_tensor(labels).reshape(-1).long().to(x.device)
+    y = as_labels(labels).reshape(-1).to(x.device)
     if y.shape[0] != x.shape[0]:
         raise InputError(f"labels must have N = {x.shape[0]} entries, got {y.shape[0]}")
     _check_label_range(y, num_classes)
@@ -437,7 +438,7 @@ def _collate_xy(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack the first two items (image, label) of dataset samples; drop the rest."""
     try:
         xs = torch.stack([torch.as_tensor(s[0]) for s in batch])
-        ys = torch.as_tensor([int(s[1]) for s in batch], dtype=torch.long)
+        ys = as_labels([s[1] for s in batch])
     except (TypeError, IndexError, ValueError, RuntimeError) as exc:
         raise InputError(
             "dataset samples must be (image, label, ...) with C x H x W images of one size; "
@@ -454,18 +455,19 @@ class _Source:
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dataset = None
         self.iterable = None
+        self.door: Any = None  # the model's check of every image batch (datafit)
         if isinstance(data, torch.Tensor):
             if labels is None:
                 raise InputError(
                     "images were given as a tensor but labels= is missing; pass "
                     "fit(model, images, labels) or fit(model, (images, labels))"
                 )
-            self.tensors = (data, torch.as_tensor(labels))
+            self.tensors = (data, as_labels(labels))
         elif isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):
             if len(data) < 2:
                 raise InputError("a tuple of data must be (images, labels, ...)")
             self._no_labels(labels)
-            self.tensors = (data[0], torch.as_tensor(data[1]))
+            self.tensors = (data[0], as_labels(data[1]))
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             self._no_labels(labels)
             self.dataset = data
@@ -499,6 +501,14 @@ class _Source:
     def batches(
         self, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seen = 0
+        for x, y in self._batches(shuffle, generator):
+            yield (x if self.door is None else self.door(x, seen)), y
+            seen += int(x.shape[0])
+
+    def _batches(
+        self, shuffle: bool, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.tensors is not None:
             x, y = self.tensors
             n = x.shape[0]
@@ -523,7 +533,7 @@ class _Source:
                     "every batch must be (images, labels, ...); got "
                     f"{type(batch).__name__}"
                 )
-            x, y = batch[0], torch.as_tensor(batch[1]).reshape(-1).long()
+            x, y = batch[0], as_labels(batch[1]).reshape(-1)
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or y.shape[0] != x.shape[0]:
                 raise InputError(
                     "every batch must hold N x C x H x W images and N labels; got "
@@ -887,9 +897,12 @@ class ClassSpecificGates:
             Unknown layer or fine-tune block names.
         """
         self._validate_params()
+        door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         source = _Source(data, labels, self.batch_size)
+        source.door = door
         if self.recipe == "finetune" and not source.reiterable:
             raise InputError(
                 "recipe='finetune' goes over the data once per epoch; pass tensors, a Dataset "
@@ -1423,6 +1436,7 @@ class ClassSpecificGates:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the gates")
     def load(
         cls,
         path: str | os.PathLike,
@@ -1447,7 +1461,7 @@ class ClassSpecificGates:
         """
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "ClassSpecificGates", "the gates")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the gates")
         c, k = int(meta["n_classes_"]), int(meta["n_filters_"])
         gates = tensors.get("gates")
         if gates is None or tuple(gates.shape) != (c, k):
@@ -1764,7 +1778,7 @@ def gate_localization(
         masks = masks.object_mask
     if labels is None:
         raise InputError("labels= is needed (the class of each image)")
-    y = torch.as_tensor(labels).reshape(-1).long()
+    y = as_labels(labels).reshape(-1)
     masks = torch.as_tensor(masks)
     if y.shape[0] != n or masks.shape != (n, *images.shape[-2:]):
         raise InputError(

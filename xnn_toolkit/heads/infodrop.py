@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -420,7 +421,7 @@ class InformationDropout:
         return kl_log_normal(alpha, f, mu, sigma)
 
     # ---------------------------------------------------------------- fitting
-    def _survey(self, model, data, names, dev, n_out, row_of):
+    def _survey(self, model, data, names, dev, n_out, row_of, door):
         """One no-grad pass: priors, log-normal parameters, activation scales, label counts."""
         gen = torch.Generator().manual_seed(self.random_state + 1)
         stats = {n: _LayerStats() for n in names}
@@ -428,7 +429,7 @@ class InformationDropout:
         run = _DropRun(self, None)
         with intervene(model, {n: partial(run.edit, n) for n in names}, freeze=True):
             with torch.no_grad():
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     if bool(((y < 0) | (y >= n_out)).any()):
                         raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
                     rows = row_of[y]
@@ -472,8 +473,10 @@ class InformationDropout:
         from .paths import ClassPaths
 
         self._check_params()
+        door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         dev = _model_device(model, self.device)
-        probe = _first_images(data).to(dev)
+        probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
         with model_guard(model, eval_mode=True), torch.no_grad():
@@ -487,7 +490,9 @@ class InformationDropout:
         known = _known_labels(data)
         if known is not None and bool(((known < 0) | (known >= n_out)).any()):
             raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
-        priors, mus, sigmas, scales, counts = self._survey(model, data, names, dev, n_out, row_of)
+        priors, mus, sigmas, scales, counts = self._survey(
+            model, data, names, dev, n_out, row_of, door
+        )
         self.priors_, self.prior_mu_, self.prior_sigma_, self.scales_ = priors, mus, sigmas, scales
         keep = helper._check_counts(counts, cls)
         n_rows = len(cls)
@@ -520,7 +525,7 @@ class InformationDropout:
             for _ in range(self.epochs):
                 sums = {"ce": 0.0, "kl": 0.0, "total": 0.0}
                 steps = 0
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     y = y.to(dev)
                     rows = row_of_dev[y]
                     ok = rows >= 0
@@ -577,7 +582,7 @@ class InformationDropout:
             return None
         if labels is None:
             raise InputError("class-mode alphas depend on the class: pass labels=")
-        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        labels = as_labels(labels).reshape(-1).cpu()
         if len(labels) != n:
             raise InputError(f"got {n} images but {len(labels)} labels")
         row_of = torch.full((self.n_outputs_,), -1, dtype=torch.long)
@@ -792,11 +797,12 @@ class InformationDropout:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the information dropout")
     def load(cls, path: str | os.PathLike) -> InformationDropout:
         """Read masks written by :meth:`save`."""
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "InformationDropout", "the information dropout")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the information dropout")
         try:
             self.layers_ = list(meta["layers_"])
             self.priors_ = dict(meta["priors_"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from sklearn.base import BaseEstimator, clone
 from torch import nn
 
 from .._guard import model_guard
+from .._io import atomic_write
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError, close_matches
 from ..hooks import intervene
 from ..layers import LayerSpec, resolve_layer
@@ -688,7 +689,13 @@ class NMFConcepts(BaseEstimator):
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         self.components_ = M.float().to(device)
         self.shift_ = shift.float().to(device)
+        if not isinstance(attrs, dict):
+            raise TypeError(f"attrs must be a JSON object, got {type(attrs).__name__}")
         for k, v in attrs.items():
+            # only what _state writes: a file must not replace methods, settings or tensors
+            if k not in ("reconstruction_err_", "relative_err_", "n_iter_", "layer_",
+                         "spatial_", "n_channels_"):  # fmt: skip
+                raise ValueError(f"unexpected attribute {k!r}")
             setattr(self, k, v)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -721,8 +728,15 @@ class NMFConcepts(BaseEstimator):
             The file is missing, not a safetensors file, or not an NMFConcepts file.
         """
         tensors, meta = _read_safetensors(path, "NMFConcepts")
-        est = cls(**meta["params"])
-        est._restore(tensors, meta["attrs"])
+        try:
+            est = cls(**meta["params"])
+            est._check_params()
+            est._restore(tensors, meta["attrs"])
+        except (KeyError, TypeError, ValueError, AttributeError, InputError) as exc:
+            raise AssetError(
+                f"{os.fspath(path)!r} does not hold valid NMFConcepts settings "
+                f"({type(exc).__name__}: {exc}); save the estimator again"
+            ) from None
         return est
 
 
@@ -748,17 +762,7 @@ def _write_safetensors(
         "params": json.dumps(params),
         "attrs": json.dumps(attrs),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nmf-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AssetError(f"could not write {path!r}: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _read_safetensors(
@@ -849,7 +853,7 @@ class PerClassNMF(BaseEstimator):
             y = src.labels()
             if y is None:
                 raise InputError("labels are needed: pass y=... (one class label per example)")
-        y = torch.as_tensor(y).long().reshape(-1).cpu()
+        y = as_labels(y).reshape(-1).cpu()
         if n is not None and y.numel() != n:
             raise InputError(f"y has {y.numel()} labels for {n} examples; give one per example")
         if bool((y < 0).any()):
@@ -964,7 +968,7 @@ class PerClassNMF(BaseEstimator):
         Tensor, ``N x C x H x W`` or ``N x C``
         """
         self._check_fitted()
-        labels = torch.as_tensor(y).long().reshape(-1).cpu()
+        labels = as_labels(y).reshape(-1).cpu()
         if labels.numel() != S.shape[0]:
             raise InputError(f"y has {labels.numel()} labels for {S.shape[0]} score maps")
         out: torch.Tensor | None = None
@@ -1359,7 +1363,7 @@ def _batch_labels(
     if not isinstance(nmf, PerClassNMF):
         return None
     if y is not None:
-        return torch.as_tensor(y).reshape(-1)[start : start + n].long().cpu()
+        return as_labels(y).reshape(-1)[start : start + n].cpu()
     if yb is not None:
         return yb.reshape(-1).long().cpu()
     return logits.argmax(1).cpu()
@@ -1432,7 +1436,7 @@ def concept_importance(
             total = torch.zeros(rank, D.shape[2], dtype=torch.float64)
             count = torch.zeros(D.shape[2], dtype=torch.float64)
         if y is not None:
-            lab = torch.as_tensor(y).reshape(-1)[start : start + n].long().cpu()
+            lab = as_labels(y).reshape(-1)[start : start + n].cpu()
         else:
             lab = yb.reshape(-1).long().cpu() if yb is not None else None
         if per_class is not None and per_class != (lab is not None):

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._guard import model_guard
-from .._io import load_estimator_files, save_estimator_files
+from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
+from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._placement import auto_layers, check_layers
@@ -512,7 +513,7 @@ def misclassification_analysis(
     if not 1 <= k <= n_cls - 1:
         raise InputError(f"k must be between 1 and K - 1 = {n_cls - 1}, got {k}")
     logits = torch.as_tensor(logits).float().cpu()
-    labels = torch.as_tensor(labels).long().cpu()
+    labels = as_labels(labels).cpu()
     if logits.dim() != 2 or labels.shape != (len(logits),):
         raise InputError("logits must be N x K_out and labels (N,)")
     if int(cls.max()) >= logits.shape[1]:
@@ -599,7 +600,7 @@ def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, tuple | list) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if isinstance(x, torch.Tensor):
-            return x, torch.as_tensor(y).long().reshape(-1)
+            return x, as_labels(y).reshape(-1)
     raise InputError(
         f"each batch must be (images, labels, ...), got {type(batch).__name__}; pass a "
         "DataLoader of (image, label) pairs, a Dataset, or an (images, labels) tuple"
@@ -607,9 +608,19 @@ def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batches(
+    data: object, batch_size: int, gen: torch.Generator, door: Callable | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``(images, labels)`` batches, shuffled with ``gen`` where we own the order;
+    ``door(x, start)`` (:meth:`xnn_toolkit.datafit.DataFit.images`) checks each image batch."""
+    seen = 0
+    for x, y in _raw_batches(data, batch_size, gen):
+        yield (x if door is None else door(x, seen)), y
+        seen += int(x.shape[0])
+
+
+def _raw_batches(
     data: object, batch_size: int, gen: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of ``(images, labels)`` batches, shuffled with ``gen`` where we own the order."""
     if _is_pair(data):
         x, y = _check_pair(data)
         order = torch.randperm(len(x), generator=gen)
@@ -620,10 +631,9 @@ def _batches(
         seed = int(torch.randint(2**62, (1,), generator=gen))
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed), collate_fn=_collate_pairs,
         )  # fmt: skip
-        for batch in loader:
-            yield _split_batch(batch)
+        yield from loader
     else:
         try:
             it = iter(data)  # type: ignore[call-overload]
@@ -634,6 +644,21 @@ def _batches(
             ) from None
         for batch in it:
             yield _split_batch(batch)
+
+
+def _collate_pairs(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(image, label, ...)`` samples; what follows the label (annotations) is
+    dropped, so that datasets with ground truth can be used as they are."""
+    try:
+        xs = torch.stack([torch.as_tensor(s[0]) for s in samples])
+    except (TypeError, IndexError, RuntimeError) as exc:
+        raise InputError(
+            "dataset samples must be (image, label, ...) with C x H x W images of one size; "
+            f"got {type(samples[0]).__name__}: {exc}"
+        ) from None
+    if not all(isinstance(s, tuple | list) and len(s) > 1 for s in samples):
+        raise InputError("dataset samples must be (image, label, ...) pairs; labels are missing")
+    return xs, as_labels([s[1] for s in samples])
 
 
 def _first_images(data: object) -> torch.Tensor:
@@ -947,8 +972,10 @@ class ClassPaths:
             ``self``.
         """
         self._check_params()
+        door = data_fit(model, data, arg="data").images
+        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         dev = _model_device(model, self.device)
-        probe = _first_images(data).to(dev)
+        probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
         with model_guard(model, eval_mode=True), torch.no_grad():
@@ -984,7 +1011,7 @@ class ClassPaths:
             for epoch in range(self.epochs):
                 sums: dict[str, float] = {}
                 steps = 0
-                for x, y in _batches(data, self.batch_size, gen):
+                for x, y in _batches(data, self.batch_size, gen, door):
                     if bool(((y < 0) | (y >= n_out)).any()):
                         raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
                     y = y.to(dev)
@@ -1064,7 +1091,7 @@ class ClassPaths:
             A class without a path.
         """
         self._check_fitted()
-        labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+        labels = as_labels(labels).reshape(-1).cpu()
         row_of = torch.full((self.n_outputs_,), -1, dtype=torch.long)
         row_of[self.classes_] = torch.arange(len(self.classes_))
         ok = (labels >= 0) & (labels < self.n_outputs_)
@@ -1195,7 +1222,7 @@ class ClassPaths:
         HitRates
         """
         self._check_fitted()
-        labels = torch.as_tensor(labels).long()
+        labels = as_labels(labels)
         has = torch.isin(labels, self.classes_)
         images, labels = images[has], labels[has]
         comp, quad_cls, _ = composite_2x2(images, labels, n_composites, random_state)
@@ -1300,11 +1327,12 @@ class ClassPaths:
         save_estimator_files(path, tensors, meta)
 
     @classmethod
+    @checked_load("the class paths")
     def load(cls, path: str | os.PathLike) -> ClassPaths:
         """Read paths written by :meth:`save`."""
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "ClassPaths", "the class paths")
-        self = cls(**meta["params"])
+        self = loaded_params(cls, meta["params"], path, "the class paths")
         try:
             self.layers_ = list(meta["layers_"])
             self.logits_ = {n: tensors[f"logits/{n}"] for n in self.layers_}

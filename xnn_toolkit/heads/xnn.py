@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._io import load_estimator_files, save_estimator_files
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, NotFittedError
 
 __all__ = [
@@ -317,6 +318,17 @@ class _Data:
     labels: torch.Tensor  # N
 
 
+def _float_tensor(v: object, arg: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{arg} must be a numeric Tensor or array, got {type(v).__name__}: "
+                         f"{exc}") from None  # fmt: skip
+    if t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{arg} must be real numbers, got dtype {t.dtype}")
+    return t.float()
+
+
 def _as_data(
     X: object, layer: str | None, logits: torch.Tensor | None, labels: torch.Tensor | None
 ) -> _Data:
@@ -340,8 +352,8 @@ def _as_data(
         )
     if logits is None:
         raise InputError("logits are needed (the head mimics them): pass logits= or a bank")
-    z = torch.as_tensor(z).float()
-    logits = torch.as_tensor(logits).float()
+    z = _float_tensor(z, "the activations")
+    logits = _float_tensor(logits, "logits")
     if z.dim() not in (2, 4):
         raise InputError(
             f"activations must be N x D (fully connected) or N x D x H x W (conv), got "
@@ -359,7 +371,7 @@ def _as_data(
         raise InputError("the logits hold NaN or inf values")
     if labels is None:
         labels = logits.argmax(1)
-    labels = torch.as_tensor(labels).long()
+    labels = as_labels(labels)
     if labels.shape != (len(z),):
         raise InputError(f"labels must have shape ({len(z)},), got {tuple(labels.shape)}")
     if bool((labels < 0).all()):  # a bank of unlabelled data: the documented default
@@ -576,12 +588,32 @@ class XNN(_HeadsBase):
 
     # ---------------------------------------------------------------- validation
     def _validate(self, data: _Data) -> list[int]:
-        if self.kind not in KINDS:
+        self._check_params(int(data.z.shape[-1]))
+        return self._check_classes(data)
+
+    def _check_params(self, d: int | None = None) -> None:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.x_activation not in ("relu", "linear"):
             raise InputError(f"x_activation must be 'relu' or 'linear', got {self.x_activation!r}")
-        d = data.z.shape[-1]
-        if not 1 <= self.n_features < d:
+        for name, low in (("n_features", 1), ("batch_size", 1), ("max_epochs", 0),
+                          ("patience", 0)):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"{name} must be an int >= {low}, got {v!r}")
+        for name in ("q", "beta", "eta", "val_fraction", "lr", "weight_decay",
+                     "positive_weight"):  # fmt: skip
+            v = getattr(self, name)
+            if name == "positive_weight" and v == "balanced":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise InputError(f"{name} must be a finite number, got {v!r}")
+        hidden = self.hidden
+        if not isinstance(hidden, Sequence) or isinstance(hidden, str) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+        ):
+            raise InputError(f"hidden must be a sequence of positive ints, got {hidden!r}")
+        if d is not None and not 1 <= self.n_features < d:
             raise InputError(
                 f"n_features must be between 1 and dim Z - 1 = {d - 1}, got {self.n_features}: "
                 "an explanation space as large as Z explains nothing"
@@ -593,6 +625,8 @@ class XNN(_HeadsBase):
         hps = self.heads_per_step
         if not (hps is None or hps == "auto" or (isinstance(hps, int) and hps >= 1)):
             raise InputError(f"heads_per_step must be None, 'auto' or an int >= 1, got {hps!r}")
+
+    def _check_classes(self, data: _Data) -> list[int]:
         k = data.logits.shape[1]
         present = sorted(set(data.labels.tolist()))
         classes = list(self.classes) if self.classes is not None else present
@@ -932,11 +966,28 @@ class XNN(_HeadsBase):
         """Read a head written by :meth:`save`."""
         path = os.fspath(path)
         meta, tensors = load_estimator_files(path, "XNN", "the XNN")
-        self = cls(**meta["params"])
-        g = len(meta["classes_"])
+        try:
+            self = cls(**meta["params"])
+            self._check_params()
+            classes = [int(c) for c in meta["classes_"]]
+            n_inputs = meta["n_inputs_"]
+            if not classes or not isinstance(n_inputs, int) or n_inputs < 1:
+                raise ValueError(f"classes_ {classes} and n_inputs_ {n_inputs!r}")
+            if not isinstance(meta["scale_"], int | float):
+                raise ValueError(f"scale_ {meta['scale_']!r}")
+            spatial = meta["spatial_"]
+            if spatial is not None and (
+                len(spatial) != 2 or not all(isinstance(v, int) for v in spatial)
+            ):
+                raise ValueError(f"spatial_ {spatial!r}")
+        except (KeyError, TypeError, ValueError, InputError) as exc:
+            raise AssetError(
+                f"{path}.json is not a valid XNN configuration ({type(exc).__name__}: {exc}); "
+                "save the head again with XNN.save"
+            ) from None
         module = _GroupedXNN(
-            g,
-            meta["n_inputs_"],
+            len(classes),
+            n_inputs,
             self.hidden,
             self.n_features,
             decoder=self.kind != "nn",

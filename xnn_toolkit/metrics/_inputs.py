@@ -52,6 +52,10 @@ def _as_maps(
             f"{name} must be {shapes}, got shape {tuple(t.shape)}; add or remove the "
             "leading batch / feature dimension (e.g. heatmaps[:, None] or heatmaps[:, 0])"
         )
+    if t.numel() == 0:
+        raise InputError(
+            f"{name} is empty (shape {tuple(t.shape)}); pass at least one map of at least 1 x 1"
+        )
     if not t.is_floating_point():
         t = t.float()
     # one reduction in the common case: a finite sum means no NaN / inf (the full check

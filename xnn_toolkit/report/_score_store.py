@@ -89,6 +89,8 @@ class RunFolder:
         self.root = root
         self.header = header
         self.manifest: dict[str, Any] = {}
+        self._fresh = False  # this invocation started the run (not a resume)
+        self._made_root = False  # ... and created its folder
 
     # ----------------------------------------------------------------- opening
 
@@ -141,10 +143,29 @@ class RunFolder:
                     "or choose another folder"
                 )
             return self._resume(ncols, rows_of)
+        self._made_root = not root.exists()
         self._clear(names)
+        self._fresh = True
         self.manifest = {**self.header, "complete": False, "shards": [], "runs": []}
         self._write_manifest()
         return {}
+
+    def discard_if_empty(self) -> None:
+        """After a failure: remove what this invocation started if no shard was finished
+        (a run with finished shards stays, to be resumed)."""
+        if not self._fresh or self.manifest.get("shards"):
+            return
+        try:
+            (self.root / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+            shutil.rmtree(self.root / MAPS, ignore_errors=True)
+            for n in os.listdir(self.root):
+                if _TMP.match(n):
+                    (self.root / n).unlink()
+            if self._made_root and not os.listdir(self.root):
+                self.root.rmdir()
+        except OSError:
+            pass  # the original error matters more than a failed clean-up
 
     def _clear(self, names: Sequence[str]) -> None:
         try:

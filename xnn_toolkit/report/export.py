@@ -269,7 +269,12 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     fc = _fc_layer(net, fc_layer) if xnn else None
     ds = load_dataset(dataset, split=split, n=n)
     raw, labels, _ = _images(ds, n)
-    x = lm.preprocessing.normalize(raw)
+    from ..datafit import data_fit
+
+    # the one door of every entry point: channels, classes and class names must fit
+    fit = data_fit(lm, ds, arg=f"the dataset {dataset!r}", labels_are_classes=target == "label")
+    fit.labels(labels)
+    x = fit.images(raw)
     k = int(labels.max()) + 1
     class_names = list(lm.class_names or getattr(ds, "classes", None) or range(k))
     class_names = [str(c) for c in class_names]
@@ -342,11 +347,8 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
             )
         idx = keep.nonzero().flatten()
         cls = classes[idx]
-        one = (
-            grid[idx, names.index("cmwp")]
-            if "cmwp" in names
-            else class_heatmaps(net, x[idx], cls, "cmwp", read)
-        )
+        one = grid[idx, names.index("cmwp")] if "cmwp" in names else class_heatmaps(
+            net, x[idx], cls, "cmwp", read)
         feats = xfeature_heatmaps(net, x[idx], cls, head, fc, read)
         contrib = head.contributions(bank)[idx]
         pos = torch.stack([(head.classes_ == c).nonzero().flatten()[0] for c in cls])

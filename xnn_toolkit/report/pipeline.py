@@ -298,7 +298,12 @@ def _prepare(cfg: ExplainConfig) -> _Run:
             raise
         note = (f" The dataset has no train split here: the heads are fitted on test images "
                 f"{len(y_test)} to {len(y_test) + len(y_train) - 1}, never scored.")  # fmt: skip
-    pre = lm.preprocessing
+    from ..datafit import data_fit
+
+    # the one door of every entry point: channels, classes and class names must fit
+    fit = data_fit(lm, test, arg=f"the dataset {cfg.dataset!r}")
+    for y, at in ((y_train, 0), (y_test, 0)):
+        fit.labels(y, at)
     names = cfg.class_names or lm.class_names or getattr(train, "classes", None)
     k = int(torch.cat([y_train, y_test]).max()) + 1
     class_names = [str(c) for c in names] if names else [str(i) for i in range(k)]
@@ -306,7 +311,7 @@ def _prepare(cfg: ExplainConfig) -> _Run:
         raise InputError(f"got {len(class_names)} class names for labels up to {k - 1}")
     return _Run(
         cfg=cfg, model=model, loaded=lm, spec=spec, class_names=class_names,
-        x_train=pre.normalize(raw_train), y_train=y_train, x_test=pre.normalize(raw_test),
+        x_train=fit.images(raw_train), y_train=y_train, x_test=fit.images(raw_test),
         y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc, conv_layer=conv,
         heads={"train_note": note},
     )  # fmt: skip

@@ -21,8 +21,10 @@ Sharded over processes
     Launched with ``torchrun --nproc_per_node K``, each rank scores a disjoint set of
     shards (gloo on the CPU, NCCL on the GPU); the values are gathered after each round,
     rank 0 writes them, and every rank returns the same tables as a single process would.
-    Results are bit-identical when each process runs its kernels the same way (same device
-    type and intra-op thread count; ``torchrun`` sets ``OMP_NUM_THREADS=1``; on a GPU,
+    Results are bit-identical for any number of processes: CPU kernels split their float
+    reductions by the intra-op thread count, which differs between one process (all cores)
+    and ``torchrun``'s ranks (``OMP_NUM_THREADS=1``), so every shard is scored with
+    :attr:`ScoringConfig.threads` threads whoever runs it (on a GPU, also set
     ``torch.use_deterministic_algorithms(True)`` for kernels such as ``scatter_add``).
 
 The user's model (and every head) is left exactly as it was (:func:`~xnn_toolkit._guard.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 import zlib
@@ -50,6 +53,7 @@ from .._guard import model_guard
 from ..attribution import available_methods, get_method
 from ..attribution.targets import Class, HeadOutput, Target
 from ..data.types import PartAnnotation, PartBatch, collate_annotations
+from ..datafit import DataFit, data_fit
 from ..errors import InputError, SpecError, close_matches
 from ..features import _model_device, _model_fingerprint
 from ..layers import resolve_layer
@@ -105,6 +109,12 @@ class ScoringConfig:
     method_options : dict of str to dict
         Constructor arguments per method name (e.g. ``{"ig": {"n_steps": 16}}``; a
         ``"layer"`` entry overrides :attr:`layer` for that method). Plain JSON values only.
+    threads : int
+        Intra-op CPU threads while a shard is scored (restored afterwards). The values
+        depend on it in the last digits, so it is fixed per run rather than taken from the
+        process: one process and ``torchrun`` ranks then give identical tables. Scale out
+        with ``torchrun``; raise it for one process on many cores (tables then match other
+        runs with the same value).
     save_maps : bool
         Also write every heatmap (float32, input resolution) to ``<out>/maps/`` as
         safetensors shards with a JSON manifest; read them with
@@ -123,6 +133,7 @@ class ScoringConfig:
     top: float = 0.3
     steps: int = 20
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    threads: int = 1
     save_maps: bool = False
 
 
@@ -239,6 +250,7 @@ class _Plan:
     part_names: list[str]
     value_columns: list[str]
     header: dict[str, Any]
+    fit: DataFit | None = None
     maps_dir: Path | None = None
     maps_info: dict[str, Any] = field(default_factory=dict)
 
@@ -287,6 +299,7 @@ def _check_config(cfg: ScoringConfig) -> ScoringConfig:
     _positive_int("batch_size", cfg.batch_size)
     _positive_int("shard_size", cfg.shard_size, allow_none=True)
     _positive_int("steps", cfg.steps)
+    _positive_int("threads", cfg.threads)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise InputError(f"seed must be an int, got {cfg.seed!r}")
     if not (isinstance(cfg.tolerance, int | float) and cfg.tolerance >= 0):
@@ -451,7 +464,8 @@ def _dataset_name(dataset: Any) -> str:
     return "(".join(names) + ")" * (len(names) - 1)
 
 
-def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None) -> _Plan:
+def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None,
+          fit: DataFit | None = None) -> _Plan:  # fmt: skip
     try:
         total = len(dataset)
     except TypeError:
@@ -502,7 +516,7 @@ def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None) -> 
     # as it reads back from the manifest (tuples become lists), for the resume comparison
     header = json.loads(json.dumps(header, allow_nan=False))
     return _Plan(model, dataset, cfg, n, shard_size, methods, metrics, targets, part_names,
-                 value_columns, header)  # fmt: skip
+                 value_columns, header, fit)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one shard
@@ -512,6 +526,15 @@ def _load(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor,
     fast = getattr(dataset, "__getitems__", None)
     items = fast(indices) if fast is not None else [dataset[i] for i in indices]
     images = torch.stack([it[0] for it in items])
+    for i, it in zip(indices, items):
+        y = it[1] if len(it) > 1 else -1
+        if isinstance(y, torch.Tensor) and y.numel() == 1:
+            y = y.item()
+        if isinstance(y, bool) or not isinstance(y, numbers.Integral):
+            raise InputError(
+                f"dataset: image {i} has label {y!r} ({type(y).__name__}); labels must be "
+                "integer class indices (-1 for none)"
+            )
     labels = torch.tensor([int(it[1]) if len(it) > 1 else -1 for it in items],
                           dtype=torch.long)  # fmt: skip
     anns = [it[2] for it in items if len(it) > 2 and isinstance(it[2], PartAnnotation)]
@@ -582,6 +605,15 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
     """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method)."""
     start, stop = plan.bounds(k)
     dev = _model_device(plan.model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.cfg.threads)
+    try:
+        return _score_rows(plan, k, start, stop, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -> torch.Tensor:
     cfg = plan.cfg
     blocks = []
     saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
@@ -592,6 +624,9 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
             idx = list(range(a, min(a + cfg.batch_size, stop)))
             x, labels, parts = _load(plan.dataset, idx)
             _check_batch_gt(plan, parts, idx)
+            if plan.fit is not None:
+                x = plan.fit.images(x, idx[0])
+                plan.fit.labels(labels, idx[0])
             x = x.to(dev)
             with model_guard(plan.model), torch.no_grad():
                 pred = plan.model(x).argmax(1).cpu()
@@ -719,6 +754,7 @@ def score_dataset(
     overwrite: bool = False,
     resume: bool = True,
     progress: bool = True,
+    grey_to_rgb: bool = False,
 ) -> ScoreResult:
     """Score attribution methods on a data set with the metrics of METHODS §6.
 
@@ -729,9 +765,12 @@ def score_dataset(
         it was).
     dataset : Dataset
         Map-style, items ``(image, label)`` or ``(image, label, PartAnnotation)`` with images
-        ``C x H x W`` already normalised for the model (e.g. ``load_dataset(...,
-        preprocessing=lm.preprocessing)``). Ground truth (object masks, keypoints, part maps)
-        comes from the annotations; every image must have what the metrics need.
+        ``C x H x W``: raw in ``[0, 1]`` where the data set's ``image_space`` is ``"raw"``
+        (normalised here with the model's preprocessing, so pass the LoadedModel), else
+        already normalised for the model (e.g. ``load_dataset(...,
+        preprocessing=lm.preprocessing)``); batches that contradict this are refused.
+        Ground truth (object masks, keypoints, part maps) comes from the annotations; every
+        image must have what the metrics need.
     config : ScoringConfig, optional
         Methods, metrics, layer, sizes, seed (defaults: c-MWP and Grad-CAM, every metric the
         data supports).
@@ -748,6 +787,8 @@ def score_dataset(
         return it if finished); with ``False`` such a folder is an error.
     progress : bool
         Show a tqdm progress bar (rank 0).
+    grey_to_rgb : bool
+        Accept a grey (1-channel) data set for a colour model by repeating the channel.
 
     Returns
     -------
@@ -767,8 +808,8 @@ def score_dataset(
     AssetError
         The folder cannot be written, or holds damaged shards.
     """
+    loaded = model
     loaded_spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
-    loaded = model if not isinstance(model, nn.Module) else None
     model = getattr(model, "model", model) if not isinstance(model, nn.Module) else model
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
@@ -776,7 +817,11 @@ def score_dataset(
     if cfg.save_maps and out is None:
         raise InputError("save_maps=True writes the maps next to the tables: pass out=FOLDER")
     t0 = time.perf_counter()
-    plan = _plan(model, dataset, cfg, heads, loaded_spec)
+    # the labels are read as the model's classes unless only predicted classes and heads
+    # are explained
+    fit = data_fit(loaded, dataset, grey_to_rgb=grey_to_rgb,
+                   labels_are_classes=cfg.target == "label")  # fmt: skip
+    plan = _plan(model, dataset, cfg, heads, loaded_spec, fit)
     if cfg.save_maps:
         pre = getattr(loaded, "preprocessing", None)
         names = getattr(loaded, "class_names", None) or getattr(dataset, "class_names", None)
@@ -785,15 +830,20 @@ def score_dataset(
         plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps",
                                    maps_info=json.loads(json.dumps(info)))  # fmt: skip
     group = Group(_model_device(model))
+    folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
     try:
-        return _run(plan, group, out, overwrite, resume, progress, t0)
+        return _run(plan, group, folder, overwrite, resume, progress, t0)
+    except BaseException:
+        if folder is not None and group.rank == 0:
+            folder.discard_if_empty()  # nothing half-written: no manifest without a shard
+        raise
     finally:
         group.close()
 
 
-def _run(plan: _Plan, group: Group, out, overwrite: bool, resume: bool, progress: bool,
-         t0: float) -> ScoreResult:  # fmt: skip
-    folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
+def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: bool,
+         resume: bool, progress: bool, t0: float) -> ScoreResult:  # fmt: skip
+    out = folder.root if folder is not None else None
     rows_of = [plan.rows(k) for k in range(plan.num_shards)]
 
     def open_folder() -> tuple[torch.Tensor, torch.Tensor]:

