@@ -124,3 +124,20 @@ def test_resume_writes_the_missing_shard_only(tmp_path):
     after = xnn_toolkit.load_maps(out)
     assert torch.equal(after.maps, before.maps) and after.records == before.records
     assert (out / "maps" / "shard-00000.safetensors").stat().st_mtime_ns == kept
+
+
+def test_read_layer_maps_are_saved_too(run):
+    from xnn_toolkit.attribution import explain
+    from xnn_toolkit.data import load_dataset
+
+    low = xnn_toolkit.load_maps(run, method="cmwp", at_layer=True)
+    assert low.maps.shape[0] == 8 and low.maps.shape[-1] < 64
+    lm = xnn_toolkit.load_model("bundled:vgg_synth")
+    ds = load_dataset("synthetic", split="test", n=8)
+    x = lm.preprocessing.normalize(torch.stack([ds[i][0] for i in range(8)]))
+    classes = [r["class"] for r in low.records]
+    want = explain(lm.model, x, classes, method="cmwp").raw.sum(1)
+    torch.testing.assert_close(low.maps, want, rtol=1e-4, atol=1e-6)
+    # layercam (pytorch-grad-cam) returns input-resolution maps only: it is left out
+    every = xnn_toolkit.load_maps(run, at_layer=True)
+    assert {r["method"] for r in every.records} == {"cmwp"}

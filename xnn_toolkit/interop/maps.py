@@ -3,10 +3,12 @@
 Layout of ``<out>/maps/``: ``manifest.json`` (model spec, preprocessing, methods, targets,
 toolkit version, number of shards) and one ``shard-NNNNN.safetensors`` per scoring shard.
 Each shard holds one float32 ``N x H x W`` tensor per (target, method) pair, at the model
-input's resolution, and describes its rows in the safetensors metadata (image index, label,
-explained class and its name, method, read layer, target). Every file is written atomically
-(temporary file, then a rename), so a killed run leaves whole shards only, and each shard is
-written by the process that scored it (``--resume`` and ``torchrun`` work unchanged).
+input's resolution (plus, under ``layer:<key>``, the map at the read layer's resolution for
+methods that read at a layer), and describes its rows in the safetensors metadata (image
+index, label, explained class and its name, method, read layer, target). Every file is
+written atomically (temporary file, then a rename), so a killed run leaves whole shards only,
+and each shard is written by the process that scored it (``--resume`` and ``torchrun`` work
+unchanged).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def load_maps(
     method: str | None = None,
     image: int | None = None,
     cls: int | str | None = None,
+    at_layer: bool = False,
 ) -> SavedMaps:
     """Read the heatmaps a scoring run saved (``save_maps=True`` / ``--save-maps``).
 
@@ -94,6 +97,10 @@ def load_maps(
         Keep only this image index.
     cls : int or str, optional
         Keep only this explained class (index or name).
+    at_layer : bool
+        Return the maps at the read layer's resolution (channels summed, before any clamp
+        or upsampling) instead of the input-resolution heatmaps; only methods that read at
+        a layer have them (the others are left out).
 
     Returns
     -------
@@ -138,7 +145,9 @@ def load_maps(
                 f"({exc}); delete it and rerun with --resume"
             ) from exc
         for key in rows["order"]:
-            t = tensors[key]
+            t = tensors.get(f"layer:{key}") if at_layer else tensors[key]
+            if t is None:
+                continue
             for j, rec in enumerate(rows["groups"][key]):
                 maps.append(t[j])
                 records.append(rec)
@@ -149,7 +158,14 @@ def load_maps(
         and (cls is None or r["class"] == cls or r.get("class_name") == cls)
     ]  # fmt: skip
     if not maps:
-        raise InputError(f"the maps in {os.fspath(folder)!r} are empty")
+        what = "read-layer maps (at_layer=True)" if at_layer else "maps"
+        raise InputError(f"no {what} in {os.fspath(folder)!r}")
     h, w = maps[0].shape[-2:]
+    shapes = {tuple(maps[i].shape) for i in keep}
+    if len(shapes) > 1:
+        raise InputError(
+            f"the selected read-layer maps have different sizes {sorted(shapes)}; pass "
+            "method=... to load one method's maps at a time"
+        )
     out = torch.stack([maps[i] for i in keep]) if keep else torch.zeros(0, h, w)
     return SavedMaps(out, [records[i] for i in keep], manifest)

@@ -571,11 +571,27 @@ def _classes(t: _Target, labels: torch.Tensor, pred: torch.Tensor, indices: list
     return labels
 
 
-def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor) -> torch.Tensor:
-    if t.kind in ("label", "predicted"):
-        return method.attribute(x, Class(classes)).heatmap
-    if t.kind == "head":
-        return method.attribute(x, t.spec).heatmap
+def _layer_map(att: Any, size: tuple[int, ...]) -> torch.Tensor | None:
+    """The map at the read layer's resolution (channels summed), or None at the input's."""
+    raw = att.raw
+    if raw.dim() == 4:
+        raw = raw.sum(1)
+    if raw.dim() != 3 or tuple(raw.shape[-2:]) == tuple(size):
+        return None
+    return raw
+
+
+def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor,
+              layer_maps: list | None = None) -> torch.Tensor:  # fmt: skip
+    """Heatmaps at input resolution; with ``layer_maps``, also appends the read-layer map
+    (``None`` where the method reads at the input or the target composes several calls)."""
+    if t.kind in ("label", "predicted", "head"):
+        att = method.attribute(x, Class(classes) if t.kind != "head" else t.spec)
+        if layer_maps is not None:
+            layer_maps.append(_layer_map(att, tuple(x.shape[-2:])))
+        return att.heatmap
+    if layer_maps is not None:
+        layer_maps.append(None)
     maps = None
     for c in torch.unique(classes).tolist():
         rows = (classes == c).nonzero().flatten()
@@ -635,9 +651,10 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
             for ti, t in enumerate(plan.targets):
                 classes = _classes(t, labels, pred, idx)
                 for mi, (_, method) in enumerate(plan.methods):
-                    maps = _heatmaps(method, x, t, classes)
-                    if plan.maps_dir is not None:
-                        _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps)
+                    at_layer: list | None = [] if plan.maps_dir is not None else None
+                    maps = _heatmaps(method, x, t, classes, at_layer)
+                    if at_layer is not None:
+                        _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
                     inp = ScoreInputs(maps=maps, images=x, classes=classes, parts=parts,
                                       model=plan.model, tolerance=cfg.tolerance, top=cfg.top,
                                       steps=cfg.steps, batch_size=max(64, cfg.batch_size),
@@ -661,7 +678,8 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
 
 
 def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[int],
-               labels: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor) -> None:
+               labels: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor,
+               at_layer: torch.Tensor | None) -> None:  # fmt: skip
     """Collect one batch's maps of one (target, method) pair for the shard's maps file."""
     name, method = plan.methods[mi]
     key = f"{plan.targets[ti].name}|{name}"
@@ -669,6 +687,8 @@ def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[i
         saved["order"].append(key)
         saved["maps"][key], saved["groups"][key] = [], []
     saved["maps"][key].append(maps.detach().float().cpu())
+    if at_layer is not None:
+        saved["maps"].setdefault(f"layer:{key}", []).append(at_layer.detach().float().cpu())
     names = plan.maps_info.get("class_names") or []
     layer = getattr(method, "layer", None)
     for i, lab, c in zip(idx, labels.tolist(), classes.tolist()):
