@@ -33,6 +33,43 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
         )
 
 
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """--pretrained, --weights and --images for a command with --model."""
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="load the library's pretrained weights of a timm: / torchvision: model "
+        "(downloads once; needs network)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="a state dict (.safetensors, .pt, .pth) for the --model architecture",
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="PATH",
+        help="your images instead of --dataset: a file, a folder (one sub-folder per class "
+        "gives labels) or a glob; resized and cropped as the model's data config says",
+    )
+
+
+def _load_cli_model(args: argparse.Namespace, device: str | None = None):
+    """The --model, with --pretrained / --weights."""
+    from .models import load_model, load_weights
+
+    lm = load_model(args.model, pretrained=args.pretrained, device=device)
+    if args.weights:
+        load_weights(lm, args.weights)
+    return lm
+
+
+def _dataset_spec(args: argparse.Namespace) -> str:
+    return f"images:{args.images}" if getattr(args, "images", None) else args.dataset
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``xnn`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -91,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "xnn-bank")
     p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
                    "torchvision:NAME or a weights file")  # fmt: skip
+    _model_options(p)
     p.add_argument("--layer", action="append", required=True, help="layer name (repeatable)")
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
     p.add_argument("--split", default="test", choices=["train", "test"])
@@ -107,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "xnn-scores")
     p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
                    "torchvision:NAME or a weights file")  # fmt: skip
+    _model_options(p)
     p.add_argument("--layer", default=None, help="read layer of EB / CAM methods (default: "
                    "each method's own, e.g. VGG pool4)")  # fmt: skip
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
@@ -152,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "xnn-figures")
     p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
                    "torchvision:NAME or a weights file")  # fmt: skip
+    _model_options(p)
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--methods", "--method", default="cmwp", help="comma-separated methods of "
@@ -261,13 +301,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .features import extract
-    from .models import load_model
 
     out = _prepare_out(args.out, args.overwrite, create=False)
-    lm = load_model(args.model, device=args.device)
+    lm = _load_cli_model(args, args.device)
     # raw images: extract normalises them with the model's preprocessing after checking
     # that data and model fit (channels, classes)
-    ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed)
+    ds = load_dataset(_dataset_spec(args), split=args.split, n=args.n, seed=args.seed, model=lm)
     import torch
 
     made = not os.path.exists(out)
@@ -318,7 +357,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .models import load_model
     from .report.scoring import ScoringConfig, score_dataset
 
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun; rank 0 writes and prints
@@ -340,9 +378,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
         steps=args.steps, threads=args.threads, save_maps=args.save_maps,
     )  # fmt: skip
-    lm = load_model(args.model, device=device)
+    lm = _load_cli_model(args, device)
     # raw images: score_dataset normalises them after checking that data and model fit
-    ds = load_dataset(args.dataset, split=args.split, n=args.n)
+    ds = load_dataset(_dataset_spec(args), split=args.split, n=args.n, model=lm)
     res = score_dataset(lm, ds, cfg, out=args.out, overwrite=args.overwrite,
                         resume=args.resume, progress=not args.no_progress,
                         grey_to_rgb=args.grey_to_rgb)  # fmt: skip
@@ -362,8 +400,9 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     from .report.export import figure_report
 
     out = _prepare_out(args.out, args.overwrite, create=False)
+    lm = _load_cli_model(args, args.device)
     report = figure_report(
-        args.model, args.dataset, _names(args.methods) or (), target=args.target, n=args.n,
+        lm, _dataset_spec(args), _names(args.methods) or (), target=args.target, n=args.n,
         split=args.split, layer=args.layer, xnn=args.xnn, fc_layer=args.fc_layer,
         n_train=args.n_train, n_features=args.n_features, formats=_names(args.formats) or (),
         dpi=args.dpi, device=args.device, seed=args.seed, progress=not args.no_progress,

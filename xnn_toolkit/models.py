@@ -32,6 +32,7 @@ from torch import nn
 from .errors import AssetError, InputError, SpecError, close_matches
 
 __all__ = [
+    "load_weights",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LoadedModel",
@@ -703,7 +704,48 @@ def _read_state_dict(path: Path, is_safetensors: bool) -> dict[str, torch.Tensor
     return state
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_weights(loaded: LoadedModel, path: str | os.PathLike) -> LoadedModel:
+    """Load a state dict from a file into a loaded model's architecture (in place).
+
+    For ``xnn ... --model timm:resnet50 --weights my.safetensors``: the architecture comes
+    from the spec, the trained weights from the file. Every tensor must fit: nothing is
+    loaded partially.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        From :func:`load_model`.
+    path : path
+        ``.safetensors``, or ``.pt`` / ``.pth`` holding a plain state dict (read with
+        ``weights_only=True``; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is
+        unwrapped).
+
+    Returns
+    -------
+    LoadedModel
+        ``loaded``, with the file's weights.
+
+    Raises
+    ------
+    AssetError
+        Missing or unreadable file, or tensors that do not fit (the message lists the
+        missing, unexpected and wrongly shaped ones).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"--weights / weights: no file {str(path)!r}; check the path")
+    state = _read_state_dict(path, path.suffix.lower() == ".safetensors")
+    _load_state(loaded.model, state, path, what=f"the architecture of {loaded.spec!r}")
+    loaded.spec = f"{loaded.spec} + {path.name}"
+    return loaded
+
+
+def _load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    what: str = "the card's architecture",
+) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -720,8 +762,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
                 more = f" and {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")
         raise AssetError(
-            f"the weights in {path} do not fit the card's architecture ({'; '.join(parts)}); "
-            "check 'arch' and 'arch_kwargs' (e.g. num_classes) in the card"
+            f"the weights in {path} do not fit {what} ({'; '.join(parts)}); check the "
+            "architecture and its num_classes (a card's 'arch' and 'arch_kwargs')"
         )
     model.load_state_dict(state, strict=True)
 

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset, Subset
 from ..errors import SpecError
 from .fashion_mnist import FashionMNIST, find_fashion_mnist, read_idx
 from .folders import CUBFolder, MaskFolder
+from .images import SKIMAGE_PHOTOS, ImageFiles, SkimagePhotos, sample_photos
 from .normalized import Normalized
 from .synthetic import SyntheticParts
 from .types import PartAnnotation, PartBatch, collate_annotations
@@ -15,6 +16,9 @@ from .types import PartAnnotation, PartBatch, collate_annotations
 __all__ = [
     "CUBFolder",
     "FashionMNIST",
+    "ImageFiles",
+    "SKIMAGE_PHOTOS",
+    "SkimagePhotos",
     "MaskFolder",
     "Normalized",
     "PartAnnotation",
@@ -24,9 +28,17 @@ __all__ = [
     "find_fashion_mnist",
     "load_dataset",
     "read_idx",
+    "sample_photos",
 ]
 
-SPECS = ("synthetic", "fashion-mnist", "cub:PATH", "masks:IMAGES:MASKS")
+SPECS = (
+    "synthetic",
+    "fashion-mnist",
+    "cub:PATH",
+    "masks:IMAGES:MASKS",
+    "photos[:NAME,...]",
+    "images:PATH",
+)
 
 
 def load_dataset(
@@ -38,6 +50,7 @@ def load_dataset(
     size: int | None = None,
     annotations: bool = True,
     preprocessing: object | None = None,
+    model: object | None = None,
 ) -> Dataset:
     """Resolve a dataset spec.
 
@@ -46,7 +59,10 @@ def load_dataset(
     spec : str
         ``"synthetic"`` (the part-annotated birds), ``"fashion-mnist"`` (standard idx files
         or the bundled test set), ``"cub:PATH"`` (a CUB-200-2011 folder) or
-        ``"masks:IMAGES:MASKS"`` (image and mask folders matched by file stem).
+        ``"masks:IMAGES:MASKS"`` (image and mask folders matched by file stem),
+        ``"photos"`` (scikit-image's bundled photos with their ImageNet class; ``"photos:
+        chelsea,coffee"`` picks some) or ``"images:PATH"`` (your image files: one file, a
+        folder, a class-folder tree or a glob; :class:`ImageFiles`).
     split : {"train", "test"}
         For the synthetic data the split picks the seed (train 0, test 1).
     n : int, optional
@@ -57,6 +73,9 @@ def load_dataset(
         Image size (synthetic: rendered size, default 64; folders: resized).
     annotations : bool
         Items carry a :class:`PartAnnotation` third element where the data has one.
+    model : LoadedModel, optional
+        For ``photos`` and ``images:``: resize and crop the way the model's data
+        configuration says, and read class folders against its class names.
     preprocessing : Preprocessing, optional
         When given, images are normalised with its ``mean`` / ``std`` (a :class:`Normalized`
         view).
@@ -79,6 +98,11 @@ def load_dataset(
         ds = FashionMNIST(rest or None, split=split)
     elif kind == "cub" and rest:
         ds = CUBFolder(rest, split=split, annotations=annotations, size=size)
+    elif kind == "photos":
+        names = [v for v in rest.split(",") if v] or None
+        ds = SkimagePhotos.for_model(model, names) if model is not None else SkimagePhotos(names)
+    elif kind == "images" and rest:
+        ds = ImageFiles.for_model(rest, model) if model is not None else ImageFiles(rest)
     elif kind == "masks" and rest.count(":") == 1:
         images, masks = rest.split(":")
         ds = MaskFolder(images, masks, size=size, annotations=annotations)

@@ -267,7 +267,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     net = lm.model
     read = resolve_layer(net, layer or default_read_layer(net))[0]
     fc = _fc_layer(net, fc_layer) if xnn else None
-    ds = load_dataset(dataset, split=split, n=n)
+    ds = load_dataset(dataset, split=split, n=n, model=lm) if isinstance(dataset, str) else dataset
     raw, labels, _ = _images(ds, n)
     from ..datafit import data_fit
 
@@ -278,14 +278,30 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     k = int(labels.max()) + 1
     class_names = list(lm.class_names or getattr(ds, "classes", None) or range(k))
     class_names = [str(c) for c in class_names]
-    pred = _logits(net, x).argmax(1)
+    probs = _logits(net, x).softmax(1)
+    pred = probs.argmax(1)
     classes, what = _targets(target, labels, pred, class_names)
+    top = probs.topk(min(3, probs.shape[1]), dim=1)
 
     maps = []
     for name in progress_bar(names, desc="heatmaps", disable=not progress):
         maps.append(class_heatmaps(net, x, classes, name, read))
     grid = torch.stack(maps, 1)
-    rows = [f"{class_names[int(c)]}" for c in classes]
+    # each row names the explained class and its probability; the image panel lists the
+    # model's top predictions
+    rows = [
+        f"{class_names[int(c)]} ({float(probs[i, int(c)]):.0%})" for i, c in enumerate(classes)
+    ]
+    titles = [
+        [
+            "\n".join(
+                f"{class_names[int(k)][:18]} {float(v):.0%}"
+                for v, k in zip(top.values[i], top.indices[i])
+            ),
+            *names,
+        ]
+        for i in range(len(x))
+    ]
     report = Report(f"xnn figures: {spec} on {dataset}")
     s = report.section("Heatmaps")
     s.add(Paragraph(
@@ -293,12 +309,14 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
         f"per method; layer-based methods read at {read}. Each map is scaled by its own "
         "maximum (colour bar)."
     ))  # fmt: skip
-    fig = heatmap_grid(raw, grid, col_labels=["image", *names], row_labels=rows,
-                       cmap=look["cmap"])  # fmt: skip
+    fig = heatmap_grid(raw, grid, titles=titles, row_labels=rows, cmap=look["cmap"])
     s.add(ReportFigure("heatmaps", fig, caption=", ".join(names), formats=fmts, dpi=dpi))
     s.add(Table("images", [
-        {"image": i, "label": class_names[int(labels[i])], "predicted": class_names[int(pred[i])],
-         "explained class": class_names[int(classes[i])]}
+        {"image": i, "label": class_names[int(labels[i])] if int(labels[i]) >= 0 else "-",
+         "predicted": class_names[int(pred[i])],
+         "probability": round(float(probs[i, int(pred[i])]), 4),
+         "explained class": class_names[int(classes[i])],
+         "its probability": round(float(probs[i, int(classes[i])]), 4)}
         for i in range(len(x))
     ]))  # fmt: skip
 

@@ -199,7 +199,9 @@ def _draw_grid(
     n, m = len(panels), len(panels[0])
     if titles is not None and (len(titles) != n or any(len(t) != m for t in titles)):
         raise InputError(f"titles must be {n} rows of {m} strings")
-    fig = DisplayFigure(figsize=(size * m, size * n))
+    # room above each row for its longest title (several lines: top-k predictions)
+    lines = max((t.count("\n") + 1 for row in titles or [] for t in row if t), default=1)
+    fig = DisplayFigure(figsize=(size * m, n * (size + 0.14 * max(0, lines - 1))))
     axes = fig.subplots(n, m, squeeze=False)
     for i, row in enumerate(panels):
         maps = [h for _, h in row if h is not None]
