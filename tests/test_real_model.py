@@ -130,3 +130,17 @@ def test_missing_package_or_wrong_weights_are_clear_errors(tmp_path):
     root = _card_copy(tmp_path, weights_sha256="0" * 64)
     with pytest.raises(AssetError, match="sha256"):
         zoo.load_bundled("efficientnet_lite0", root=root)
+
+
+def test_demo_opening_sections_on_the_photos(tmp_path):
+    from xnn_toolkit.report.document import Report
+    from xnn_toolkit.report.photos import photo_sections
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = photo_sections(Report("t"), photos=["coffee"], methods=("cmwp", "gradcam"))
+    index = report.write(tmp_path / "r")
+    html = open(index).read()
+    assert "espresso" in html and "NMF concepts" in html
+    for name in ("photo_heatmaps", "photo_concepts"):
+        assert (tmp_path / "r" / "figures" / f"{name}.png").stat().st_size > 5_000
