@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test,bench,notebook,imagenet]"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test,bench,notebook,imagenet,cam,quantus]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

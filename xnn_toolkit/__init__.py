@@ -14,6 +14,7 @@ from .errors import (
 )
 from .features import ActivationBank, extract
 from .hooks import Recording, intervene, record
+from .interop.maps import SavedMaps, load_maps
 from .layers import default_read_layer, list_layers, resolve_layer, stages
 from .models import LoadedModel, Preprocessing, load_model, save_model
 from .report.scoring import ClassHeadTarget, ScoreResult, ScoringConfig, score_dataset
@@ -26,9 +27,11 @@ __all__ = [
     "LoadedModel",
     "Preprocessing",
     "extract",
+    "load_maps",
     "load_model",
     "save_model",
     "score_dataset",
+    "SavedMaps",
     "ScoreResult",
     "ScoringConfig",
     "AssetError",

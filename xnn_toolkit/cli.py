@@ -151,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--methods", default="cmwp,gradcam", help="comma-separated attribution "
-                   "methods (default: cmwp,gradcam)")  # fmt: skip
+                   "methods (default: cmwp,gradcam); besides the toolkit's own, the CAM "
+                   "family of pytorch-grad-cam (extra [cam]): scorecam, layercam, xgradcam, "
+                   "hirescam, eigencam, eigengradcam, ablationcam, fullgrad")  # fmt: skip
     p.add_argument("--metrics", default="auto", help="comma-separated metrics, or auto: "
-                   "every metric the dataset's ground truth supports")  # fmt: skip
+                   "every metric the dataset's ground truth supports; quantus:NAME adds any "
+                   "Quantus metric (e.g. quantus:Sparseness, quantus:MaxSensitivity, "
+                   "quantus:RandomLogit), scored from the runner's maps")  # fmt: skip
     p.add_argument("--target", default="label", choices=["label", "predicted"],
                    help="class explained on each image (default: label)")  # fmt: skip
     # --num-images: torchrun's own parser reads "--n" as an abbreviation of its --nnodes
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes with the same value)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same arguments)")
+    p.add_argument("--save-maps", action="store_true", help="also write every heatmap "
+                   "(float32) to OUT/maps as safetensors shards + manifest.json; read them "
+                   "with xnn_toolkit.load_maps(OUT)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
@@ -204,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=1000, help="training images of the XNN head "
                    "(default: 1000)")  # fmt: skip
     p.add_argument("--n-features", type=int, default=5, help="x-features (default: 5)")
+    p.add_argument("--per-image", action="store_true", help="also one overlay per image and "
+                   "method")  # fmt: skip
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map (default: jet)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of the per-image "
+                   "overlays (default: 0.5)")  # fmt: skip
+    p.add_argument("--colorbar", action="store_true", help="colour bar on per-image overlays")
+    p.add_argument("--save-maps", action="store_true", help="also write the heatmaps "
+                   "(float32) to OUT/maps; read them with xnn_toolkit.load_maps(OUT)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -361,7 +376,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         methods=names(args.methods), metrics=None if args.metrics == "auto" else
         names(args.metrics), layer=args.layer, target=args.target, n=args.n,
         batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        steps=args.steps, threads=args.threads,
+        steps=args.steps, threads=args.threads, save_maps=args.save_maps,
     )  # fmt: skip
     lm = _load_cli_model(args, device)
     # raw images: score_dataset normalises them after checking that data and model fit
@@ -391,8 +406,13 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         split=args.split, layer=args.layer, xnn=args.xnn, fc_layer=args.fc_layer,
         n_train=args.n_train, n_features=args.n_features, formats=_names(args.formats) or (),
         dpi=args.dpi, device=args.device, seed=args.seed, progress=not args.no_progress,
+        per_image=args.per_image, cmap=args.cmap, alpha=args.alpha, colorbar=args.colorbar,
     )  # fmt: skip
     index = report.write(out, overwrite=args.overwrite)
+    if args.save_maps:
+        from .report.export import save_figure_maps
+
+        save_figure_maps(report, os.path.join(out, "maps"))
     print("\n".join(sorted(
         os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))
     )))  # fmt: skip

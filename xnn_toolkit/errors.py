@@ -17,6 +17,7 @@ __all__ = [
     "InputError",
     "AssetError",
     "BankError",
+    "MissingExtraError",
     "NotFittedError",
     "close_matches",
 ]
@@ -51,6 +52,10 @@ class BankError(XnnError, OSError):
 
 class NotFittedError(XnnError, RuntimeError):
     """An estimator was used before ``fit``."""
+
+
+class MissingExtraError(XnnError, ImportError):
+    """An optional peer library is not installed; the message names the extra to install."""
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> str:

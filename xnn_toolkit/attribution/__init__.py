@@ -24,6 +24,16 @@ from .captum_bridge import (
 )
 from .excitation import ContrastiveExcitationBackprop, ExcitationBackprop, excitation_mode
 from .filters import ActivMap, GradMap, activation_thresholds
+from .gradcam_bridge import (
+    AblationCAM,
+    EigenCAM,
+    EigenGradCAM,
+    FullGrad,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from .rules import (
     FoldBatchNorm,
     Gate,
@@ -40,7 +50,15 @@ from .rules import (
 from .targets import Channel, Class, HeadOutput, Logits, Target, Unit, as_target
 
 __all__ = [
+    "AblationCAM",
     "ActivMap",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FullGrad",
+    "HiResCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "XGradCAM",
     "Attribution",
     "AttributionInfo",
     "Conservation",

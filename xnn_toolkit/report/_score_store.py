@@ -42,6 +42,7 @@ FORMAT = "xnn-score-run"
 VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+MAPS = "maps"  # heatmaps saved with save_maps (xnn_toolkit.interop.maps)
 TABLES = ("per_image.csv", "per_image.json", "aggregate.csv", "aggregate.json")
 _SHARD_FILE = re.compile(r"^s\d{5}\.json$")
 _TMP = re.compile(r"^\.tmp-")
@@ -121,7 +122,7 @@ class RunFolder:
         if root.exists() and not root.is_dir():
             raise InputError(f"the output folder {root} is a file; give a folder")
         names = os.listdir(root) if root.is_dir() else []
-        ours = {MANIFEST, SHARDS, *TABLES}
+        ours = {MANIFEST, SHARDS, MAPS, *TABLES}
         others = sorted(n for n in names if n not in ours and not _TMP.match(n))
         if others:
             raise InputError(
@@ -157,6 +158,7 @@ class RunFolder:
         try:
             (self.root / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(self.root / SHARDS, ignore_errors=True)
+            shutil.rmtree(self.root / MAPS, ignore_errors=True)
             for n in os.listdir(self.root):
                 if _TMP.match(n):
                     (self.root / n).unlink()

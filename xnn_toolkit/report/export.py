@@ -11,6 +11,7 @@ Every argument is checked before any work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,87 @@ def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
     return names
+
+
+def _per_image(
+    report: Report,
+    raw: torch.Tensor,
+    grid: torch.Tensor,
+    names: list[str],
+    rows: list[str],
+    look: dict[str, Any],
+    fmts: tuple[str, ...],
+    dpi: int,
+) -> None:
+    """One overlay figure per image and method, each map scaled by its own maximum."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from .figures import DisplayFigure, overlay
+
+    s = report.section("Per image")
+    for i in range(grid.shape[0]):
+        for j, name in enumerate(names):
+            fig = DisplayFigure(figsize=(3.2 if look["colorbar"] else 2.6, 2.6))
+            ax = fig.add_subplot(1, 1, 1)
+            overlay(ax, raw[i], grid[i, j], cmap=look["cmap"], alpha=look["alpha"],
+                    title=f"{rows[i]} · {name}")  # fmt: skip
+            if look["colorbar"]:
+                fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=look["cmap"]), ax=ax,
+                             fraction=0.046, pad=0.04)  # fmt: skip
+            s.add(ReportFigure(f"image{i:03d}_{name}", fig, caption=f"image {i}, {name}",
+                               formats=fmts, dpi=dpi))  # fmt: skip
+
+
+def _plain_preprocessing(pre: Any) -> dict[str, Any] | None:
+    import dataclasses
+    import json
+
+    return None if pre is None else json.loads(json.dumps(dataclasses.asdict(pre)))
+
+
+def save_figure_maps(report: Report, folder: str | os.PathLike) -> None:
+    """Write the heatmaps behind a :func:`figure_report` to ``folder`` (one maps shard).
+
+    Same layout as the scoring runner's ``save_maps`` (read back with
+    :func:`xnn_toolkit.load_maps`): float32 maps at the input resolution, one key per method,
+    records with image index, label, explained class and name, method and read layer.
+
+    Parameters
+    ----------
+    report : Report
+        A report returned by :func:`figure_report`.
+    folder : str or PathLike
+        Destination (created; ``maps/`` next to the figures by convention).
+
+    Raises
+    ------
+    InputError
+        ``report`` did not come from :func:`figure_report`.
+    """
+    from pathlib import Path
+
+    from .. import __version__
+    from ..interop.maps import write_manifest, write_shard
+
+    held = getattr(report, "heatmaps", None)
+    if not held:
+        raise InputError("save_figure_maps needs a report made by figure_report")
+    from ..attribution import get_method
+
+    maps, groups, order = {}, {}, []
+    for j, name in enumerate(held["methods"]):
+        key = f"figures|{name}"
+        order.append(key)
+        maps[key] = held["maps"][:, j]
+        reads_input = bool(getattr(get_method(name), "captum_name", ""))
+        groups[key] = [{**r, "method": name, "target": "figures",
+                        "layer": "input" if reads_input else held["layer"]}
+                       for r in held["records"]]  # fmt: skip
+    folder = Path(folder)
+    header = {**held["manifest"], "versions": {"xnn_toolkit": __version__}}
+    write_manifest(folder, header, 1)
+    write_shard(folder, 0, maps, {"order": order, "groups": groups})
 
 
 def _targets(target: int | str, labels: torch.Tensor, pred: torch.Tensor,
@@ -86,6 +168,10 @@ def figure_report(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    per_image: bool = False,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    colorbar: bool = False,
 ) -> Report:
     """Heatmap figures of a model on the first ``n`` images of a dataset.
 
@@ -123,12 +209,22 @@ def figure_report(
     seed : int
         Seeds the XNN head.
     progress : bool
+    per_image : bool
+        Also one overlay figure per image and method (``image003_cmwp``), in a section
+        "Per image".
+    cmap : str
+        Matplotlib colour map of the overlays (and of the grid).
+    alpha : float
+        Opacity of the heatmap in the per-image overlays, in ``[0, 1]``.
+    colorbar : bool
+        Add a colour bar to each per-image overlay.
 
     Returns
     -------
     Report
-        Sections "Heatmaps" (figure ``heatmaps``, table ``images``) and, with ``xnn``,
-        "XNN explanations" (figure ``xnn_layout``); write it with :meth:`Report.write`.
+        Sections "Heatmaps" (figure ``heatmaps``, table ``images``), with ``per_image``
+        "Per image", and with ``xnn`` "XNN explanations" (figure ``xnn_layout``); write it
+        with :meth:`Report.write`.
 
     Raises
     ------
@@ -142,14 +238,23 @@ def figure_report(
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(target, str) and not target.strip():
         raise InputError(f"target is empty; use one of {_TARGETS}, a class index or a name")
+    if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    import matplotlib
+
+    if cmap not in matplotlib.colormaps:
+        raise InputError(
+            f"unknown colour map {cmap!r}; " + close_matches(str(cmap), list(matplotlib.colormaps))
+        )
+    look = {"per_image": per_image, "cmap": cmap, "alpha": float(alpha), "colorbar": colorbar}
     with user_model(model):
         return _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train,
                         n_features, xnn_epochs, tuple(dict.fromkeys(formats)), dpi, device,
-                        seed, progress)  # fmt: skip
+                        seed, progress, look)  # fmt: skip
 
 
 def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train, n_features,
-             xnn_epochs, fmts, dpi, device, seed, progress) -> Report:  # fmt: skip
+             xnn_epochs, fmts, dpi, device, seed, progress, look) -> Report:  # fmt: skip
     """The work of :func:`figure_report`, its arguments checked."""
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
@@ -204,7 +309,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
         f"per method; layer-based methods read at {read}. Each map is scaled by its own "
         "maximum (colour bar)."
     ))  # fmt: skip
-    fig = heatmap_grid(raw, grid, titles=titles, row_labels=rows)
+    fig = heatmap_grid(raw, grid, titles=titles, row_labels=rows, cmap=look["cmap"])
     s.add(ReportFigure("heatmaps", fig, caption=", ".join(names), formats=fmts, dpi=dpi))
     s.add(Table("images", [
         {"image": i, "label": class_names[int(labels[i])] if int(labels[i]) >= 0 else "-",
@@ -214,6 +319,18 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
          "its probability": round(float(probs[i, int(classes[i])]), 4)}
         for i in range(len(x))
     ]))  # fmt: skip
+
+    if look["per_image"]:
+        _per_image(report, raw, grid, names, rows, look, fmts, dpi)
+    # the maps themselves, for save_figure_maps (xnn figures --save-maps)
+    report.heatmaps = {
+        "maps": grid.detach().float().cpu(), "methods": list(names), "layer": read,
+        "records": [{"index": i, "label": int(labels[i]), "class": int(classes[i]),
+                     "class_name": class_names[int(classes[i])]} for i in range(len(x))],
+        "manifest": {"model": {"spec": spec}, "dataset": dataset, "split": split,
+                     "target": what, "class_names": class_names,
+                     "preprocessing": _plain_preprocessing(lm.preprocessing)},
+    }  # fmt: skip
 
     if xnn:
         from torch.utils.data import TensorDataset

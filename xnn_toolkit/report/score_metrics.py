@@ -89,6 +89,11 @@ class ScoreInputs:
     cache : dict
         Values shared by several metrics of the same heatmaps (the IoU of ``iou`` and
         ``apNN``).
+    method : str
+        Registry name of the method that made ``maps`` (metrics that re-explain, such as
+        Quantus's robustness and randomisation metrics, call it again).
+    method_options : dict
+        Its constructor options, ``layer`` included.
     """
 
     maps: torch.Tensor
@@ -101,6 +106,8 @@ class ScoreInputs:
     steps: int
     batch_size: int
     cache: dict = field(default_factory=dict)
+    method: str = ""
+    method_options: dict = field(default_factory=dict)
 
 
 Compute = Callable[[ScoreInputs], list[torch.Tensor]]
@@ -235,6 +242,10 @@ def get_metric(name: str) -> MetricSpec:
     SpecError
         Unknown name; the message lists every valid name and the closest ones.
     """
+    if isinstance(name, str) and name.strip().lower().startswith("quantus:"):
+        from ..interop.quantus import quantus_metric_spec
+
+        return quantus_metric_spec(name.strip())
     if isinstance(name, str):
         key = name.strip().lower().replace("-", "_")
         if key in _REGISTRY:
@@ -246,5 +257,5 @@ def get_metric(name: str) -> MetricSpec:
     hint = close_matches(str(name), names)
     raise SpecError(
         f"unknown metric {name!r}; {hint} Valid metrics: {', '.join(names)} (apNN for any "
-        "NN in 1..100)"
+        "NN in 1..100; quantus:NAME for any Quantus metric)"
     )

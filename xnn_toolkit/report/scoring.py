@@ -115,6 +115,10 @@ class ScoringConfig:
         process: one process and ``torchrun`` ranks then give identical tables. Scale out
         with ``torchrun``; raise it for one process on many cores (tables then match other
         runs with the same value).
+    save_maps : bool
+        Also write every heatmap (float32, input resolution) to ``<out>/maps/`` as
+        safetensors shards with a JSON manifest; read them with
+        :func:`xnn_toolkit.load_maps`. Needs ``out``.
     """
 
     methods: tuple[str, ...] = ("cmwp", "gradcam")
@@ -130,6 +134,7 @@ class ScoringConfig:
     steps: int = 20
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     threads: int = 1
+    save_maps: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,8 @@ class _Plan:
     value_columns: list[str]
     header: dict[str, Any]
     fit: DataFit | None = None
+    maps_dir: Path | None = None
+    maps_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_shards(self) -> int:
@@ -564,11 +571,27 @@ def _classes(t: _Target, labels: torch.Tensor, pred: torch.Tensor, indices: list
     return labels
 
 
-def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor) -> torch.Tensor:
-    if t.kind in ("label", "predicted"):
-        return method.attribute(x, Class(classes)).heatmap
-    if t.kind == "head":
-        return method.attribute(x, t.spec).heatmap
+def _layer_map(att: Any, size: tuple[int, ...]) -> torch.Tensor | None:
+    """The map at the read layer's resolution (channels summed), or None at the input's."""
+    raw = att.raw
+    if raw.dim() == 4:
+        raw = raw.sum(1)
+    if raw.dim() != 3 or tuple(raw.shape[-2:]) == tuple(size):
+        return None
+    return raw
+
+
+def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor,
+              layer_maps: list | None = None) -> torch.Tensor:  # fmt: skip
+    """Heatmaps at input resolution; with ``layer_maps``, also appends the read-layer map
+    (``None`` where the method reads at the input or the target composes several calls)."""
+    if t.kind in ("label", "predicted", "head"):
+        att = method.attribute(x, Class(classes) if t.kind != "head" else t.spec)
+        if layer_maps is not None:
+            layer_maps.append(_layer_map(att, tuple(x.shape[-2:])))
+        return att.heatmap
+    if layer_maps is not None:
+        layer_maps.append(None)
     maps = None
     for c in torch.unique(classes).tolist():
         rows = (classes == c).nonzero().flatten()
@@ -581,6 +604,13 @@ def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor) -
         maps[rows.to(m.device)] = m
     assert maps is not None
     return maps
+
+
+def _method_options(plan: _Plan, mi: int, method: Any) -> dict[str, Any]:
+    """Constructor options (layer included) that rebuild method ``mi`` on another model."""
+    name = plan.cfg.methods[mi]
+    opts = {k: v for k, v in plan.cfg.method_options.get(name, {}).items() if k != "layer"}
+    return {"layer": method.layer, **opts}
 
 
 def _shard_seed(seed: int, k: int) -> int:
@@ -602,6 +632,7 @@ def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
 def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -> torch.Tensor:
     cfg = plan.cfg
     blocks = []
+    saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_shard_seed(cfg.seed, k))
@@ -620,10 +651,15 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
             for ti, t in enumerate(plan.targets):
                 classes = _classes(t, labels, pred, idx)
                 for mi, (_, method) in enumerate(plan.methods):
-                    maps = _heatmaps(method, x, t, classes)
+                    at_layer: list | None = [] if plan.maps_dir is not None else None
+                    maps = _heatmaps(method, x, t, classes, at_layer)
+                    if at_layer is not None:
+                        _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
                     inp = ScoreInputs(maps=maps, images=x, classes=classes, parts=parts,
                                       model=plan.model, tolerance=cfg.tolerance, top=cfg.top,
-                                      steps=cfg.steps, batch_size=max(64, cfg.batch_size))
+                                      steps=cfg.steps, batch_size=max(64, cfg.batch_size),
+                                      method=plan.cfg.methods[mi],
+                                      method_options=_method_options(plan, mi, method))
                     cols = [torch.tensor(idx, dtype=torch.float64),
                             torch.full((b,), float(ti), dtype=torch.float64),
                             torch.full((b,), float(mi), dtype=torch.float64),
@@ -633,7 +669,34 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
                     per_pair.append(torch.stack(cols, 1))
             # image-major: row (i, t, m)
             blocks.append(torch.stack(per_pair, 1).reshape(-1, plan.ncols))
+    if plan.maps_dir is not None:
+        from ..interop.maps import write_shard
+
+        maps = {key: torch.cat(v) for key, v in saved.pop("maps").items()}
+        write_shard(plan.maps_dir, k, maps, saved)
     return torch.cat(blocks)
+
+
+def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[int],
+               labels: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor,
+               at_layer: torch.Tensor | None) -> None:  # fmt: skip
+    """Collect one batch's maps of one (target, method) pair for the shard's maps file."""
+    name, method = plan.methods[mi]
+    key = f"{plan.targets[ti].name}|{name}"
+    if key not in saved["maps"]:
+        saved["order"].append(key)
+        saved["maps"][key], saved["groups"][key] = [], []
+    saved["maps"][key].append(maps.detach().float().cpu())
+    if at_layer is not None:
+        saved["maps"].setdefault(f"layer:{key}", []).append(at_layer.detach().float().cpu())
+    names = plan.maps_info.get("class_names") or []
+    layer = getattr(method, "layer", None)
+    for i, lab, c in zip(idx, labels.tolist(), classes.tolist()):
+        saved["groups"][key].append({
+            "index": i, "label": lab, "class": c,
+            "class_name": names[c] if 0 <= c < len(names) else None,
+            "method": name, "layer": "default" if layer is None else str(layer),
+            "target": plan.targets[ti].name})  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tables
@@ -771,12 +834,21 @@ def score_dataset(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or LoadedModel, got {type(model).__name__}")
     cfg = _check_config(config if config is not None else ScoringConfig())
+    if cfg.save_maps and out is None:
+        raise InputError("save_maps=True writes the maps next to the tables: pass out=FOLDER")
     t0 = time.perf_counter()
     # the labels are read as the model's classes unless only predicted classes and heads
     # are explained
     fit = data_fit(loaded, dataset, grey_to_rgb=grey_to_rgb,
                    labels_are_classes=cfg.target == "label")  # fmt: skip
     plan = _plan(model, dataset, cfg, heads, loaded_spec, fit)
+    if cfg.save_maps:
+        pre = getattr(loaded, "preprocessing", None)
+        names = getattr(loaded, "class_names", None) or getattr(dataset, "class_names", None)
+        info = {"preprocessing": None if pre is None else dataclasses.asdict(pre),
+                "class_names": list(names) if names else None}  # fmt: skip
+        plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps",
+                                   maps_info=json.loads(json.dumps(info)))  # fmt: skip
     group = Group(_model_device(model))
     folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
     try:
@@ -803,6 +875,13 @@ def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: b
                                                               dtype=torch.float64))
 
     opened = group.on_rank0(open_folder, "prepare the output folder")
+    if plan.maps_dir is not None:
+        from ..interop.maps import write_manifest
+
+        maps_dir = plan.maps_dir
+        group.on_rank0(lambda: write_manifest(maps_dir, {**plan.header, **plan.maps_info},
+                                              plan.num_shards),
+                       "write the maps manifest")  # fmt: skip
     n_done = group.broadcast(torch.tensor([0 if opened is None else opened[0].numel()]))
     ids = opened[0] if opened is not None else torch.zeros(int(n_done[0]), dtype=torch.long)
     ids = group.broadcast(ids)

@@ -1,0 +1,85 @@
+"""Benchmark a Quantus metric in the scoring runner vs Quantus's own loop, side by side.
+
+Same images, same method (c-MWP on ``bundled:vgg_synth``), same metric (Quantus
+``Sparseness``): (a) ``score_dataset`` with ``metrics=("quantus:Sparseness",)``, which hands
+Quantus the heatmaps it already holds as ``a_batch``; (b) Quantus's own call with
+``explain_func=quantus_explain_func("cmwp")``, which computes the heatmaps itself. Both give
+the same numbers (checked) and load the images from the same data set; the ratio
+``runner / quantus`` is the runner's cost (prediction pass, per-batch checks, tables) on top.
+Timings alternate the two sides and report medians; one CPU thread.
+
+Usage: ``.venv/bin/python bench/interop.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from xnn_toolkit.data.normalized import Normalized  # noqa: E402
+from xnn_toolkit.data.synthetic import SyntheticParts  # noqa: E402
+from xnn_toolkit.interop import quantus_explain_func  # noqa: E402
+from xnn_toolkit.models import load_model  # noqa: E402
+from xnn_toolkit.report.scoring import ScoringConfig, score_dataset  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import quantus
+
+    torch.set_num_threads(1)
+    n, reps = (8, 1) if args.quick else (64, 3)
+    loaded = load_model("bundled:vgg_synth")
+    pre = loaded.preprocessing
+    raw = SyntheticParts(n, size=64, seed=0, num_classes=10, return_annotations=True)
+    ds = Normalized(raw, pre.mean, pre.std)
+    cfg = ScoringConfig(methods=("cmwp",), metrics=("quantus:Sparseness",), batch_size=16)
+
+    def runner() -> np.ndarray:
+        res = score_dataset(loaded.model, ds, cfg, progress=False)
+        rows = next(t for t in res.tables() if t.name == "scores_per_image").rows
+        return np.array([r["quantus:Sparseness"] for r in rows])
+
+    def own_loop() -> np.ndarray:
+        # the user's loop loads the same images from the same data set
+        images, ann = raw.render_batch(range(n))
+        x, y = pre.normalize(images), ann.labels
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            out = quantus.Sparseness(disable_warnings=True)(
+                model=loaded.model, x_batch=x.numpy(), y_batch=y.numpy(),
+                explain_func=quantus_explain_func("cmwp"), device="cpu", batch_size=16,
+            )  # fmt: skip
+        return np.asarray(out, dtype=np.float64)
+
+    t_run, t_own = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a = runner()
+        t_run.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b = own_loop()
+        t_own.append(time.perf_counter() - t)
+    diff = float(np.abs(a - b).max())
+    r, o = statistics.median(t_run), statistics.median(t_own)
+    print(f"images {n}, repetitions {reps}: runner {r:.2f} s, quantus loop {o:.2f} s")
+    print(f"RESULT quantus_sparseness_runner_over_quantus_loop {r / o:.2f} ratio")
+    print(f"RESULT quantus_sparseness_max_abs_diff {diff:.1e} abs")
+
+
+if __name__ == "__main__":
+    main()
