@@ -144,3 +144,40 @@ def test_demo_opening_sections_on_the_photos(tmp_path):
     assert "espresso" in html and "NMF concepts" in html
     for name in ("photo_heatmaps", "photo_concepts"):
         assert (tmp_path / "r" / "figures" / f"{name}.png").stat().st_size > 5_000
+
+
+def test_xnn_heads_on_the_real_models_pooled_features(lite0):
+    """XNN heads on global_pool of the real model: the photos' classes as positives, the
+    other photos' crops and mirror images as negatives (the code path, at a tiny size)."""
+    from torch.utils.data import TensorDataset
+
+    from xnn_toolkit import extract
+    from xnn_toolkit.data import SkimagePhotos
+    from xnn_toolkit.heads import XNN
+
+    photos = SkimagePhotos.for_model(lite0)
+    raw = torch.stack([photos[i][0] for i in range(len(photos))])
+    g = torch.Generator().manual_seed(0)
+    views, labels = [], []
+    for i in range(len(photos)):
+        for k in range(8):  # random crops, half mirrored, resized back to 224
+            s = int(torch.randint(150, 224, (1,), generator=g))
+            t, l = (int(v) for v in torch.randint(0, 224 - s + 1, (2,), generator=g))
+            v = raw[i, :, t : t + s, l : l + s]
+            v = torch.nn.functional.interpolate(v[None], size=224, mode="bilinear")[0]
+            views.append(v.flip(-1) if k % 2 else v)
+            labels.append(photos.labels[i])
+    x = lite0.preprocessing.normalize(torch.stack(views))
+    bank = extract(lite0.model, TensorDataset(x, torch.tensor(labels)), ["global_pool"],
+                   progress=False)  # fmt: skip
+    assert bank.activations("global_pool").shape == (24, 1280)
+    head = XNN(n_features=2, hidden=(32, 16), n_positive=8, n_negative=16, max_epochs=40,
+               random_state=0, layer="global_pool").fit(bank)  # fmt: skip
+    assert sorted(int(c) for c in head.classes_) == [285, 657, 967]
+    pred = head.predict(bank)  # N x heads: the explained logits
+    logits = bank.logits[:, head.classes_]
+    assert torch.isfinite(pred).all() and pred.shape == logits.shape
+    # faithful on what it was fitted to: each head follows its logit across the views
+    for j in range(pred.shape[1]):
+        r = torch.corrcoef(torch.stack([pred[:, j], logits[:, j]]))[0, 1]
+        assert r > 0.8, (int(head.classes_[j]), float(r))
