@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "ConservationWarning",
     "XnnError",
     "SpecError",
     "LayerNotFoundError",
@@ -84,3 +85,9 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> str:
     shown = ", ".join(cands[:n])
     more = f" (and {len(cands) - n} more)" if len(cands) > n else ""
     return f"available: {shown}{more}" if cands else "nothing is available"
+
+
+class ConservationWarning(RuntimeWarning):
+    """Excitation Backprop lost more winning probability than its threshold on the way down
+    (or part of it bypasses the read layer); ``Attribution.metadata.conservation`` has the
+    books per image and layer."""

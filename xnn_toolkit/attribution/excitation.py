@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import InputError
+from ..errors import ConservationWarning, InputError
 from ..layers import LayerSpec, default_read_layer
 from ._capture import _backward_to_read, _run
 from .base import (
@@ -730,7 +730,7 @@ class ExcitationBackprop(AttributionMethod):
                     f"{bypass.numel()} images): other branches join the network above it, so "
                     "the map shows only part of the evidence; read at a layer every path "
                     "crosses (a stage output, or 'input')",
-                    RuntimeWarning,
+                    ConservationWarning,
                     stacklevel=4,
                 )
         share = books.lost_share
@@ -746,7 +746,7 @@ class ExcitationBackprop(AttributionMethod):
             "positive contribution (z+ = 0, e.g. filters with no positive weight) pass "
             "nothing down. The map is the MWP of what arrives; metadata.conservation has "
             "the books per image and layer",
-            RuntimeWarning,
+            ConservationWarning,
             stacklevel=4,
         )
 

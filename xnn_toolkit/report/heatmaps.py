@@ -8,12 +8,13 @@ contrastive Excitation Backprop (METHODS §2.1), as the thesis's figures and met
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConservationWarning, InputError
 
 __all__ = ["INPUT_METHODS", "FILTER_METHODS", "class_method", "class_heatmaps", "xfeature_heatmaps"]
 
@@ -157,6 +158,10 @@ def xfeature_heatmaps(
         for j, i in enumerate(feats):
             for s in range(0, len(rows), batch_size):
                 r = rows[s : s + batch_size]
-                att = method.attribute(x[r].to(dev), HeadOutput(fc_layer, module, i))
+                with warnings.catch_warnings():
+                    # a dead x-feature (E_i = 0 on these images) has no mass to conserve;
+                    # the report counts dead x-features itself
+                    warnings.simplefilter("ignore", ConservationWarning)
+                    att = method.attribute(x[r].to(dev), HeadOutput(fc_layer, module, i))
                 out[r, j] = att.heatmap.detach().float().cpu()
     return out
