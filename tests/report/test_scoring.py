@@ -345,3 +345,10 @@ def test_cli_score(tmp_path, capsys):
     assert "'iou' needs object masks" in err and not (tmp_path / "t").exists()
     assert main([*args[:-3], "--methods", "nope", "--out", str(tmp_path / "t")]) == 2
     assert "Valid methods" in capsys.readouterr().err
+
+
+def test_metric_aliases_resolve_to_their_metric():
+    from xnn_toolkit.report.score_metrics import get_metric
+
+    assert get_metric("pointing").name == "pointing_game"
+    assert get_metric("Energy-Pointing").name == "energy_pointing_game"

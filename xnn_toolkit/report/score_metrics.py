@@ -224,6 +224,10 @@ _REGISTRY: dict[str, MetricSpec] = {
 _AP = re.compile(r"^ap(\d{1,2}|100)$")
 
 
+#: Short names users type, and the metric each stands for.
+_ALIASES = {"pointing": "pointing_game", "energy_pointing": "energy_pointing_game"}
+
+
 def available_metrics() -> list[str]:
     """Names accepted by the scoring runner, sorted (``apNN`` for any ``NN`` in 1..100).
 
@@ -248,6 +252,7 @@ def get_metric(name: str) -> MetricSpec:
         return quantus_metric_spec(name.strip())
     if isinstance(name, str):
         key = name.strip().lower().replace("-", "_")
+        key = _ALIASES.get(key, key)
         if key in _REGISTRY:
             return _REGISTRY[key]
         ap = _AP.match(key)
