@@ -173,3 +173,16 @@ def test_figures_writes_grid_and_xnn_layout(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "stray.txt").exists() and (out / "figures" / "heatmaps.pdf").exists()
+
+
+def test_explain_takes_weights_and_names_a_file_that_does_not_fit(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"fc6.weight": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
+    argv = ["explain", "--model", "bundled:vgg_synth", "--weights", str(tmp_path / "w.safetensors"),
+            "--quick", "--out", str(tmp_path / "r"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "w.safetensors" in err and "missing" in err and "unexpected: fc6.weight" in err
+    assert not (tmp_path / "r").exists()

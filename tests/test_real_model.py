@@ -181,3 +181,15 @@ def test_xnn_heads_on_the_real_models_pooled_features(lite0):
     for j in range(pred.shape[1]):
         r = torch.corrcoef(torch.stack([pred[:, j], logits[:, j]]))[0, 1]
         assert r > 0.8, (int(head.classes_[j]), float(r))
+
+
+def test_the_cards_photo_top1_is_what_the_model_predicts(lite0):
+    from xnn_toolkit.data import SkimagePhotos
+
+    photos = SkimagePhotos.for_model(lite0)
+    x = lite0.preprocessing.normalize(torch.stack([photos[i][0] for i in range(len(photos))]))
+    with torch.no_grad():
+        top1 = lite0.model(x).argmax(1).tolist()
+    card = lite0.card["photos_top1"]
+    assert {n: card[n][0] for n in photos.names} == dict(zip(photos.names, top1))
+    assert all(lite0.class_names[card[n][0]] == card[n][1] for n in photos.names)

@@ -34,8 +34,8 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
 
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    """--pretrained, --weights and --images for a command with --model."""
+def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """--pretrained, --weights (and --images) for a command with --model."""
     p.add_argument(
         "--pretrained",
         action="store_true",
@@ -48,6 +48,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a state dict (.safetensors, .pt, .pth) for the --model architecture",
     )
+    if not images:
+        return
     p.add_argument(
         "--images",
         default=None,
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "xnn-report")
     p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
                    "torchvision:NAME or a weights file with its card")  # fmt: skip
+    _model_options(p, images=False)
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data` (default: synthetic)")
     p.add_argument("--fc-layer", default=None, help="layer of the XNN heads (default: fc6)")
     p.add_argument("--conv-layer", default=None, help="layer of heatmaps and NMF (default: "
@@ -260,6 +263,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         size = "x".join(str(v) for v in c["input_size"])
         acc = c.get("test_accuracy")
         acc = f"{100 * float(acc):7.2f}%" if acc is not None else "     n/a"
+        photos = c.get("photos_top1")
+        if photos:  # a pretrained model: its top-1 on the bundled photos instead
+            acc += "  photos: " + ", ".join(f"{k} -> {v[1]}" for k, v in photos.items())
         print(
             f"{c['name']:18} {c['arch']:27} {str(c['dataset'])[:22]:22} {size:12} {acc}"
         )
@@ -340,8 +346,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .report.pipeline import ExplainConfig, run_explain
 
+    model = _load_cli_model(args, args.device) if args.pretrained or args.weights else args.model
     kw = dict(
-        model=args.model, dataset=args.dataset, fc_layer=args.fc_layer,
+        model=model, dataset=args.dataset, fc_layer=args.fc_layer,
         conv_layer=args.conv_layer, n_train=args.n_train, n_test=args.n_test,
         device=args.device, seed=args.seed, progress=not args.no_progress,
         methods=_names(args.methods), kinds=_names(args.kinds),
