@@ -259,9 +259,9 @@ def test_unknown_names_list_the_valid_ones():
     with pytest.raises(SpecError, match="unknown attribution method 'cmwpp'.*Valid methods:.*"
                        "cmwp.*gradcam"):  # fmt: skip
         score_dataset(model, ds, ScoringConfig(methods=("cmwpp",)), progress=False)
-    with pytest.raises(SpecError, match="unknown metric 'pointing'.*pointing_game.*Valid "
+    with pytest.raises(SpecError, match="unknown metric 'pointng'.*pointing_game.*Valid "
                        "metrics:.*voronoi_locality"):  # fmt: skip
-        score_dataset(model, ds, ScoringConfig(metrics=("pointing",)), progress=False)
+        score_dataset(model, ds, ScoringConfig(metrics=("pointng",)), progress=False)
     assert {"pointing_game", "iou", "ap50", "deletion", "voronoi_locality"} <= set(
         available_metrics())
     with pytest.raises(InputError, match="batch_size"):
