@@ -193,3 +193,20 @@ def test_the_cards_photo_top1_is_what_the_model_predicts(lite0):
     card = lite0.card["photos_top1"]
     assert {n: card[n][0] for n in photos.names} == dict(zip(photos.names, top1))
     assert all(lite0.class_names[card[n][0]] == card[n][1] for n in photos.names)
+
+
+def test_class_names_of_a_timm_module_and_of_weights_for_an_architecture(tmp_path):
+    import torchvision.models as tvm
+    from safetensors.torch import save_file
+
+    from xnn_toolkit.models import load_weights
+
+    categories = tvm.ResNet18_Weights.DEFAULT.meta["categories"]  # an independent list
+    lm = load_model(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    assert len(lm.class_names) == 1000
+    assert [lm.class_names[i] for i in (285, 967)] == [categories[285], categories[967]]
+    with pytest.warns(RandomWeightsWarning):
+        arch = load_model("torchvision:resnet18")
+    assert arch.class_names is None  # random weights carry no names
+    save_file(arch.model.state_dict(), str(tmp_path / "w.safetensors"))
+    assert load_weights(arch, tmp_path / "w.safetensors").class_names == categories

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 from .errors import InputError, XnnError
@@ -61,9 +62,13 @@ def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
 
 def _load_cli_model(args: argparse.Namespace, device: str | None = None):
     """The --model, with --pretrained / --weights."""
-    from .models import load_model, load_weights
+    from .models import RandomWeightsWarning, load_model, load_weights
 
-    lm = load_model(args.model, pretrained=args.pretrained, device=device)
+    with warnings.catch_warnings():
+        if args.weights:
+            # the architecture is built random only to receive the file's weights
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+        lm = load_model(args.model, pretrained=args.pretrained, device=device)
     if args.weights:
         load_weights(lm, args.weights)
     return lm

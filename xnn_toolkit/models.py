@@ -579,12 +579,14 @@ def _from_module(model: nn.Module, num_classes, in_chans) -> LoadedModel:
     chans = in_chans or _first_conv_channels(model) or 3
     k = num_classes if num_classes is not None else _last_linear_out(model)
     name = type(model).__name__
+    names = None
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         # a timm module knows its own statistics (tf_efficientnet_lite0: mean = std = 0.5)
         prep = _preprocessing_from_timm_config(model, chans)
+        names = _timm_class_names(model, k)
     else:
         prep = _default_preprocessing(chans)
-    return LoadedModel(model, prep, f"module:{name}", name, k)
+    return LoadedModel(model, prep, f"module:{name}", name, k, names)
 
 
 # --------------------------------------------------------------------------- files
@@ -736,8 +738,32 @@ def load_weights(loaded: LoadedModel, path: str | os.PathLike) -> LoadedModel:
         raise AssetError(f"--weights / weights: no file {str(path)!r}; check the path")
     state = _read_state_dict(path, path.suffix.lower() == ".safetensors")
     _load_state(loaded.model, state, path, what=f"the architecture of {loaded.spec!r}")
+    if loaded.class_names is None:
+        loaded.class_names = _library_class_names(loaded)
     loaded.spec = f"{loaded.spec} + {path.name}"
     return loaded
+
+
+def _library_class_names(loaded: LoadedModel) -> list[str] | None:
+    """The class names a timm / torchvision architecture's pretrained head has, if it fits.
+
+    Weights loaded from a file into ``timm:NAME`` / ``torchvision:NAME`` keep the library's
+    head layout, so when the output count matches its pretrained classes (ImageNet-1k for
+    most), those names label the outputs.
+    """
+    kind, _, name = loaded.spec.partition(":")
+    k = loaded.num_classes
+    if kind == "timm":
+        return _timm_class_names(loaded.model, k)
+    if kind == "torchvision":
+        import torchvision.models as tvm
+
+        try:
+            names = list(tvm.get_model_weights(name).DEFAULT.meta.get("categories") or [])
+        except (ValueError, AttributeError, KeyError):
+            return None
+        return names if names and len(names) == k else None
+    return None
 
 
 def _load_state(

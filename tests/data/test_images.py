@@ -145,3 +145,43 @@ def test_cli_weights_that_do_not_fit_are_named(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "w.safetensors" in err and "missing" in err and "fc.weight (3, 3)" in err
+
+
+def test_torchvision_model_crops_as_its_weights_transforms(tmp_path):
+    import warnings
+
+    from xnn_toolkit.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = load_model("torchvision:resnet18")
+    # its transforms resize to 256 and cut 224: a 256 px square is only cropped
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "noise.png")
+    x, _ = ImageFiles.for_model(tmp_path / "noise.png", lm)[0]
+    ref = torch.from_numpy(array[16:240, 16:240].astype(np.float32)).permute(2, 0, 1) / 255
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-6)
+
+
+def test_cli_weights_file_for_a_library_architecture(tmp_path, recwarn):
+    import timm
+    import torchvision.models as tvm
+    from safetensors.torch import save_file
+
+    from xnn_toolkit.models import RandomWeightsWarning
+
+    torch.manual_seed(0)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "r18.safetensors"))
+    sample_photos(tmp_path / "p", ["coffee"])
+    argv = ["figures", "--model", "timm:resnet18", "--weights", str(tmp_path / "r18.safetensors"),
+            "--images", str(tmp_path / "p"), "--methods", "gradcam", "--target", "967",
+            "--n", "1", "--formats", "png", "--dpi", "30",
+            "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    # the architecture is random only until the file's weights arrive: no warning
+    assert not [w for w in recwarn if issubclass(w.category, RandomWeightsWarning)]
+    # the explained class is named (torchvision's category list is an independent source)
+    name = tvm.ResNet18_Weights.DEFAULT.meta["categories"][967]
+    assert name in (tmp_path / "o" / "index.html").read_text()

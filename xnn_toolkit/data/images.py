@@ -217,10 +217,26 @@ def _model_args(loaded) -> dict:
     interp = prep.interpolation
     return {
         "size": int(prep.input_size[-1]),
-        "crop_pct": float(cfg.get("crop_pct") or 1.0),
+        "crop_pct": float(cfg.get("crop_pct") or _torchvision_crop_pct(loaded) or 1.0),
         "interpolation": interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
         "class_names": loaded.class_names,
     }
+
+
+def _torchvision_crop_pct(loaded) -> float | None:
+    """Crop / resize of a ``torchvision:NAME`` model's weights' transforms (224 / 256)."""
+    kind, _, name = str(loaded.spec).partition(":")
+    if kind != "torchvision":
+        return None
+    import torchvision.models as tvm
+
+    try:
+        t = tvm.get_model_weights(name.split(" + ")[0]).DEFAULT.transforms()
+        crop = t.crop_size[0] if isinstance(t.crop_size, list | tuple) else t.crop_size
+        resize = t.resize_size[0] if isinstance(t.resize_size, list | tuple) else t.resize_size
+        return min(1.0, float(crop) / float(resize))
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):
+        return None  # no classification transform known: the whole image, resized
 
 
 def _prepare(img, size: int, crop_pct: float, interpolation: str) -> torch.Tensor:
