@@ -7,17 +7,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_FLAGS ?= -q
 
-.PHONY: demo test lint bench venv clean sysdeps
+.PHONY: demo test lint bench venv clean sysdeps docs
 
 venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test,bench,notebook,imagenet,cam,quantus]"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test,bench,notebook,imagenet,cam,quantus,docs]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/xnn demo --out xnn-report --overwrite
+
+# The documentation site: docs/_build/html/index.html. Any warning (a broken cross-reference,
+# a failing gallery example) fails the build.
+docs: $(STAMP)
+	$(PY) -m sphinx -b html -W --keep-going -n -q -j 2 docs docs/_build/html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -39,11 +44,11 @@ sysdeps:
 	    echo "$(SYSPKGS_MISSING) missing and apt-get (as root) unavailable: those tests will be skipped"; \
 	  fi; fi
 
-test: $(STAMP) lint sysdeps
+test: $(STAMP) lint sysdeps docs
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) xnn-report .pytest_cache .ruff_cache
+	rm -rf $(VENV) xnn-report .pytest_cache .ruff_cache docs/_build docs/api docs/auto_examples
