@@ -294,6 +294,24 @@ _PUBLIC.update(_public_objects())
 # ---------------------------------------------------------------- gallery
 
 warnings.filterwarnings("ignore", message="Matplotlib is currently using agg")
+
+
+def _figure_scraper(block, block_vars, gallery_conf, **kwargs):
+    """Figures the toolkit's figure functions return: they are built without pyplot (so a
+    library call never opens a window), which sphinx-gallery's own scraper cannot see."""
+    from matplotlib.figure import Figure
+    from sphinx_gallery.scrapers import figure_rst
+
+    env = block_vars["example_globals"]
+    seen = env.setdefault("__xnn_scraped__", set())
+    paths = []
+    for value in list(env.values()):
+        if isinstance(value, Figure) and value.canvas.manager is None and id(value) not in seen:
+            seen.add(id(value))
+            path = next(block_vars["image_path_iterator"])
+            value.savefig(path, dpi=100)
+            paths.append(path)
+    return figure_rst(paths, gallery_conf["src_dir"])
 sphinx_gallery_conf = {
     "examples_dirs": ["examples"],
     "gallery_dirs": ["auto_examples"],
@@ -307,5 +325,5 @@ sphinx_gallery_conf = {
     "matplotlib_animations": False,
     "reset_modules": ("matplotlib", "seaborn"),
     "show_memory": False,
-    "image_scrapers": ("matplotlib",),
+    "image_scrapers": ("matplotlib", _figure_scraper),
 }
