@@ -61,17 +61,23 @@ nitpicky = True
 # Third-party and standard-library types the docstrings name: without intersphinx (no network)
 # Sphinx cannot resolve them; the names themselves are unambiguous to a reader.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|np|numpy|nn|pathlib|os|collections|typing|argparse|matplotlib|plt|PIL|"
-     r"sklearn|safetensors|captum|quantus|pytorch_grad_cam|timm|torchvision|scipy|json|enum|"
-     r"dataclasses|abc|contextlib|concurrent|io|types|warnings|numbers)(\..*)?"),
-    (r"py:.*", r"(Tensor|Module|ndarray|Path|PathLike|Callable|Iterable|Iterator|Sequence|"
-     r"Mapping|Any|Literal|Optional|Union|Figure|Axes|Dataset|DataLoader|Generator|Enum|"
-     r"ArrayLike|DType|dtype|device|Parameter|RemovableHandle|Self|TypeVar|Protocol|"
-     r"IntEnum|NamedTuple|ABC|Exception|RuntimeWarning|UserWarning|ValueError|TypeError|"
-     r"KeyError|LookupError|FileNotFoundError|RuntimeError|OSError|IndexError|Warning|"
-     r"StrPath|T|T_co|optional|default|callable|array-like|array_like|iterable|sequence|"
-     r"mapping|tensor|file-like|path-like|int|float|str|bool|bytes|dict|list|tuple|set|"
-     r"None|object|type|slice|complex|frozenset|range|NoneType|Ellipsis)"),
+    (
+        r"py:.*",
+        r"(torch|np|numpy|nn|pathlib|os|collections|typing|argparse|matplotlib|plt|PIL|"
+        r"sklearn|safetensors|captum|quantus|pytorch_grad_cam|timm|torchvision|scipy|json|enum|"
+        r"dataclasses|abc|contextlib|concurrent|io|types|warnings|numbers)(\..*)?",
+    ),
+    (
+        r"py:.*",
+        r"(Tensor|Module|ndarray|Path|PathLike|Callable|Iterable|Iterator|Sequence|"
+        r"Mapping|Any|Literal|Optional|Union|Figure|Axes|Dataset|DataLoader|Generator|Enum|"
+        r"ArrayLike|DType|dtype|device|Parameter|RemovableHandle|Self|TypeVar|Protocol|"
+        r"IntEnum|NamedTuple|ABC|Exception|RuntimeWarning|UserWarning|ValueError|TypeError|"
+        r"KeyError|LookupError|FileNotFoundError|RuntimeError|OSError|IndexError|Warning|"
+        r"StrPath|T|T_co|optional|default|callable|array-like|array_like|iterable|sequence|"
+        r"mapping|tensor|file-like|path-like|int|float|str|bool|bytes|dict|list|tuple|set|"
+        r"None|object|type|slice|complex|frozenset|range|NoneType|Ellipsis)",
+    ),
 ]
 
 # Private base classes appear in "Bases:" lines; they have no page by design.
@@ -80,46 +86,69 @@ nitpick_ignore_regex.append((r"py:.*", r"xnn_toolkit\..*\._\w+"))
 # attributes, helpers). Each is a docstring to reword, not a documentation fault; the list is
 # kept explicit so that a NEW broken reference still fails the build.
 KNOWN_UNRESOLVED = [
-    "xnn_toolkit.datafit", "xnn_toolkit.report.score_metrics.MetricSpec",
-    "xnn_toolkit.report.heatmaps.class_method", "xnn_toolkit.interop.captum",
-    "xnn_toolkit.attribution.rules", "xnn_toolkit.attribution.gradcam_bridge",
-    "layer", "layers", "path_similarity", "part_groups", "misclassification_analysis",
-    "information_heatmap", "hit_rate", "gate_similarity", "default_g", "composite_2x2",
-    "all_iou", "all_ap", "_attribute", "XNN_KINDS", "TRAIN_SEED", "TEST_SEED", "STAGES",
-    "PAPER_BETAS", "AttributionInfo.rules", "xnn_toolkit.heads._nmf_solvers.fit_full",
+    "xnn_toolkit.datafit",
+    "xnn_toolkit.report.score_metrics.MetricSpec",
+    "xnn_toolkit.report.heatmaps.class_method",
+    "xnn_toolkit.interop.captum",
+    "xnn_toolkit.attribution.rules",
+    "xnn_toolkit.attribution.gradcam_bridge",
+    "layer",
+    "layers",
+    "path_similarity",
+    "part_groups",
+    "misclassification_analysis",
+    "information_heatmap",
+    "hit_rate",
+    "gate_similarity",
+    "default_g",
+    "composite_2x2",
+    "all_iou",
+    "all_ap",
+    "_attribute",
+    "XNN_KINDS",
+    "TRAIN_SEED",
+    "TEST_SEED",
+    "STAGES",
+    "PAPER_BETAS",
+    "AttributionInfo.rules",
+    "xnn_toolkit.heads._nmf_solvers.fit_full",
     "xnn_toolkit.heads._nmf_solvers.fit_online",
 ]
 nitpick_ignore_regex += [(r"py:.*", re.escape(t)) for t in KNOWN_UNRESOLVED]
 
 # ---------------------------------------------------------------- API pages from __all__
 
-# Each public package and the title of its page; the entries come from its __all__.
-API_PACKAGES = [
-    ("xnn_toolkit", "Top level"),
-    ("xnn_toolkit.attribution", "Attribution methods"),
-    ("xnn_toolkit.heads", "Explanation heads"),
-    ("xnn_toolkit.metrics", "Metrics"),
-    ("xnn_toolkit.data", "Data"),
-    ("xnn_toolkit.report", "Reports and scoring"),
-    ("xnn_toolkit.interop", "Interoperability"),
-    ("xnn_toolkit.figures", "Figures"),
-    ("xnn_toolkit.viz", "Figures"),
-    ("xnn_toolkit.errors", "Errors"),
-]
+# Titles of the API pages; a package not listed here gets the first line of its docstring.
+API_TITLES = {
+    "xnn_toolkit": "Top level",
+    "xnn_toolkit.attribution": "Attribution methods",
+    "xnn_toolkit.heads": "Explanation heads",
+    "xnn_toolkit.metrics": "Metrics",
+    "xnn_toolkit.data": "Data",
+    "xnn_toolkit.report": "Reports and scoring",
+    "xnn_toolkit.interop": "Interoperability",
+    "xnn_toolkit.figures": "Figures",
+    "xnn_toolkit.viz": "Figures",
+}
 
 
 def _public_packages() -> list[tuple[str, str, list[str]]]:
+    """The top level and every subpackage of this checkout that has an ``__all__``."""
+    import pkgutil
+
+    names = ["xnn_toolkit"] + sorted(
+        f"xnn_toolkit.{m.name}" for m in pkgutil.iter_modules(xnn_toolkit.__path__)
+        if m.ispkg and not m.name.startswith("_")
+    )  # fmt: skip
     found = []
-    for name, title in API_PACKAGES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue  # e.g. figures once it has moved to viz
+    for name in names:
+        mod = importlib.import_module(name)
         if not Path(mod.__file__).resolve().is_relative_to(ROOT):
             continue  # only this checkout's packages (an editable install may supply others)
-        names = list(getattr(mod, "__all__", []))
-        if names:
-            found.append((name, title, names))
+        public = list(getattr(mod, "__all__", []))
+        if public:
+            doc = (mod.__doc__ or name).strip().splitlines()[0].rstrip(".")
+            found.append((name, API_TITLES.get(name, doc), public))
     return found
 
 
@@ -191,7 +220,16 @@ def _write_cli_help() -> None:
     lines += ["   " + ln for ln in _help(parser).splitlines()]
     for cmd, p in sub.choices.items():
         title = f"``xnn {cmd} --help``"
-        lines += ["", f".. _cli-{cmd}:", "", title, "-" * len(title), "", ".. code-block:: text", ""]
+        lines += [
+            "",
+            f".. _cli-{cmd}:",
+            "",
+            title,
+            "-" * len(title),
+            "",
+            ".. code-block:: text",
+            "",
+        ]
         lines += ["   " + ln for ln in _help(p).splitlines()]
     _write_if_changed(HERE / "guide" / "cli_help.rst.inc", "\n".join(lines) + "\n")
 
@@ -273,7 +311,9 @@ def _resolve_by_object(app, env, node, contnode):
         return None
     domain = env.get_domain("py")
     for role in ("obj", "class", "func"):
-        ref = domain.resolve_xref(env, node.get("refdoc"), app.builder, role, public, node, contnode)
+        ref = domain.resolve_xref(
+            env, node.get("refdoc"), app.builder, role, public, node, contnode
+        )
         if ref is not None:
             return ref
     return None
@@ -312,6 +352,8 @@ def _figure_scraper(block, block_vars, gallery_conf, **kwargs):
             value.savefig(path, dpi=100)
             paths.append(path)
     return figure_rst(paths, gallery_conf["src_dir"])
+
+
 sphinx_gallery_conf = {
     "examples_dirs": ["examples"],
     "gallery_dirs": ["auto_examples"],

@@ -53,7 +53,7 @@ def _block(self, node: nodes.math_block) -> None:
     self.body.append('<div class="math" style="text-align:center;margin:0.8em 0">')
     if node.get("label"):
         self.body.append(f'<span class="eqno">({node["number"]})</span>')
-    for i, part in enumerate(p for p in latex.split("\n\n") if p.strip()):
+    for part in (p for p in latex.split("\n\n") if p.strip()):
         src = _rel(self, _svg(self.builder.app, " ".join(part.split()), True))
         self.body.append(f'<p><img src="{src}" alt="{self.encode(part)}"/></p>')
     self.body.append("</div>")

@@ -2,8 +2,9 @@
 Excitation Backprop (MWP)
 =========================
 
-Excitation Backprop (MWP) on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-marginal winning probability, propagated top-down through the positive weights (see :doc:`/methods/excitation`). The target is the class the model predicts.
+Excitation Backprop (MWP) on the bundled ImageNet EfficientNet-Lite0 and one of the bundled
+photos: marginal winning probability, propagated top-down through the positive weights (see
+:doc:`/methods/excitation`). The target is the class the model predicts.
 """
 
 # %%

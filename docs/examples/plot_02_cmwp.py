@@ -2,8 +2,9 @@
 Contrastive Excitation Backprop (c-MWP)
 =======================================
 
-Contrastive Excitation Backprop (c-MWP) on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-the target's MWP minus that of its dual (negated top weights), read at a middle layer (see :doc:`/methods/excitation`). The target is the class the model predicts.
+Contrastive Excitation Backprop (c-MWP) on the bundled ImageNet EfficientNet-Lite0 and one of
+the bundled photos: the target's MWP minus that of its dual (negated top weights), read at a
+middle layer (see :doc:`/methods/excitation`). The target is the class the model predicts.
 """
 
 # %%

@@ -2,8 +2,9 @@
 CAM
 ===
 
-CAM on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-the last feature maps weighted by the classifier's weights of the class (see :doc:`/methods/cam`). The target is the class the model predicts.
+CAM on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos: the last feature
+maps weighted by the classifier's weights of the class (see :doc:`/methods/cam`). The target is
+the class the model predicts.
 """
 
 # %%

@@ -2,8 +2,9 @@
 Grad-CAM
 ========
 
-Grad-CAM on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-feature maps weighted by their spatially averaged gradients (see :doc:`/methods/cam`). The target is the class the model predicts.
+Grad-CAM on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos: feature maps
+weighted by their spatially averaged gradients (see :doc:`/methods/cam`). The target is the
+class the model predicts.
 """
 
 # %%

@@ -2,8 +2,9 @@
 Grad-CAM++
 ==========
 
-Grad-CAM++ on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-Grad-CAM with higher-order weights for several instances of a class (see :doc:`/methods/cam`). The target is the class the model predicts.
+Grad-CAM++ on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos: Grad-CAM
+with higher-order weights for several instances of a class (see :doc:`/methods/cam`). The
+target is the class the model predicts.
 """
 
 # %%

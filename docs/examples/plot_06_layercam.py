@@ -2,8 +2,9 @@
 Layer-CAM (bridged from pytorch-grad-cam)
 =========================================
 
-Layer-CAM (bridged from pytorch-grad-cam) on the bundled ImageNet EfficientNet-Lite0 and one of the bundled photos:
-pytorch-grad-cam's Layer-CAM behind the toolkit's own call, inside the model guard (see :doc:`/methods/cam`). The target is the class the model predicts.
+Layer-CAM (bridged from pytorch-grad-cam) on the bundled ImageNet EfficientNet-Lite0 and one of
+the bundled photos: pytorch-grad-cam's Layer-CAM behind the toolkit's own call, inside the
+model guard (see :doc:`/methods/cam`). The target is the class the model predicts.
 """
 
 # %%

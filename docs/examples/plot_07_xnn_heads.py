@@ -25,8 +25,15 @@ x = lm.preprocessing.normalize(images)
 bank = xt.extract(lm.model, torch.utils.data.TensorDataset(x, parts.labels), ["fc6"],
                   progress=False)  # fmt: skip
 c = int(parts.labels[0])  # explain the class of the first image
-heads = XNN(n_features=5, kind="srae", hidden=(64,), classes=[c], n_positive=30, n_negative=300,
-            max_epochs=15).fit(bank)
+heads = XNN(
+    n_features=5,
+    kind="srae",
+    hidden=(64,),
+    classes=[c],
+    n_positive=30,
+    n_negative=300,
+    max_epochs=15,
+).fit(bank)
 
 # %%
 # c-MWP heatmaps of the class logit and of each x-feature of that class's head, for two

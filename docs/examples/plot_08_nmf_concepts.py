@@ -2,9 +2,9 @@
 NMF concepts
 ============
 
-Non-negative matrix factorisation of the activations of the bundled synthetic-bird
-VGG (its default read layer, a post-ReLU conv map) into four concepts (see :doc:`/methods/nmf`); each concept's score map is coloured over
-the images.
+Non-negative matrix factorisation of the activations of the bundled synthetic-bird VGG (its
+default read layer, a post-ReLU conv map) into four concepts (see :doc:`/methods/nmf`); each
+concept's score map is coloured over the images.
 """
 
 import matplotlib.pyplot as plt

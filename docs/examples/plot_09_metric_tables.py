@@ -8,7 +8,6 @@ the pointing game, the energy-based pointing game and the deletion area (see
 """
 
 import matplotlib.pyplot as plt
-import torch
 
 import xnn_toolkit as xt
 from xnn_toolkit.attribution import explain
