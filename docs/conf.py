@@ -129,14 +129,15 @@ API_TITLES = {
     "xnn_toolkit.interop": "Interoperability",
     "xnn_toolkit.figures": "Figures",
     "xnn_toolkit.viz": "Figures",
+    "xnn_toolkit.errors": "Errors and warnings",
 }
 
 
 def _public_packages() -> list[tuple[str, str, list[str]]]:
-    """The top level and every subpackage of this checkout that has an ``__all__``."""
+    """The top level, the error family and every subpackage of this checkout with an ``__all__``."""
     import pkgutil
 
-    names = ["xnn_toolkit"] + sorted(
+    names = ["xnn_toolkit", "xnn_toolkit.errors"] + sorted(
         f"xnn_toolkit.{m.name}" for m in pkgutil.iter_modules(xnn_toolkit.__path__)
         if m.ispkg and not m.name.startswith("_")
     )  # fmt: skip
@@ -192,6 +193,14 @@ def _write_api_pages() -> None:
         "",
     ] + [f"   {p}" for p in pages]
     _write_if_changed(out / "index.rst", "\n".join(index) + "\n")
+    # pages of names or packages that have since moved or gone would be orphans
+    for stale in out.glob("*.rst"):
+        if stale.stem not in pages and stale.stem != "index":
+            stale.unlink()
+    entries = {f"{name}.{n}" for name, _title, names in _public_packages() for n in names}
+    for stale in (out / "generated").glob("*.rst"):
+        if stale.stem not in entries:
+            stale.unlink()
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -327,8 +336,40 @@ def setup(app):
     app.connect("missing-reference", _resolve_by_object)
 
 
+def _write_model_cards() -> None:
+    """One table row per bundled model card (assets/models/*.json), read when the site builds."""
+    import json
+
+    rows = []
+    for card_file in sorted((ROOT / "assets" / "models").glob("*.json")):
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+        acc = card.get("test_accuracy")
+        acc_text = f"{100 * acc:.2f} %" if isinstance(acc, float) and acc <= 1 else str(acc or "—")
+        size = "x".join(str(v) for v in card.get("input_size", []))
+        rows.append(
+            [f"``bundled:{card['name']}``", f"``{card['arch']}``", str(card.get("dataset", "")),
+             size, str(card.get("num_classes", "")), acc_text]
+        )  # fmt: skip
+    lines = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+        "   * - spec",
+        "     - architecture",
+        "     - data",
+        "     - input",
+        "     - classes",
+        "     - test accuracy (card)",
+    ]
+    for row in rows:
+        lines.append("   * - " + row[0])
+        lines += ["     - " + cell.replace("\n", " ") for cell in row[1:]]
+    _write_if_changed(HERE / "guide" / "model_cards.rst.inc", "\n".join(lines) + "\n")
+
+
 _write_api_pages()
 _write_cli_help()
+_write_model_cards()
 _PUBLIC.update(_public_objects())
 
 # ---------------------------------------------------------------- gallery

@@ -41,7 +41,7 @@ def _rel(self, rel: str) -> str:
 
 
 def _inline(self, node: nodes.math) -> None:
-    latex = node.astext()
+    latex = " ".join(node.astext().split())
     src = _rel(self, _svg(self.builder.app, latex, False))
     alt = self.encode(latex)
     self.body.append(f'<img class="math" src="{src}" alt="{alt}" style="vertical-align:middle"/>')
