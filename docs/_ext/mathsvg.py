@@ -61,6 +61,10 @@ def _block(self, node: nodes.math_block) -> None:
 
 
 def setup(app: Sphinx) -> dict:
+    # mathtext logs an INFO line each time it draws \mathbb from STIX; not news to a reader
+    import logging
+
+    logging.getLogger("matplotlib.mathtext").setLevel(logging.WARNING)
     app.add_html_math_renderer("mathsvg", (_inline, None), (_block, None))
     app.config.html_math_renderer = "mathsvg"
     return {"parallel_read_safe": True, "parallel_write_safe": True}
