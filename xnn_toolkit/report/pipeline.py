@@ -136,7 +136,7 @@ class ExplainConfig:
         SpecError
             An unknown attribution method (with the closest names).
         """
-        from .figures import FORMATS
+        from ..viz.heatmaps import FORMATS
         from .heatmaps import class_method
 
         for name in ("n_train", "n_test", "n_features", "xnn_epochs", "nmf_rank", "path_epochs",
@@ -329,7 +329,7 @@ def _logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor
 
 
 def _model_section(report: Report, run: _Run) -> None:
-    from .figures import annotated_samples
+    from ..viz.heatmaps import annotated_samples
 
     pred = _logits(run.model, run.x_test).argmax(1)
     run.heads["pred_test"] = pred
@@ -475,7 +475,7 @@ def _orthogonality_per_class(maps: torch.Tensor, labels: torch.Tensor):
 
 def _heatmap_section(report: Report, run: _Run) -> None:
     from ..metrics import locality, voronoi_part_probabilities
-    from .figures import xnn_figure
+    from ..viz.heatmaps import xnn_figure
     from .heatmaps import class_heatmaps, xfeature_heatmaps
 
     cfg = run.cfg
@@ -570,7 +570,7 @@ def _sub_parts(parts: object, idx: torch.Tensor) -> object:
 
 def _localization_section(report: Report, run: _Run) -> None:
     from ..metrics import class_localization, energy_pointing_game, iou, pointing_game, top_pixels
-    from .figures import heatmap_grid
+    from ..viz.heatmaps import heatmap_grid
     from .heatmaps import class_heatmaps, class_method
 
     s = report.section("Heatmap methods on class logits")
@@ -620,10 +620,10 @@ def _localization_section(report: Report, run: _Run) -> None:
 
 
 def _nmf_section(report: Report, run: _Run) -> None:
-    from ..figures import concept_gallery
     from ..heads.nmf import NMFConcepts, concept_importance, concept_maps, nmf_faithfulness
     from ..heads.nmf import top_images as concept_top_images
-    from .figures import overlay_grid
+    from ..viz.concepts import concept_gallery
+    from ..viz.heatmaps import overlay_grid
 
     cfg = run.cfg
     acts = run.heads["bank_train"].activations(run.conv_layer)
@@ -687,7 +687,7 @@ def _nmf_section(report: Report, run: _Run) -> None:
 
 def _paths_section(report: Report, run: _Run) -> None:
     from ..heads.paths import ClassPaths
-    from .path_figures import hit_rate_figure, path_mask_figure, path_similarity_figure
+    from ..viz.paths import hit_rate_figure, path_mask_figure, path_similarity_figure
 
     cfg = run.cfg
     n_fit = min(cfg.path_images, len(run.x_train))
@@ -732,7 +732,7 @@ def _paths_section(report: Report, run: _Run) -> None:
 
 def _gates_section(report: Report, run: _Run) -> None:
     from ..heads.gates import ClassSpecificGates, gate_localization
-    from .gate_figures import class_filter_gallery, gate_matrix_figure
+    from ..viz.gates import class_filter_gallery, gate_matrix_figure
 
     cfg = run.cfg
     from ..errors import LayerNotFoundError
