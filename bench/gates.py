@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   CSG > no gates in {key}: {wins[key]} of {args.seeds} seeds")
 
     # figures
-    from xnn_toolkit.report.figures import save_figure
-    from xnn_toolkit.report.gate_figures import class_filter_gallery, gate_matrix_figure
+    from xnn_toolkit.viz import class_filter_gallery, gate_matrix_figure, save_figure
 
     save_figure(gate_matrix_figure(est.gates_, class_names=card.get("class_names"),
                                    title="post-hoc CSG, frozen recipe"), OUT / "gates_matrix")

@@ -70,7 +70,7 @@ Contrastive Excitation Backprop (c-MWP, read at the VGG's pool4) of the class lo
 *1-heatmap* — and of each x-feature of the image's own class head, drawn in the thesis's
 layout: x-features sorted by their contribution v_i E_i, written above each map."""),
     new_code_cell("""\
-from xnn_toolkit.report.figures import xnn_figure
+from xnn_toolkit.viz import xnn_figure
 from xnn_toolkit.report.heatmaps import class_heatmaps, xfeature_heatmaps
 
 read = xt.default_read_layer(lm.model)
@@ -144,7 +144,7 @@ Factorise the (non-negative, post-ReLU) activations into r concepts; project the
 with the basis fixed; colour each pixel by its strongest concept. Faithfulness: the layer is
 replaced by its reconstruction inside the network."""),
     new_code_cell("""\
-from xnn_toolkit.figures import concept_gallery
+from xnn_toolkit.viz import concept_gallery
 from xnn_toolkit.heads import NMFConcepts, nmf_faithfulness
 
 nmf = NMFConcepts(rank=6, random_state=0).fit(acts.activations(read))
@@ -161,7 +161,7 @@ class x class path similarity (mean Jaccard over layers) and the hit rate on 2x2
 four classes (chance: 25 %)."""),
     new_code_cell("""\
 from xnn_toolkit.heads import ClassPaths
-from xnn_toolkit.report.path_figures import hit_rate_figure, path_similarity_figure
+from xnn_toolkit.viz import hit_rate_figure, path_similarity_figure
 
 paths = ClassPaths(objective="code", epochs=1, batch_size=32, min_images=2, random_state=0)
 paths.fit(lm.model, (x_train, y_train))
@@ -177,7 +177,7 @@ A gate matrix G (classes x filters of the last conv layer) and a new linear head
 the backbone frozen; only the ungated (STD) path runs at test time."""),
     new_code_cell("""\
 from xnn_toolkit.heads import ClassSpecificGates
-from xnn_toolkit.report.gate_figures import class_filter_gallery, gate_matrix_figure
+from xnn_toolkit.viz import class_filter_gallery, gate_matrix_figure
 
 gates = ClassSpecificGates(epochs=3, warmup=1, random_state=0).fit(lm.model, (x_train, y_train))
 sc = gates.evaluate((x_test, y_test))

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from xnn_toolkit import train as train_mod
 from xnn_toolkit import zoo
 from xnn_toolkit.data import fashion_mnist as fm
 from xnn_toolkit.errors import AssetError, SpecError
 from xnn_toolkit.hooks import record
 from xnn_toolkit.layers import default_read_layer, stages
+from xnn_toolkit.zoo import train as train_mod
 
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -106,7 +106,7 @@ def test_card_and_weights(name):
     path = zoo.assets_dir() / f"{name}.safetensors"
     assert path.stat().st_size <= MAX_BYTES
     assert hashlib.sha256(path.read_bytes()).hexdigest() == card["weights_sha256"]
-    assert card["train_command"].startswith(f"python -m xnn_toolkit.train --model {name}")
+    assert card["train_command"].startswith(f"python -m xnn_toolkit.zoo.train --model {name}")
     target = 0.90 if card["dataset"] == "fashion_mnist" else 0.95
     assert card["test_accuracy"] >= target
     assert len(card["class_names"]) == card["num_classes"] == 10

@@ -279,7 +279,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .report.figures import annotated_samples, save_figure
+    from .viz.heatmaps import annotated_samples, save_figure
 
     ds = load_dataset(args.dataset, split=args.split, n=args.n, seed=args.seed)
     n = min(args.n, len(ds))

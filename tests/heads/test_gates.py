@@ -710,7 +710,7 @@ def test_gradmap_segments_literal():
 def test_figures(frozen, data):
     import matplotlib.pyplot as plt
 
-    from xnn_toolkit.report.gate_figures import (
+    from xnn_toolkit.viz import (
         class_filter_gallery,
         gate_matrix_figure,
         top_class_filters,

@@ -563,12 +563,12 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_path_figures(tmp_path):
-    from xnn_toolkit.report.figures import save_figure
-    from xnn_toolkit.report.path_figures import (
+    from xnn_toolkit.viz import (
         hit_rate_figure,
         information_heatmap_figure,
         path_mask_figure,
         path_similarity_figure,
+        save_figure,
     )
 
     masks = OrderedDict(a=torch.rand(4, 6), b=torch.rand(4, 3))

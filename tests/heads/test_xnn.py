@@ -433,8 +433,8 @@ def test_xfeature_figure_of_a_fitted_head(tmp_path):
 
     from torch import nn
 
-    from xnn_toolkit.report.figures import save_figure, xnn_figure
     from xnn_toolkit.report.heatmaps import class_heatmaps, xfeature_heatmaps
+    from xnn_toolkit.viz import save_figure, xnn_figure
 
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(

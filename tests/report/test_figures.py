@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xnn_toolkit.errors import InputError
-from xnn_toolkit.report.figures import annotated_samples, heatmap_grid, save_figure, xnn_figure
+from xnn_toolkit.viz import annotated_samples, heatmap_grid, save_figure, xnn_figure
 
 
 def test_xnn_figure_sorts_by_contribution():
@@ -47,9 +47,7 @@ def test_annotated_samples_and_errors():
 def test_figures_leave_pyplot_alone_and_show_in_notebooks():
     import matplotlib.pyplot as plt
 
-    from xnn_toolkit.report.figures import overlay_grid
-    from xnn_toolkit.report.gate_figures import gate_matrix_figure
-    from xnn_toolkit.report.path_figures import path_similarity_figure
+    from xnn_toolkit.viz import gate_matrix_figure, overlay_grid, path_similarity_figure
 
     before = plt.get_fignums()
     figs = [
@@ -71,7 +69,7 @@ def test_figures_leave_pyplot_alone_and_show_in_notebooks():
 
 
 def test_overlay_grid_shares_a_row_scale():
-    from xnn_toolkit.report.figures import overlay_grid
+    from xnn_toolkit.viz import overlay_grid
 
     maps = torch.zeros(1, 2, 4, 4)
     maps[0, 0, 0, 0] = 1.0

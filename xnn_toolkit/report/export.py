@@ -28,7 +28,7 @@ _TARGETS = ("label", "predicted")
 
 def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
            n_features: int, dpi: int) -> list[str]:  # fmt: skip
-    from .figures import FORMATS
+    from ..viz.heatmaps import FORMATS
     from .heatmaps import class_method
 
     if isinstance(methods, str):
@@ -60,7 +60,7 @@ def _per_image(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from .figures import DisplayFigure, overlay
+    from ..viz.heatmaps import DisplayFigure, overlay
 
     s = report.section("Per image")
     for i in range(grid.shape[0]):
@@ -258,7 +258,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     """The work of :func:`figure_report`, its arguments checked."""
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
-    from .figures import heatmap_grid, xnn_figure
+    from ..viz.heatmaps import heatmap_grid, xnn_figure
     from .heatmaps import class_heatmaps, xfeature_heatmaps
     from .pipeline import _fc_layer, _fit_xnn, _images, _load, _logits
 

@@ -59,12 +59,12 @@ def photo_sections(
     Report
         ``report``.
     """
-    from ..figures.concepts import concept_overlay
     from ..heads import NMFConcepts
     from ..heads.nmf import concept_maps
     from ..hooks import record
     from ..models import load_model
-    from .figures import heatmap_grid
+    from ..viz.concepts import concept_overlay
+    from ..viz.heatmaps import heatmap_grid
     from .heatmaps import class_heatmaps
 
     lm = load_model(model)

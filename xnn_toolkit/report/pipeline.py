@@ -3,8 +3,9 @@
 model + data → activation bank → heads (XNN/SRAE and baselines, NMF concepts, class
 paths, class-specific gates) → heatmaps (Excitation Backprop, Grad-CAM, ...) → metrics →
 report. Each stage is a function that adds a section to a :class:`Report`; the data flows one
-way through the plain dataclass :class:`_Run`. Sections whose ground truth the data lacks
-(part keypoints, object masks) say so in the report instead of showing numbers.
+way through the plain dataclass :class:`_Run`, and what a stage makes for later ones is a
+typed field of :class:`_Artifacts`. Sections whose ground truth the data lacks (part
+keypoints, object masks) say so in the report instead of showing numbers.
 
 The configuration is checked once, before any work (:meth:`ExplainConfig.validate`): unknown
 XNN kinds, attribution methods, stages or figure formats fail at the door with the closest
@@ -20,13 +21,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import AssetError, InputError
 from .document import Card, Figure, Paragraph, Report, Table, progress_bar
+
+if TYPE_CHECKING:
+    from ..features import ActivationBank
 
 __all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
 
@@ -136,7 +140,7 @@ class ExplainConfig:
         SpecError
             An unknown attribution method (with the closest names).
         """
-        from .figures import FORMATS
+        from ..viz.heatmaps import FORMATS
         from .heatmaps import class_method
 
         for name in ("n_train", "n_test", "n_features", "xnn_epochs", "nmf_rank", "path_epochs",
@@ -176,6 +180,17 @@ class ExplainConfig:
 
 
 @dataclass
+class _Artifacts:
+    """What a stage makes for the later ones (each field written by one stage)."""
+
+    train_note: str = ""  # _prepare: where the heads' training images come from
+    bank_train: ActivationBank | None = None  # _bank_section
+    bank_test: ActivationBank | None = None  # _bank_section
+    xnn_heads: dict[str, Any] = field(default_factory=dict)  # _xnn_section: kind -> fitted head
+    xnn_rows: list[dict[str, Any]] = field(default_factory=list)  # _xnn_section: F_reg / F_cls
+
+
+@dataclass
 class _Run:
     """What the stages hand each other."""
 
@@ -193,7 +208,7 @@ class _Run:
     fc_layer: str
     conv_layer: str
     timings: dict[str, float] = field(default_factory=dict)
-    heads: dict[str, Any] = field(default_factory=dict)
+    made: _Artifacts = field(default_factory=lambda: _Artifacts())
 
     def figure(self, name: str, fig: object, caption: str = "") -> Figure:
         return Figure(name, fig, caption=caption, formats=tuple(self.cfg.figure_formats))
@@ -313,7 +328,7 @@ def _prepare(cfg: ExplainConfig) -> _Run:
         cfg=cfg, model=model, loaded=lm, spec=spec, class_names=class_names,
         x_train=fit.images(raw_train), y_train=y_train, x_test=fit.images(raw_test),
         y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc, conv_layer=conv,
-        heads={"train_note": note},
+        made=_Artifacts(train_note=note),
     )  # fmt: skip
 
 
@@ -329,10 +344,9 @@ def _logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor
 
 
 def _model_section(report: Report, run: _Run) -> None:
-    from .figures import annotated_samples
+    from ..viz.heatmaps import annotated_samples
 
     pred = _logits(run.model, run.x_test).argmax(1)
-    run.heads["pred_test"] = pred
     acc = float((pred == run.y_test).float().mean())
     card = dict(getattr(run.loaded, "card", None) or {})
     items = {
@@ -371,7 +385,6 @@ def _model_section(report: Report, run: _Run) -> None:
         titles=titles, part_names=None if p is None else getattr(p, "part_names", None),
     )  # fmt: skip
     s.add(run.figure("samples", fig, "Test samples with their part keypoints and boxes"))
-    run.heads["accuracy"] = acc
 
 
 # ------------------------------------------------------------------------- activations
@@ -385,13 +398,13 @@ def _bank_section(report: Report, run: _Run) -> None:
     layers = list(dict.fromkeys([run.fc_layer, run.conv_layer]))
     kw = dict(progress=run.cfg.progress, device=run.cfg.device)
     for split, x, y in (("train", run.x_train, run.y_train), ("test", run.x_test, run.y_test)):
-        run.heads[f"bank_{split}"] = extract(run.model, TensorDataset(x, y), layers, **kw)
-    bank = run.heads["bank_test"]
+        setattr(run.made, f"bank_{split}", extract(run.model, TensorDataset(x, y), layers, **kw))
+    bank = run.made.bank_test
     s = report.section("Activations")
     s.add(Paragraph(
         f"Activations of {', '.join(layers)} for {len(run.x_train)} training and "
         f"{len(run.x_test)} test images, extracted with forward hooks (the model is left "
-        "unchanged)." + run.heads["train_note"]
+        "unchanged)." + run.made.train_note
     ))  # fmt: skip
     s.add(Table("activations", [
         {"layer": name, "shape": "x".join(str(v) for v in bank.shape(name))} for name in layers
@@ -405,7 +418,7 @@ def _xnn_section(report: Report, run: _Run) -> None:
     from ..metrics import f_cls, f_reg
 
     cfg = run.cfg
-    tr, te = run.heads["bank_train"], run.heads["bank_test"]
+    tr, te = run.made.bank_train, run.made.bank_test
     rows = []
     kinds = [k for k in XNN_KINDS if k in cfg.kinds]
     n_pos = n_neg = 0
@@ -413,7 +426,7 @@ def _xnn_section(report: Report, run: _Run) -> None:
         head, n_pos, n_neg = _fit_xnn(kind, tr, run.fc_layer, n_features=cfg.n_features,
                                       hidden=tuple(cfg.hidden), epochs=cfg.xnn_epochs,
                                       seed=cfg.seed, device=cfg.device)  # fmt: skip
-        run.heads[f"xnn_{kind}"] = head
+        run.made.xnn_heads[kind] = head
         row = {"method": kind.upper()}
         for split, bank in (("train", tr), ("test", te)):
             yb = head.predict(bank)
@@ -421,8 +434,7 @@ def _xnn_section(report: Report, run: _Run) -> None:
             row[f"F_reg {split}"] = float(f_reg(yb, bank.logits[:, cls]).mean())
             row[f"F_cls {split} %"] = 100 * float(f_cls(yb, bank.logits, cls).mean())
         rows.append(row)
-    run.heads["xnn_rows"] = rows
-    run.heads["xnn_kinds"] = kinds
+    run.made.xnn_rows = rows
     s = report.section("XNN explanation heads")
     s.add(Paragraph(
         f"One-vs-all heads with n = {cfg.n_features} x-features on {run.fc_layer}, all classes "
@@ -440,7 +452,7 @@ def _z_heatmaps(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """c-MWP heatmaps of the ``z_units`` most active dimensions of Z: M x u x H x W."""
     from ..attribution import ContrastiveExcitationBackprop, Unit
 
-    z = run.heads["bank_test"].activations(run.fc_layer)[idx].flatten(1)
+    z = run.made.bank_test.activations(run.fc_layer)[idx].flatten(1)
     units = z.mean(0).argsort(descending=True)[: run.cfg.z_units]
     method = ContrastiveExcitationBackprop(run.model, layer=run.conv_layer)
     h, w = run.x_test.shape[-2:]
@@ -475,23 +487,22 @@ def _orthogonality_per_class(maps: torch.Tensor, labels: torch.Tensor):
 
 def _heatmap_section(report: Report, run: _Run) -> None:
     from ..metrics import locality, voronoi_part_probabilities
-    from .figures import xnn_figure
+    from ..viz.heatmaps import xnn_figure
     from .heatmaps import class_heatmaps, xfeature_heatmaps
 
     cfg = run.cfg
     m = min(cfg.heatmap_images, len(run.x_test))
     idx = torch.arange(m)
     labels = run.y_test[idx]
-    bar = progress_bar(total=len(run.heads["xnn_kinds"]) + 2, desc="heatmaps",
+    bar = progress_bar(total=len(run.made.xnn_heads) + 2, desc="heatmaps",
                        disable=not cfg.progress, leave=False)  # fmt: skip
     one_maps = class_heatmaps(run.model, run.x_test[idx], labels, "cmwp", run.conv_layer)
     bar.update()
     sub = _sub_parts(run.parts, idx) if run.parts is not None else None
-    rows: dict[str, dict[str, Any]] = {r["method"]: dict(r) for r in run.heads["xnn_rows"]}
+    rows: dict[str, dict[str, Any]] = {r["method"]: dict(r) for r in run.made.xnn_rows}
     maps_by_kind = {}
     dead_notes: list[str] = []
-    for kind in run.heads["xnn_kinds"]:
-        head = run.heads[f"xnn_{kind}"]
+    for kind, head in run.made.xnn_heads.items():
         maps = xfeature_heatmaps(run.model, run.x_test[idx], labels, head, run.fc_layer,
                                  run.conv_layer)  # fmt: skip
         maps_by_kind[kind] = maps
@@ -512,7 +523,7 @@ def _heatmap_section(report: Report, run: _Run) -> None:
             rows["Z"] = {"method": "Z",
                          "locality": float(locality(voronoi_part_probabilities(z_maps, sub)).mean)}
             z_note = (f" Z: the {len(units)} most active of the "
-                      f"{run.heads['bank_test'].shape(run.fc_layer)[-1]} units of {run.fc_layer}.")
+                      f"{run.made.bank_test.shape(run.fc_layer)[-1]} units of {run.fc_layer}.")
         rows["1-heatmap"] = {
             "method": "1-heatmap",
             "locality": float(locality(voronoi_part_probabilities(one_maps[:, None], sub)).mean),
@@ -538,9 +549,8 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     s.add(Table("table_3_1", table, columns=["metric", *rows],
                 caption="XNN metrics per method, in the manner of the thesis's Table 3.1"))
     pick = torch.stack([(labels == c).nonzero().flatten()[0] for c in labels.unique()])
-    for kind in run.heads["xnn_kinds"]:
-        head = run.heads[f"xnn_{kind}"]
-        contrib = head.contributions(run.heads["bank_test"])[idx[pick]]
+    for kind, head in run.made.xnn_heads.items():
+        contrib = head.contributions(run.made.bank_test)[idx[pick]]
         cls_pos = torch.stack([(head.classes_ == labels[i]).nonzero().flatten()[0] for i in pick])
         contrib = contrib[torch.arange(len(pick)), cls_pos]
         fig = xnn_figure(
@@ -570,7 +580,7 @@ def _sub_parts(parts: object, idx: torch.Tensor) -> object:
 
 def _localization_section(report: Report, run: _Run) -> None:
     from ..metrics import class_localization, energy_pointing_game, iou, pointing_game, top_pixels
-    from .figures import heatmap_grid
+    from ..viz.heatmaps import heatmap_grid
     from .heatmaps import class_heatmaps, class_method
 
     s = report.section("Heatmap methods on class logits")
@@ -620,13 +630,13 @@ def _localization_section(report: Report, run: _Run) -> None:
 
 
 def _nmf_section(report: Report, run: _Run) -> None:
-    from ..figures import concept_gallery
     from ..heads.nmf import NMFConcepts, concept_importance, concept_maps, nmf_faithfulness
     from ..heads.nmf import top_images as concept_top_images
-    from .figures import overlay_grid
+    from ..viz.concepts import concept_gallery
+    from ..viz.heatmaps import overlay_grid
 
     cfg = run.cfg
-    acts = run.heads["bank_train"].activations(run.conv_layer)
+    acts = run.made.bank_train.activations(run.conv_layer)
     s = report.section("NMF concepts")
     if acts.dim() != 4:
         s.add(Paragraph(f"{run.conv_layer} is not a conv layer: no NMF concepts."))
@@ -635,8 +645,7 @@ def _nmf_section(report: Report, run: _Run) -> None:
         s.add(Paragraph(f"{run.conv_layer} has negative activations: NMF needs a ReLU layer."))
         return
     nmf = NMFConcepts(rank=cfg.nmf_rank, random_state=cfg.seed, device=cfg.device).fit(acts)
-    run.heads["nmf"] = nmf
-    test_acts = run.heads["bank_test"].activations(run.conv_layer)
+    test_acts = run.made.bank_test.activations(run.conv_layer)
     scores = nmf.transform(test_acts)
     faith = nmf_faithfulness(run.model, run.x_test, nmf, layer=run.conv_layer)
     s.add(Paragraph(
@@ -687,14 +696,13 @@ def _nmf_section(report: Report, run: _Run) -> None:
 
 def _paths_section(report: Report, run: _Run) -> None:
     from ..heads.paths import ClassPaths
-    from .path_figures import hit_rate_figure, path_mask_figure, path_similarity_figure
+    from ..viz.paths import hit_rate_figure, path_mask_figure, path_similarity_figure
 
     cfg = run.cfg
     n_fit = min(cfg.path_images, len(run.x_train))
     paths = ClassPaths(objective="code", epochs=cfg.path_epochs, batch_size=32,
                        random_state=cfg.seed, device=cfg.device, min_images=2)  # fmt: skip
     paths.fit(run.model, (run.x_train[:n_fit], run.y_train[:n_fit]))
-    run.heads["paths"] = paths
     hits = paths.hit_rates(run.model, run.x_test, run.y_test,
                            n_composites=20 if len(run.x_test) < 300 else 60)  # fmt: skip
     mis = paths.misclassification(run.model, (run.x_test, run.y_test))
@@ -732,7 +740,7 @@ def _paths_section(report: Report, run: _Run) -> None:
 
 def _gates_section(report: Report, run: _Run) -> None:
     from ..heads.gates import ClassSpecificGates, gate_localization
-    from .gate_figures import class_filter_gallery, gate_matrix_figure
+    from ..viz.gates import class_filter_gallery, gate_matrix_figure
 
     cfg = run.cfg
     from ..errors import LayerNotFoundError
@@ -748,7 +756,6 @@ def _gates_section(report: Report, run: _Run) -> None:
         if cfg.gate_layer is not None:
             raise
         gates = fit(run.conv_layer)  # no known stages: gate the heatmap layer
-    run.heads["gates"] = gates
     sc = gates.evaluate((run.x_test, run.y_test))
     s = report.section("Class-specific gates")
     s.add(Paragraph(

@@ -1,4 +1,4 @@
-"""Concept gallery figures (xnn_toolkit.figures.concepts): a hand-computed overlay and files."""
+"""Concept gallery figures (xnn_toolkit.viz.concepts): a hand-computed overlay and files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xnn_toolkit.errors import InputError
-from xnn_toolkit.figures import concept_gallery, concept_overlay
+from xnn_toolkit.viz import concept_gallery, concept_overlay
 
 
 def test_overlay_hand_computed():

@@ -6,7 +6,7 @@
 - :func:`information_heatmap_figure`: images with their information heatmaps per layer.
 
 Every function returns a matplotlib ``Figure`` (shown as PNG in notebooks); save it with
-:func:`xnn_toolkit.report.figures.save_figure`.
+:func:`xnn_toolkit.viz.save_figure`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from .figures import DisplayFigure, heatmap_grid
+from .heatmaps import DisplayFigure, heatmap_grid
 
 __all__ = [
     "hit_rate_figure",

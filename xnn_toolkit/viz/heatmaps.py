@@ -337,13 +337,17 @@ def save_figure(
     ----------
     fig : Figure
     stem : path without extension
-    formats : sequence of {"png", "svg", "pdf"}
+    formats : str or sequence of {"png", "svg", "pdf"}
+    dpi : int
+        Resolution of the raster format.
 
     Returns
     -------
     list of str
         The written paths.
     """
+    if isinstance(formats, str):
+        formats = (formats,)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise InputError(f"unknown figure formats {bad}; use some of {FORMATS}")

@@ -1,4 +1,4 @@
-"""Concept galleries in the manner of Deep Feature Factorization (METHODS.md §3).
+"""Concept galleries in the manner of Deep Feature Factorization (Collins et al. 2018).
 
 Each concept gets a colour; at every pixel the concept with the largest normalised score
 wins, and its colour is blended over the image with an opacity proportional to that score
@@ -13,13 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .._io import atomic_write
-from ..errors import AssetError, InputError
+from ..errors import InputError
 from ..heads.nmf import concept_maps
+from .heatmaps import FORMATS, save_figure
 
 __all__ = ["concept_overlay", "concept_gallery"]
 
-_FORMATS = ("png", "svg", "pdf")
 
 
 def _palette(r: int, colors: Sequence[Sequence[float]] | None) -> torch.Tensor:
@@ -85,20 +84,6 @@ def concept_overlay(
     return ((1 - a) * img + a * colour).clamp(0, 1)
 
 
-def _save_atomic(fig: object, path: str | os.PathLike, dpi: int) -> None:
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if ext not in _FORMATS:
-        raise InputError(f"figure path must end in .png, .svg or .pdf, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise AssetError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight")  # type: ignore[attr-defined]
-
-    atomic_write(path, write)
-
-
 def concept_gallery(
     images: torch.Tensor,
     scores: torch.Tensor,
@@ -156,5 +141,14 @@ def concept_gallery(
         fig.suptitle(title)
     fig.subplots_adjust(bottom=0.6 / (2.0 * nrows + 0.6) + 0.05)
     if path is not None:
-        _save_atomic(fig, path, dpi)
+        _save_one(fig, path, dpi)
     return fig
+
+
+def _save_one(fig: object, path: str | os.PathLike, dpi: int) -> None:
+    """Save to one path whose extension names the format, through :func:`save_figure`."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    fmt = ext.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise InputError(f"figure path must end in .png, .svg or .pdf, got {os.fspath(path)!r}")
+    save_figure(fig, stem, (fmt,), dpi=dpi)  # type: ignore[arg-type]

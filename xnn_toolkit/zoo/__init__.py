@@ -13,7 +13,7 @@ Two families, both small enough to train on a laptop CPU in minutes:
   are resolved the timm way (``layer1`` .. ``layer4``).
 
 Bundled models live in ``assets/models/<name>.safetensors`` next to a JSON model card that
-records how they were trained (``python -m xnn_toolkit.train``), on what data, with which seed,
+records how they were trained (``python -m xnn_toolkit.zoo.train``), on what data, with which seed,
 and their measured test accuracy. :func:`load_bundled` verifies the weights' sha256 before use.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AssetError, SpecError, close_matches
+from ..errors import AssetError, SpecError, close_matches
 
 __all__ = [
     "VGGSmall",
@@ -328,7 +328,7 @@ def assets_dir() -> Path:
     ``XNN_TOOLKIT_ASSETS`` overrides the ``assets`` folder (for installs without the source).
     """
     env = os.environ.get("XNN_TOOLKIT_ASSETS")
-    base = Path(env) if env else Path(__file__).resolve().parent.parent / "assets"
+    base = Path(env) if env else Path(__file__).resolve().parents[2] / "assets"
     return base / "models"
 
 
@@ -356,7 +356,7 @@ def bundled_names(root: str | os.PathLike | None = None) -> list[str]:
 
 
 def _retrain_hint(name: str, card: dict | None = None) -> str:
-    cmd = (card or {}).get("train_command") or f"python -m xnn_toolkit.train --model {name}"
+    cmd = (card or {}).get("train_command") or f"python -m xnn_toolkit.zoo.train --model {name}"
     return f"retrain it with `{cmd}` (writes assets/models/{name}.safetensors and .json)"
 
 

@@ -5,10 +5,10 @@
   most exclusive first) so that its class blocks show;
 - :func:`class_filter_gallery`: for one class, a few of its images and the ActivMaps of its
   top filters (class-specific ones first), drawn with
-  :func:`xnn_toolkit.report.figures.heatmap_grid`.
+  :func:`xnn_toolkit.viz.heatmap_grid`.
 
 Every function returns a matplotlib ``Figure``; save it with
-:func:`xnn_toolkit.report.figures.save_figure`.
+:func:`xnn_toolkit.viz.save_figure`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from ..errors import InputError
 from ..heads.gates import block_order
-from .figures import DisplayFigure, heatmap_grid
+from .heatmaps import DisplayFigure, heatmap_grid
 
 __all__ = ["gate_matrix_figure", "class_filter_gallery", "top_class_filters"]
 

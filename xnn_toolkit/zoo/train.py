@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m xnn_toolkit.train --model vgg_fmnist [--epochs E] [--seed S] [--out assets/models]
+    python -m xnn_toolkit.zoo.train --model vgg_fmnist [--epochs E] [--seed S] [--out assets/models]
 
 Each bundled model has a recipe here (architecture, data, optimiser, epochs). Training is
 seeded (weights initialisation, dropout and the per-epoch data order all come from ``--seed``),
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AssetError, SpecError, close_matches
-from .zoo import build_model
+from ..errors import AssetError, SpecError, close_matches
+from . import build_model
 
 __all__ = ["train", "recipe_names", "main"]
 
@@ -135,7 +135,7 @@ def _sha256_file(path: Path) -> str:
 
 def _fashion_mnist(rec: _Recipe, root: str | None, train_size: int | None,
                    test_size: int | None) -> _Data:
-    from .data.fashion_mnist import FashionMNIST, _split_files
+    from ..data.fashion_mnist import FashionMNIST, _split_files
 
     tr = FashionMNIST(root, split="train")
     te = FashionMNIST(root, split="test")
@@ -168,7 +168,7 @@ def _fashion_mnist(rec: _Recipe, root: str | None, train_size: int | None,
 def _synthetic(rec: _Recipe, train_size: int | None, test_size: int | None,
                cache_dir: str | None) -> _Data:
     try:
-        from .data.synthetic import SyntheticParts
+        from ..data.synthetic import SyntheticParts
     except ImportError as exc:
         raise AssetError(
             f"the synthetic part dataset is not available ({exc}); "
@@ -401,7 +401,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{name}.safetensors"
     _atomic_write(weights, payload)
-    cmd = (f"python -m xnn_toolkit.train --model {name} --epochs {epochs} --seed {seed} "
+    cmd = (f"python -m xnn_toolkit.zoo.train --model {name} --epochs {epochs} --seed {seed} "
            f"--threads {threads}")
     if train_size is not None or test_size is not None:
         cmd += "".join(
@@ -444,9 +444,9 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m xnn_toolkit.train``)."""
+    """Command-line entry point (``python -m xnn_toolkit.zoo.train``)."""
     p = argparse.ArgumentParser(
-        prog="python -m xnn_toolkit.train",
+        prog="python -m xnn_toolkit.zoo.train",
         description="Train one bundled model and write its weights and model card.",
     )
     p.add_argument("--model", required=True, choices=recipe_names())
