@@ -20,9 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/xnn demo --out xnn-report --overwrite
 
 # The documentation site: docs/_build/html/index.html. Any warning (a broken cross-reference,
-# a failing gallery example) fails the build.
+# a failing gallery example) fails the build. -E rereads every page: the API pages follow the
+# package's __all__ lists, and a stale environment would keep pages of moved names.
 docs: $(STAMP)
-	$(PY) -m sphinx -b html -W --keep-going -n -q -j 2 docs docs/_build/html
+	$(PY) -m sphinx -b html -W --keep-going -n -q -j 2 -E docs docs/_build/html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

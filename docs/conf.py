@@ -85,34 +85,16 @@ nitpick_ignore_regex.append((r"py:.*", r"xnn_toolkit\..*\._\w+"))
 # attributes, helpers). Each is a docstring to reword, not a documentation fault; the list is
 # kept explicit so that a NEW broken reference still fails the build.
 KNOWN_UNRESOLVED = [
-    "xnn_toolkit.datafit",
+    # attributes, constants and helpers named in docstrings that have no page
+    "AttributionInfo.rules", "PAPER_BETAS", "STAGES", "TEST_SEED", "TRAIN_SEED", "XNN_KINDS",
+    "_attribute", "all_ap", "all_iou", "composite_2x2", "default_g", "gate_similarity",
+    "hit_rate", "information_heatmap", "layer", "layers", "misclassification_analysis",
+    "part_groups", "path_similarity",
+    # functions and classes of internal modules
+    "xnn_toolkit.heads._nmf_solvers.fit_full", "xnn_toolkit.heads._nmf_solvers.fit_online",
+    "xnn_toolkit.heads.gates.block_order", "xnn_toolkit.report.heatmaps.class_method",
     "xnn_toolkit.report.score_metrics.MetricSpec",
-    "xnn_toolkit.report.heatmaps.class_method",
-    "xnn_toolkit.interop.captum",
-    "xnn_toolkit.attribution.rules",
-    "xnn_toolkit.attribution.gradcam_bridge",
-    "layer",
-    "layers",
-    "path_similarity",
-    "part_groups",
-    "misclassification_analysis",
-    "information_heatmap",
-    "hit_rate",
-    "gate_similarity",
-    "default_g",
-    "composite_2x2",
-    "all_iou",
-    "all_ap",
-    "_attribute",
-    "XNN_KINDS",
-    "TRAIN_SEED",
-    "TEST_SEED",
-    "STAGES",
-    "PAPER_BETAS",
-    "AttributionInfo.rules",
-    "xnn_toolkit.heads._nmf_solvers.fit_full",
-    "xnn_toolkit.heads._nmf_solvers.fit_online",
-]
+]  # fmt: skip
 nitpick_ignore_regex += [(r"py:.*", re.escape(t)) for t in KNOWN_UNRESOLVED]
 
 # ---------------------------------------------------------------- API pages from __all__
@@ -266,9 +248,9 @@ autosummary_context = {"duplicates": _duplicates()}
 
 
 def _skip_member(app, what, name, obj, skip, options):
-    # scikit-learn's metadata-routing helpers (set_fit_request, ...) on estimators are theirs
-    # to document, and their docstrings cite sklearn's own glossary
-    if getattr(obj, "__module__", "") and str(obj.__module__).startswith("sklearn"):
+    # members a class inherits from scikit-learn (set_fit_request, ...) or matplotlib (a Figure
+    # subclass's set_*) are theirs to document, and their docstrings use their own roles
+    if str(getattr(obj, "__module__", "") or "").startswith(("sklearn", "matplotlib")):
         return True
     qual = getattr(obj, "__qualname__", "")
     if "RequestMethod" in str(qual):
@@ -307,18 +289,24 @@ def _lookup(dotted: str):
 
 def _resolve_by_object(app, env, node, contnode):
     """A docstring names an object by its defining module (``xnn_toolkit.layers.resolve_layer``)
-    or by a short name; its page is under the public name (``xnn_toolkit.resolve_layer``)."""
+    or by a short name (``ClassPaths.hit_rates``); its page is under the public name
+    (``xnn_toolkit.resolve_layer``, ``xnn_toolkit.heads.ClassPaths.hit_rates``)."""
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
+    if node.get("reftype") == "mod" and target.startswith("xnn_toolkit."):
+        # an internal module exists but has no page of its own: its name, unlinked
+        return contnode if _lookup(target) is not None else None
     public = _PUBLIC.get(id(_lookup(target))) if target.startswith("xnn_toolkit.") else None
-    if public is None and "." not in target:
-        ends = [full for full in _PUBLIC.values() if full.endswith("." + target)]
-        public = ends[0] if len(set(ends)) == 1 else None
+    if public is None and not target.startswith("xnn_toolkit."):
+        head, _, rest = target.partition(".")
+        ends = {full for full in _PUBLIC.values() if full.endswith("." + head)}
+        if len(ends) == 1:
+            public = ends.pop() + ("." + rest if rest else "")
     if public is None or public == target:
         return None
     domain = env.get_domain("py")
-    for role in ("obj", "class", "func"):
+    for role in ("obj", "class", "func", "meth", "attr"):
         ref = domain.resolve_xref(
             env, node.get("refdoc"), app.builder, role, public, node, contnode
         )

@@ -16,7 +16,7 @@ import xnn_toolkit as xt
 from xnn_toolkit.attribution import Class, ContrastiveExcitationBackprop, HeadOutput
 from xnn_toolkit.data import SyntheticParts
 from xnn_toolkit.heads import XNN
-from xnn_toolkit.report.figures import xnn_figure
+from xnn_toolkit.viz import xnn_figure
 
 lm = xt.load_model("bundled:vgg_synth")
 data = SyntheticParts(400, seed=SyntheticParts.TRAIN_SEED)

@@ -12,8 +12,8 @@ import torch
 
 import xnn_toolkit as xt
 from xnn_toolkit.data import SyntheticParts
-from xnn_toolkit.figures import concept_gallery
 from xnn_toolkit.heads import NMFConcepts
+from xnn_toolkit.viz import concept_gallery
 
 lm = xt.load_model("bundled:vgg_synth")
 images, parts = SyntheticParts(64, seed=SyntheticParts.TEST_SEED).render_batch(range(64))

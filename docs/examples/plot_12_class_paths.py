@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import xnn_toolkit as xt
 from xnn_toolkit.data import load_dataset
 from xnn_toolkit.heads import ClassPaths
-from xnn_toolkit.report.path_figures import path_mask_figure, path_similarity_figure
+from xnn_toolkit.viz import path_mask_figure, path_similarity_figure
 
 lm = xt.load_model("bundled:vgg_synth")
 data = load_dataset("synthetic", split="train", n=240, annotations=False,

@@ -16,8 +16,7 @@ import torch
 import xnn_toolkit as xt
 from xnn_toolkit.data import load_dataset
 from xnn_toolkit.heads import ClassSpecificGates, InformationDropout
-from xnn_toolkit.report.gate_figures import gate_matrix_figure
-from xnn_toolkit.report.path_figures import information_heatmap_figure
+from xnn_toolkit.viz import gate_matrix_figure, information_heatmap_figure
 
 lm = xt.load_model("bundled:vgg_synth")
 data = load_dataset("synthetic", split="train", n=240, annotations=False,
