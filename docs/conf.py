@@ -42,7 +42,8 @@ exclude_patterns = ["_build", "examples/*.py", "examples/README.txt", "**.ipynb_
 templates_path = ["_templates"]
 html_theme = "furo"
 html_title = "xnn_toolkit"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["xnn.css"]
 html_math_renderer = "mathsvg"  # offline: see _ext/mathsvg.py
 
 autosummary_generate = True
