@@ -9,7 +9,8 @@ yet, a stand-in is trained once with the same recipe on fewer images and epochs
 (``xnn_toolkit.train.train``) into ``bench/out/models`` and reused by later runs; the output
 says which model was used.
 
-What is measured (METHODS §5, seed 001 App. A, G, H), on held-out images (seed 1):
+What is measured (docs/methods/gates.rst, Liang et al. 2020 App. A, G, H), on held-out images (seed
+1):
 
 - accuracy of the original network vs the STD path of the post-hoc CSG head (frozen recipe;
   with ``--finetune`` also the fine-tune recipe, on 1 000 images for 45 epochs by default
@@ -19,7 +20,8 @@ What is measured (METHODS §5, seed 001 App. A, G, H), on held-out images (seed 
 - localization (ActivMap, IoU and AP50, object masks): class-specific filters on their
   gated class vs every filter of the same layer without gating (each on its best class),
   and CAM with the head's weights, ungated and gated;
-- with ``--finetune``, the paper's own comparison (seed 001 §5.1, App. H.1): every filter of
+- with ``--finetune``, the paper's own comparison (Liang et al. 2020 §5.1, App. H.1): every filter
+of
   the layer, each on the class it localizes best (IoU and AP50 with ``c*`` by AP50, AP30 with
   ``c*`` by AP30; ties by the higher IoU), for the original network, the same fine-tuning
   *without* gating (``lambda1 = lambda2 = 0``: same blocks, schedule, seed and batches, so the
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", default=None,
                     help="gated layer (default: the estimator's, the last conv stage)")
     ap.add_argument("--method", choices=("activmap", "gradmap"), default="activmap",
-                    help="filter maps for localization (seed 001 App. G; default activmap)")
+                    help="filter maps for localization (Liang et al. 2020 App. G; "
+                    "default activmap)")
     ap.add_argument("--ft-epochs", type=int, default=45,
                     help="epochs of the fine-tune recipe (default 45)")
     ap.add_argument("--seeds", type=int, default=1,

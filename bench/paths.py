@@ -1,4 +1,5 @@
-"""Benchmark: class paths (METHODS §4) -- one pass for all classes, and what the paths show.
+"""Benchmark: class paths (docs/methods/paths.rst) -- one pass for all classes, and what the paths
+show.
 
 Run: ``.venv/bin/python bench/paths.py [--quick] [--threads N] [--no-train]``. No network.
 

@@ -1,4 +1,4 @@
-"""Batched one-vs-all XNN heads vs fitting them one by one (issue 4, METHODS §1).
+"""Batched one-vs-all XNN heads vs fitting them one by one (issue 4, docs/methods/xnn.rst).
 
 All ``C`` heads of a layer live in one grouped module and train together; the reference
 fits the same heads one class at a time (``XNN(classes=[c])``), with the same objective

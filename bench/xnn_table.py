@@ -1,15 +1,15 @@
-"""Our Table 3.1 (seed 002): XNN heads on fc6 of the bundled VGG, all classes (issue 4).
+"""Our Table 3.1 (Khorram 2020): XNN heads on fc6 of the bundled VGG, all classes (issue 4).
 
 Fits SRAE, NN, SAE, CAE (:class:`~xnn_toolkit.heads.xnn.XNN`, the thesis's defaults: hidden
 800, 100, n = 5, β = η = q = 1) and Lasso (:class:`~xnn_toolkit.heads.xnn.LassoXNN`, its α
 sweep) one-vs-all on ``fc6`` of ``bundled:vgg_synth`` for every class of the synthetic part
-data (METHODS §1), then scores them as in METHODS §6:
+data (docs/methods/xnn.rst), then scores them as in docs/methods/metrics.rst:
 
 - F_reg and F_cls on the train and test banks (every image, every head);
 - O₁ and O₂ of the c-MWP heatmaps of each head's x-features on the test images of its
   class, averaged over heads;
 - Voronoi locality of those heatmaps, of every dimension of Z and of the 1-heatmap (c-MWP of
-  the class logit), all read at the model's default layer (pool4, METHODS §2.1).
+  the class logit), all read at the model's default layer (pool4, docs/methods/excitation.rst).
 
 Locality is taken per class, as in the thesis (one XNN per category, the table averages the
 categories): for class c the sources are the n x-features of head c (Z: every unit; 1-heatmap:

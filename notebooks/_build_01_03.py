@@ -20,7 +20,7 @@ NB01 = [
 # Explain a model: XNN heads, their heatmaps and metrics
 
 A bundled VGG-style network trained on the synthetic part-annotated birds (`bundled:vgg_synth`)
-is explained post hoc, as in the thesis (METHODS §1, §2, §6): one-vs-all **XNN heads** on its
+is explained post hoc, as in the thesis (docs/methods: xnn, excitation, metrics): one-vs-all **XNN heads** on its
 fully connected layer `fc6` (SRAE and the faithfulness-only NN baseline), **c-MWP heatmaps** of
 every x-feature, and the **metrics**: faithfulness (F_reg, F_cls), orthogonality (O1, O2) and
 Voronoi locality against the known part keypoints. The network itself is never changed."""),
@@ -113,7 +113,7 @@ NB03 = [
 # Concepts, class paths and class-specific gates
 
 Three more post-hoc views of the bundled `vgg_synth` network, at small sizes:
-**NMF concepts** of a conv layer (METHODS §3), **information-bottleneck class paths**
+**NMF concepts** of a conv layer (docs/methods/nmf.rst), **information-bottleneck class paths**
 (§4: a channel mask per class and layer, their similarity and hit rate) and
 **class-specific gates** (§5: a gate matrix learned on the frozen backbone)."""),
     new_code_cell("""\

@@ -2,8 +2,9 @@
 
 :func:`extract` runs a frozen model over the data once (forward hooks from
 :func:`xnn_toolkit.hooks.record`; the model is left exactly as it was) and keeps, per layer,
-the activation of every sample (``Z`` of METHODS §1, the conv maps of §3), optionally pooled
-over space to ``N x C``, together with the logits ``ŷ`` (METHODS §1), the labels and the
+the activation of every sample (``Z`` of :doc:`/methods/xnn`, the conv maps of §3), optionally
+pooled
+over space to ``N x C``, together with the logits ``ŷ`` (:doc:`/methods/xnn`), the labels and the
 sample indices. Heads are fitted on the resulting :class:`ActivationBank`.
 
 A bank lives in memory, or on disk as a directory::

@@ -28,7 +28,7 @@ from xnn_toolkit.errors import InputError
 
 
 def _literal_mwp(layers: list[nn.Module], x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """METHODS §2.1 written out with dense matrices, float64, one image.
+    """docs/methods/excitation.rst written out with dense matrices, float64, one image.
 
     Every linear map (conv, average pool, linear; biases dropped) is turned into its matrix
     ``M`` (outputs x inputs); contributions are ``c_ij = max(a_j M_ij, 0)`` (``a_j w+_ij``

@@ -1,4 +1,5 @@
-"""Tests of class-specific gates (METHODS §5) against literal formulas and hand cases."""
+"""Tests of class-specific gates (docs/methods/gates.rst) against literal formulas and hand
+cases."""
 
 from __future__ import annotations
 

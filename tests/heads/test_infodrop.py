@@ -1,4 +1,5 @@
-"""Information dropout (METHODS §4, seed 004): literal KLs, noise, heatmaps, TC, planted fits."""
+"""Information dropout (docs/methods/infodrop.rst, Achille and Soatto 2018): literal KLs, noise,
+heatmaps, TC, planted fits."""
 
 from __future__ import annotations
 

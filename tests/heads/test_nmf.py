@@ -1,4 +1,4 @@
-"""Post-hoc NMF concepts (xnn_toolkit.heads.nmf, METHODS.md §3).
+"""Post-hoc NMF concepts (xnn_toolkit.heads.nmf, docs/methods/nmf.rst).
 
 Oracles: scikit-learn's NMF (NNDSVD initialisation, ``cd`` and ``mu`` updates, final error),
 scipy.optimize.nnls (the projection), planted factors, hand-built networks whose layer is
@@ -703,7 +703,7 @@ def test_concept_heatmap_through_attribution_engine():
     # Excitation Backprop through the pooled surrogate head, read at the layer itself: the
     # average pool splits the top signal in proportion to the concept map s_k(h, w) and the
     # z+ rule of the 1x1 conv conserves it per position, so the channel-summed MWP map is
-    # s_k / sum(s_k) (METHODS.md §2.1).
+    # s_k / sum(s_k) (docs/methods/excitation.rst).
     attribution = pytest.importorskip("xnn_toolkit.attribution")
     model, x, a = _low_rank_setup()
     nmf = NMFConcepts(3).fit(a, layer="mix")

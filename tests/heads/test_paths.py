@@ -1,4 +1,5 @@
-"""Class paths (METHODS §4): literal objectives, analyses, planted recovery, model safety."""
+"""Class paths (docs/methods/paths.rst): literal objectives, analyses, planted recovery, model
+safety."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""XNN heads (METHODS §1): losses against literal formulas, batching, baselines, API."""
+"""XNN heads (docs/methods/xnn.rst): losses against literal formulas, batching, baselines, API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Literal, slow reference implementations of the metric formulas (METHODS §6, §8).
+"""Literal, slow reference implementations of the metric formulas (docs/methods/metrics.rst, §8).
 
 Written straight from the papers with Python loops over pixels, images, classes and filters,
 independently of the vectorised code in ``xnn_toolkit.metrics`` (no shared helpers). Used by
@@ -28,7 +28,7 @@ def normalise_literal(heatmap):
 
 
 def voronoi_literal(heatmaps, keypoints, visible, bbox):
-    """Thesis Algorithm 3 (seed 002, App. A) for one image, every neuron, with per-pixel loops.
+    """Thesis Algorithm 3 (Khorram 2020, App. A) for one image, every neuron, with per-pixel loops.
 
     Parameters: ``heatmaps`` n x H x W nested lists / arrays (one per neuron), ``keypoints``
     P x 2 (x, y), ``visible`` P, ``bbox`` (x0, y0, x1, y1) inclusive. Returns n x (P + 1):

@@ -122,7 +122,8 @@ def test_tables_equal_the_metric_functions_on_the_same_heatmaps(reference):
             assert got["n"] == N_IMAGES
             assert got["mean"] == pytest.approx(v.mean(), rel=1e-12)
             assert got["std"] == pytest.approx(v.std(ddof=1), rel=1e-9)
-        # locality (METHODS §6): entropy of the normalised mean part histogram, in nats
+        # locality (docs/methods/metrics.rst): entropy of the normalised mean part histogram, in
+        # nats
         cols = [f"voronoi[{p}]" for p in [*names, "context"]]
         h = np.array([[r[c] for c in cols] for r in mine]).mean(0)
         s = h / h.sum()

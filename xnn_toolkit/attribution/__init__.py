@@ -1,7 +1,8 @@
 """Attribution engine: Excitation Backprop (MWP, c-MWP), CAM family, filter maps, Captum.
 
 Every method answers ``Method(model, layer=...).attribute(x, target) -> Attribution``;
-:func:`explain` does the same by name (:func:`available_methods`). METHODS §2.
+:func:`explain` does the same by name (:func:`available_methods`). :doc:`/methods/excitation` and
+:doc:`/methods/cam`.
 """
 
 from .base import (

@@ -1,4 +1,4 @@
-"""Class activation maps: CAM, Grad-CAM and Grad-CAM++ (METHODS §2.2).
+"""Class activation maps: CAM, Grad-CAM and Grad-CAM++ (:doc:`/methods/cam`).
 
 All three weight the activation maps ``A_k`` (``N x K x h x w``) of one layer and sum them:
 
@@ -67,7 +67,7 @@ class _GradientCAM(AttributionMethod):
 
 @register_method("gradcam", "grad_cam")
 class GradCAM(_GradientCAM):
-    """Grad-CAM: ``ReLU(sum_k mean_ij(d score / d A_k) A_k)`` (METHODS §2.2).
+    """Grad-CAM: ``ReLU(sum_k mean_ij(d score / d A_k) A_k)`` (:doc:`/methods/cam`).
 
     Parameters
     ----------
@@ -147,7 +147,7 @@ class _HeadTrace(TorchFunctionMode):
 
 @register_method("cam")
 class CAM(AttributionMethod):
-    """Class activation map ``sum_k W_ck A_k`` (Zhou et al. 2016; METHODS §2.2).
+    """Class activation map ``sum_k W_ck A_k`` (Zhou et al. 2016; :doc:`/methods/cam`).
 
     For networks that end in global average pooling + one linear layer: the final linear
     layer and the map it pools are found automatically by tracing the forward pass (the

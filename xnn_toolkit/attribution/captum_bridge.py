@@ -1,4 +1,4 @@
-"""Standard gradient baselines from Captum behind the toolkit's call shape (METHODS §2.2).
+"""Standard gradient baselines from Captum behind the toolkit's call shape (:doc:`/methods/cam`).
 
 Saliency, InputXGradient, IntegratedGradients, GuidedBackprop and Occlusion are Captum's
 own implementations (not re-implemented here). The bridge turns any

@@ -1,4 +1,5 @@
-"""Excitation Backprop: marginal winning probability (MWP) and contrastive MWP (METHODS §2.1).
+"""Excitation Backprop: marginal winning probability (MWP) and contrastive MWP
+(:doc:`/methods/excitation`).
 
 Mechanism
 ---------
@@ -775,7 +776,8 @@ def _conservation(log: _Log, signal: torch.Tensor, raw: torch.Tensor) -> Conserv
 
 @register_method("cmwp", "c_mwp", "contrastive_excitation_backprop", "ceb")
 class ContrastiveExcitationBackprop(ExcitationBackprop):
-    """Contrastive MWP: ``MWP(target) - MWP(dual)`` in one backward pass (METHODS §2.1).
+    """Contrastive MWP: ``MWP(target) - MWP(dual)`` in one backward pass
+    (:doc:`/methods/excitation`).
 
     The dual unit has the top layer's weights negated (the top layer is the conv / linear
     layer right below the target: the classifier for a class, the head's last layer for a

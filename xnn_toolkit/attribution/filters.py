@@ -1,4 +1,4 @@
-"""Maps of single filters: GradMap and ActivMap (METHODS §2.2, seed 001 appendix G).
+"""Maps of single filters: GradMap and ActivMap (:doc:`/methods/cam`, Liang et al. 2020 appendix G).
 
 - GradMap of filter ``k``: the gradient of its average-pooled activation w.r.t. the input,
   reduced over colour channels (``sum_c |g_c|``), divided by the root of its second moment
@@ -69,7 +69,7 @@ def _filter_target(target: object, n: int, layer: LayerSpec) -> Target:
 class GradMap(AttributionMethod):
     """GradMap of a filter: normalised, blurred input gradient of its average pool.
 
-    METHODS §2.2. ``heatmap = blur_sigma(m / sqrt(mean(m^2)))`` with
+    :doc:`/methods/cam`. ``heatmap = blur_sigma(m / sqrt(mean(m^2)))`` with
     ``m = sum_c |d mean_hw A_k / d x_c|``; ``mask = heatmap > threshold``.
 
     Parameters
@@ -126,7 +126,7 @@ class GradMap(AttributionMethod):
 
 @register_method("activmap", "activ_map", "activation_map")
 class ActivMap(AttributionMethod):
-    """ActivMap of a filter: its activation map, upsampled bilinearly (METHODS §2.2).
+    """ActivMap of a filter: its activation map, upsampled bilinearly (:doc:`/methods/cam`).
 
     Parameters
     ----------
@@ -221,7 +221,7 @@ def activation_thresholds(
 
     ``thr_k`` is the ``ceil((1 - top) M)``-th smallest of the ``M`` activation values of
     filter ``k`` (all images, all positions, at the layer's resolution) — the ActivMap
-    segmentation threshold of METHODS §2.2. Exact while the dataset has at most
+    segmentation threshold of :doc:`/methods/cam`. Exact while the dataset has at most
     ``max_values`` positions; beyond, a uniform reservoir sample of ``max_values`` positions
     (the same positions for every filter) is used.
 

@@ -4,7 +4,8 @@ A rule is a small object (zennit style): :meth:`Rule.backward` receives the reco
 one operation (:class:`OpCall`: the torch function, its arguments, the saved inputs) and the
 marginal winning probability ``P`` of its output, and returns ``P`` of each of its inputs.
 The mechanism that records calls and wires rules into autograd is shared
-(:mod:`xnn_toolkit.attribution.excitation`); the rules only say what METHODS §2.1 says:
+(:mod:`xnn_toolkit.attribution.excitation`); the rules only say what :doc:`/methods/excitation`
+says:
 
 =======================  ====================================================================
 kind                     rule
@@ -589,7 +590,8 @@ class PassThrough(Rule):
 
 
 class FoldBatchNorm(Rule):
-    """BatchNorm folded into the preceding conv / linear layer (METHODS §2.1, default).
+    """BatchNorm folded into the preceding conv / linear layer (:doc:`/methods/excitation`,
+    default).
 
     At forward time, an eval-mode BatchNorm whose input is the output of a recorded conv or
     linear call sets that call's ``scale = gamma / sqrt(var + eps)``, so its z⁺ rule uses

@@ -1,6 +1,7 @@
 """What an attribution explains: classes, logit mixtures, units, channels, head outputs.
 
-Every target is the same idea (METHODS §2.1, "top signal"): it picks a tensor ``O`` in the
+Every target is the same idea (:doc:`/methods/excitation`, "top signal"): it picks a tensor ``O`` in
+the
 network (the model's output, or the output of a layer), optionally maps it through a head
 ``T`` (an XNN encoder, an NMF projection, a gate), and weights the result with ``G``::
 
@@ -120,7 +121,7 @@ class Target:
         raise NotImplementedError
 
     def excitation(self, output: torch.Tensor) -> torch.Tensor:
-        """The top signal of Excitation Backprop (METHODS §2.1); ``G`` by default.
+        """The top signal of Excitation Backprop (:doc:`/methods/excitation`); ``G`` by default.
 
         Parameters
         ----------
@@ -292,7 +293,8 @@ class Channel(Target):
     """One channel of a conv layer, scored by its average-pooled activation.
 
     ``score_n = mean_{h,w} O[n, c_n, h, w]``. Its Excitation Backprop top signal is the
-    proportional split of that average pool (METHODS §2.1): ``O[n,c,h,w] / sum_hw O[n,c]``
+    proportional split of that average pool (:doc:`/methods/excitation`):
+    ``O[n,c,h,w] / sum_hw O[n,c]``
     (stabilised, 0 for an all-zero channel).
 
     Parameters

@@ -8,7 +8,7 @@ the parts that make each class are known by construction (DESIGN.md, "Embedded
 default"). Each sample carries its label, part keypoints with visibility, the object's
 bounding box, a per-pixel part segmentation, the object mask and the class-defining parts
 (:class:`~xnn_toolkit.data.types.PartAnnotation`), which is what the locality, Voronoi,
-pointing and localization metrics (METHODS.md §6) are checked against.
+pointing and localization metrics (:doc:`/methods/metrics`) are checked against.
 
 Sample ``i`` of ``SyntheticParts(seed=s)`` depends only on ``(s, i)`` and on the rendering
 options (``size``, ``num_classes``, ``clutter``, ``occlusion``, ``distractors``): not on

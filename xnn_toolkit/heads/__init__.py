@@ -1,6 +1,6 @@
 """Explainer heads fitted on a frozen network's activations.
 
-XNN / SRAE and its baselines (METHODS §1), NMF concepts (§3), information-bottleneck class
+XNN / SRAE and its baselines (:doc:`/methods/xnn`), NMF concepts (§3), information-bottleneck class
 paths and information-dropout masks (§4), class-specific gates (§5). Each follows the
 scikit-learn estimator conventions: hyperparameters in ``__init__``, ``fit`` returns
 ``self``, learned attributes end in ``_``, ``save`` / ``load`` without pickle.

@@ -1,6 +1,6 @@
-"""Solver steps for post-hoc NMF of activations (METHODS.md §3).
+"""Solver steps for post-hoc NMF of activations (:doc:`/methods/nmf`).
 
-Problem (METHODS.md §3, seed 002 eq. 2.3)::
+Problem (:doc:`/methods/nmf`, Khorram 2020 eq. 2.3)::
 
     min_{M ≥ 0, S ≥ 0}  f(M, S) = ½ ||X − M S||²_F,
     X ∈ R^{C x P} (X ≥ 0),  M ∈ R^{C x r},  S ∈ R^{r x P}
@@ -429,7 +429,7 @@ def nnls_project(
 ) -> torch.Tensor:
     """Scores of new data with the basis fixed: ``S = argmin_{S ≥ 0} ||X − M S||²_F``.
 
-    METHODS.md §3 ("keep M fixed and solve the non-negative least-squares projection").
+    :doc:`/methods/nmf` ("keep M fixed and solve the non-negative least-squares projection").
     Each column is an independent strictly convex QP (when ``M`` has full column rank);
     all columns are solved together by HALS coordinate descent (:func:`hals_sweep` with
     ``A = Mᵀ X``, ``B = Mᵀ M``), started from the clipped unconstrained solution

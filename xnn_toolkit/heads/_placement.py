@@ -1,6 +1,6 @@
-"""Where class-path masks go in a network (METHODS §4, "Mask placement").
+"""Where class-path masks go in a network (:doc:`/methods/paths`, "Mask placement").
 
-The NAD paper (seed 000) masks the output of
+The NAD paper (Hu et al. 2021) masks the output of
 
 - every ReLU'd convolution of a plain (VGG-style) network, or the pooling layer right after
   it when one follows;
@@ -157,7 +157,7 @@ def _plain_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def auto_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Mask placement of METHODS §4 for VGG-, ResNet- and DenseNet-like networks.
+    """Mask placement of :doc:`/methods/paths` for VGG-, ResNet- and DenseNet-like networks.
 
     Parameters
     ----------

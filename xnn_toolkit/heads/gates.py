@@ -1,6 +1,7 @@
 """Class-specific gates (CSG) fitted post hoc on a pretrained CNN.
 
-METHODS.md §5 (seed 001 and the authors' code), localization per §2.2 and §6 (seed 001
+:doc:`/methods/gates` (Liang et al. 2020 and the authors' code), localization per §2.2 and §6 (Liang
+et al. 2020
 App. G and H). A gate matrix ``G ∈ [0, 1]^{C x K}`` sits on one conv layer with ``K``
 channels ("filters"). The *CSG path* multiplies the channels of an image of class ``y`` by
 the row ``G_y``; the *STD path* is the ungated network, and it is the only path used at test
@@ -18,7 +19,7 @@ Two recipes (``recipe=``):
   batch statistics of the few small batches of a post-hoc fit would drift from the running
   ones.
 
-Objective (METHODS §5). In a CSG epoch, with ``h`` the new head and ``a`` the pooled
+Objective (:doc:`/methods/gates`). In a CSG epoch, with ``h`` the new head and ``a`` the pooled
 activations::
 
     paper form (default):  CE(h(a), y) + λ₁ CE(h(a ⊙ G_y), y) + λ₂ max(0, ‖G‖₁ − g)
@@ -54,12 +55,12 @@ class ``c`` when ``G[c, k] > threshold`` (0.5), no other class's gate exceeds ``
 and the mean gate of the other classes is at most ``others`` (0.2) — the column is high for
 ``c`` and mostly zero elsewhere. Each filter belongs to at most one class.
 
-Filter maps for :func:`gate_localization` (seed 001 App. G): ActivMap, GradMap and CAM are
+Filter maps for :func:`gate_localization` (Liang et al. 2020 App. G): ActivMap, GradMap and CAM are
 computed by small private functions of this module, because the attribution engine
 (:mod:`xnn_toolkit.attribution`) has no filter maps yet; IoU and APn come from
 :mod:`xnn_toolkit.metrics.localization`.
 
-Mutual-information score (METHODS §5): per channel ``k`` and class ``c`` the mutual
+Mutual-information score (:doc:`/methods/gates`): per channel ``k`` and class ``c`` the mutual
 information between the pooled activation and the indicator ``[y = c]``; the score is
 ``mean_k max_c``. ``estimator="binned"`` (default) discretises each channel into ``bins``
 equal-width bins between its minimum and maximum and computes the plug-in MI of the two
@@ -115,7 +116,8 @@ MAP_METHODS = ("activmap", "gradmap")
 
 
 def project_gates(gates: torch.Tensor) -> torch.Tensor:
-    r"""Project onto ``{G ∈ [0, 1]^{C x K} : ‖G^k‖_∞ = 1 for every filter k}`` (METHODS §5).
+    r"""Project onto ``{G ∈ [0, 1]^{C x K} : ‖G^k‖_∞ = 1 for every filter k}``
+    (:doc:`/methods/gates`).
 
     ``G^k ← clamp(G^k / max_c G_{ck}, 0, 1)`` column by column. A column whose maximum is
     ``≤ 0`` (or not finite) cannot be rescaled; it is reset to all ones, i.e. the filter is
@@ -150,7 +152,9 @@ def project_gates(gates: torch.Tensor) -> torch.Tensor:
 
 
 def sparsity_penalty(gates: torch.Tensor, g: float) -> torch.Tensor:
-    r"""The hinge ``d(‖G‖₁, g) = max(0, ‖G‖₁ − g)``, with ``‖G‖₁ = Σ_{c,k} |G_ck|`` (METHODS §5).
+    r"""The hinge ``d(‖G‖₁, g) = max(0, ‖G‖₁ − g)`` with ``‖G‖₁ = Σ_{c,k} |G_ck|``.
+
+    See :doc:`/methods/gates`.
 
     Parameters
     ----------
@@ -168,7 +172,7 @@ def sparsity_penalty(gates: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def l1_density(gates: torch.Tensor) -> float:
-    r"""L1-density ``‖G‖₁ / (C·K)`` (METHODS §5, seed 001 App. A).
+    r"""L1-density ``‖G‖₁ / (C·K)`` (:doc:`/methods/gates`, Liang et al. 2020 App. A).
 
     Parameters
     ----------
@@ -183,7 +187,7 @@ def l1_density(gates: torch.Tensor) -> float:
 
 
 def density_bounds(num_classes: int, num_filters: int, g: float) -> tuple[float, float]:
-    r"""The convergence interval ``[1/C, g/(C·K)]`` of the L1-density (seed 001 App. A).
+    r"""The convergence interval ``[1/C, g/(C·K)]`` of the L1-density (Liang et al. 2020 App. A).
 
     Parameters
     ----------
@@ -233,7 +237,9 @@ def one_vs_rest_mutual_information(
     estimator: str = "binned",
     random_state: int = 0,
 ) -> torch.Tensor:
-    r"""``I(a_k ; [y = c])`` for every channel ``k`` and class ``c``, in nats (METHODS §5).
+    r"""``I(a_k ; [y = c])`` for every channel ``k`` and class ``c``, in nats.
+
+    See :doc:`/methods/gates`.
 
     ``binned``: ``a_k`` is discretised into ``bins`` equal-width bins over its range (a
     constant channel is one bin, so its MI is 0) and
@@ -305,7 +311,7 @@ def mutual_information_score(
     estimator: str = "binned",
     random_state: int = 0,
 ) -> float:
-    r"""Mutual-information score ``mean_k max_c I(a_k ; [y = c])`` (METHODS §5).
+    r"""Mutual-information score ``mean_k max_c I(a_k ; [y = c])`` (:doc:`/methods/gates`).
 
     Parameters
     ----------
@@ -336,7 +342,8 @@ def gate_similarity(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Similarities ``S_yc = cos(ā_y, G_c)`` over true positives and false negatives.
 
-    METHODS §5, seed 001 App. C. ``ā_y`` is the mean pooled activation of the images of
+    :doc:`/methods/gates`, Liang et al. 2020 App. C. ``ā_y`` is the mean pooled activation of the
+    images of
     class ``y`` that are predicted as ``y`` (true positives, ``S_TP``) or as another class
     (false negatives, ``S_FN``); ``G_c`` is row ``c`` of the gate matrix. A class without
     such images has a NaN row; a zero vector has cosine 0.
@@ -613,7 +620,7 @@ def _num_logits(model: nn.Module, layer: str, x: torch.Tensor) -> tuple[int, int
 
 @dataclass
 class GateScores:
-    """What :meth:`ClassSpecificGates.evaluate` measures on a dataset (METHODS §5).
+    """What :meth:`ClassSpecificGates.evaluate` measures on a dataset (:doc:`/methods/gates`).
 
     Attributes
     ----------
@@ -648,7 +655,7 @@ class GateScores:
 
 
 class ClassSpecificGates:
-    """Class-specific gate matrix with a new linear head, fitted post hoc (METHODS §5).
+    """Class-specific gate matrix with a new linear head, fitted post hoc (:doc:`/methods/gates`).
 
     Parameters
     ----------
@@ -1127,7 +1134,8 @@ class ClassSpecificGates:
         g: float,
         optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer, Any],
     ) -> dict[str, float]:
-        """One step on pooled features ``f`` (``B x K``) with labels ``y`` (METHODS §5)."""
+        """One step on pooled features ``f`` (``B x K``) with labels ``y``
+        (:doc:`/methods/gates`)."""
         opt_head, opt_gates, opt_net = optimizers
         logits = head(f)
         ce_std = F.cross_entropy(logits, y)
@@ -1317,7 +1325,8 @@ class ClassSpecificGates:
         return self.decision_function(images).argmax(1)
 
     def evaluate(self, data: Any, labels: Any = None) -> GateScores:
-        """Accuracies, density, mutual information and similarities on a dataset (METHODS §5).
+        """Accuracies, density, mutual information and similarities on a dataset
+        (:doc:`/methods/gates`).
 
         Parameters
         ----------
@@ -1370,7 +1379,7 @@ class ClassSpecificGates:
     def filter_maps(
         self, images: torch.Tensor, filters: Sequence[int] | torch.Tensor
     ) -> torch.Tensor:
-        """ActivMaps (seed 001 App. G) of some filters: activations upsampled bilinearly.
+        """ActivMaps (Liang et al. 2020 App. G) of some filters: activations upsampled bilinearly.
 
         Parameters
         ----------
@@ -1566,15 +1575,16 @@ def _layer_maps(
 
 @dataclass
 class GateLocalization:
-    """Localization of class-specific filters vs all filters of the layer (seed 001 App. H).
+    """Localization of class-specific filters vs all filters of the layer (Liang et al. 2020 App.
+    H).
 
-    Filter maps are read from the STD path (ungated), as at test time (METHODS §5). The
+    Filter maps are read from the STD path (ungated), as at test time (:doc:`/methods/gates`). The
     *gated* selection keeps, for each class ``c``, its class-specific filters (see
     :meth:`ClassSpecificGates.class_filters`) and scores each on the images of class ``c``;
     the *ungated* baseline scores every filter of the layer on the class it localizes best
     (App. H.1, ``c* = argmax_c APn_c^k``, ties by the higher IoU), which favours the baseline.
 
-    The paper's own comparison (seed 001 §5.1) is between networks: :attr:`all_iou` and
+    The paper's own comparison (Liang et al. 2020 §5.1) is between networks: :attr:`all_iou` and
     :attr:`all_ap` of a CSG fine-tune against those of the same fine-tune without gating,
     ``ClassSpecificGates(recipe="finetune", lambda1=0.0, lambda2=0.0)`` with the same
     ``random_state`` (``bench/gates.py --finetune`` runs both).
@@ -1632,7 +1642,7 @@ class GateLocalization:
 
 
 def _activ_thresholds(acts: torch.Tensor, top: float) -> torch.Tensor:
-    """Dataset-wide ActivMap thresholds (seed 001 App. G), ``N x K x h x w`` → ``K``.
+    """Dataset-wide ActivMap thresholds (Liang et al. 2020 App. G), ``N x K x h x w`` → ``K``.
 
     The threshold of filter ``k`` is its ``ceil(top·N·h·w)``-th largest activation over all
     positions of all images, at the layer's own resolution (as the authors' code does); the
@@ -1659,7 +1669,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 def _grad_segments(
     network: nn.Module, layer: str, x: torch.Tensor, sigma: float, level: float
 ) -> torch.Tensor:
-    """GradMap segmentations of every filter (seed 001 App. G) for one batch: ``B x K x H x W``.
+    """GradMap segmentations of every filter (Liang et al. 2020 App. G) for one batch:
+    ``B x K x H x W``.
 
     Gradient of the filter's average-pooled activation w.r.t. the input, L2 norm over input
     channels, divided by its root mean square over the image, Gaussian blur ``σ``, segment
@@ -1703,7 +1714,7 @@ def gate_localization(
 ) -> GateLocalization:
     """Per-filter IoU / APn of gated class-specific filters vs the layer's filters ungated.
 
-    Seed 001 App. G (maps) and H (metrics); METHODS §2.2, §6. ActivMap: activation upsampled
+    Seed 001 App. G (maps) and H (metrics); :doc:`/methods/cam`, §6. ActivMap: activation upsampled
     bilinearly, segmented at the filter's top-``top`` threshold over the whole image set.
     GradMap: see :func:`_grad_segments` (one backward pass per filter and batch). CAM:
     ``Σ_k W_yk A_k`` upsampled, top ``top`` pixels of each map; gated CAM uses

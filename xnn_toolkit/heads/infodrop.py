@@ -1,9 +1,11 @@
-"""Information-dropout masks on a frozen network (METHODS §4, seed 004, Achille & Soatto).
+"""Information-dropout masks on a frozen network (:doc:`/methods/infodrop`, Achille and Soatto
+2018).
 
 Post hoc, the frozen network's layer outputs ``f(x)`` are multiplied by log-normal noise,
 ``z = ε ⊙ f(x)``, ``ε = exp(α·n)``, ``n ~ N(0, 1)`` (reparametrised: one sample per unit and
 step while fitting; ``ε = 1`` at evaluation), with ``α = α_min + α_max·sigmoid(a)``,
-``α_min = 0.001``, ``α_max = 0.7`` (variance of ``log ε`` at most about 0.5, seed 004 §7).
+``α_min = 0.001``, ``α_max = 0.7`` (variance of ``log ε`` at most about 0.5, Achille and
+Soatto 2018 §7).
 The noise scales ``α`` are learned so that the network still classifies (cross-entropy of
 the noisy logits) while as little information as possible passes (the KL term):
 
@@ -21,7 +23,7 @@ Two parametrisations of ``α``:
   b)`` with a 1 x 1 convolution (a linear map for ``N x D`` layers) on the activation,
   ``s`` the layer's RMS.
 
-KL divergences per unit (seed 004, propositions 2 and 3):
+KL divergences per unit (Achille and Soatto 2018, propositions 2 and 3):
 
 - ReLU layers, log-uniform prior ``q(z) = q₀δ₀(z) + c/z``: ``KL = −log α + const`` where
   ``f(x) ≠ 0`` and a constant where ``f(x) = 0``. We report the shifted form
@@ -89,7 +91,10 @@ MODES = ("class", "image")
 def alpha_from_logit(
     logit: torch.Tensor, alpha_max: float = ALPHA_MAX, alpha_min: float = ALPHA_MIN
 ) -> torch.Tensor:
-    """``α = α_min + α_max · sigmoid(a)`` (METHODS §4), in ``(α_min, α_min + α_max)``."""
+    """``α = α_min + α_max · sigmoid(a)``, in ``(α_min, α_min + α_max)``.
+
+    See :doc:`/methods/infodrop`.
+    """
     return alpha_min + alpha_max * torch.sigmoid(logit)
 
 
@@ -125,7 +130,7 @@ def kl_log_uniform(
     alpha_min: float = ALPHA_MIN,
     shifted: bool = True,
 ) -> torch.Tensor:
-    """KL of a ReLU unit under the log-uniform prior (seed 004, proposition 2).
+    """KL of a ReLU unit under the log-uniform prior (Achille and Soatto 2018, proposition 2).
 
     ``KL = −log(α / (α_max + α_min))`` (``shifted``, ≥ 0) or ``−log α`` where
     ``f(x) ≠ 0``; 0 where ``f(x) = 0`` (there the KL is the constant ``−log q₀``).
@@ -164,7 +169,8 @@ def kl_log_normal(
     mu: torch.Tensor | float,
     sigma: torch.Tensor | float,
 ) -> torch.Tensor:
-    """KL of a positive unit under a log-normal prior (seed 004, proposition 3, corrected).
+    """KL of a positive unit under a log-normal prior (Achille and Soatto 2018, proposition 3,
+    corrected).
 
     ``KL(N(log f, α²) ‖ N(μ, σ²)) = [α² + (log f(x) − μ)²] / (2σ²) + log(σ/α) − ½``.
 
@@ -200,7 +206,8 @@ def kl_log_normal(
 
 
 def information_heatmap(kl: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``Σ_c KL_{c,h,w}`` minus its minimum over positions, per image (seed 004, Fig. 2).
+    """``Σ_c KL_{c,h,w}`` minus its minimum over positions, per image (Achille and Soatto 2018, Fig.
+    2).
 
     Parameters
     ----------
@@ -293,7 +300,8 @@ class _DropRun:
 
 
 class InformationDropout:
-    """Information-dropout noise masks of a frozen network (METHODS §4, seed 004).
+    """Information-dropout noise masks of a frozen network (:doc:`/methods/infodrop`, Achille and
+    Soatto 2018).
 
     Parameters
     ----------
@@ -695,7 +703,7 @@ class InformationDropout:
         noisy: bool = False,
         batch_size: int = 64,
     ) -> dict[str, float]:
-        """Gaussian total correlation of log-activations per layer (seed 004 §8).
+        """Gaussian total correlation of log-activations per layer (Achille and Soatto 2018 §8).
 
         ``TC = −½ log det(Σ₀⁻¹Σ)`` of the covariance ``Σ`` of ``log f`` streamed over the data
         (:func:`xnn_toolkit.metrics.information.gaussian_total_correlation`).

@@ -1,8 +1,8 @@
-"""Post-hoc NMF concepts of a layer's activations (METHODS.md §3).
+"""Post-hoc NMF concepts of a layer's activations (:doc:`/methods/nmf`).
 
 Conv activations ``N x C x H x W`` are reshaped to ``X ∈ R^{C x (N·H·W)}`` and factorised as
 ``X ≈ M S`` with a non-negative basis ``M`` (``C x r``, the *concepts*) and non-negative scores
-``S`` (``r x N·H·W``), minimising ``½||X − MS||²_F`` (seed 002 eq. 2.3; Collins et al., "Deep
+``S`` (``r x N·H·W``), minimising ``½||X − MS||²_F`` (Khorram 2020 eq. 2.3; Collins et al., "Deep
 Feature Factorization"). Rows of ``S`` reshaped to ``N x r x H x W`` are concept maps; new data
 is scored by the non-negative least-squares projection with ``M`` fixed.
 
@@ -15,7 +15,7 @@ Public pieces:
 - :func:`select_rank` / :class:`RankTable` — reconstruction error against the rank.
 - :func:`concept_maps`, :func:`top_images` — maps upsampled to image size, top images.
 - :func:`nmf_faithfulness` / :class:`NMFFaithfulness` and :func:`concept_importance` —
-  run the network with the layer replaced by ``M S`` (METHODS.md §3, last bullets but one).
+  run the network with the layer replaced by ``M S`` (:doc:`/methods/nmf`, last bullets but one).
 
 Data may be a tensor (``N x C x H x W`` or ``N x C``) or an activation bank, duck-typed as
 an object with ``layers``, ``labels``, ``activations(layer) -> Tensor`` and
@@ -182,7 +182,7 @@ def _check_finite(a: torch.Tensor, what: str) -> None:
 
 
 class NMFConcepts(BaseEstimator):
-    """Non-negative factorisation of a layer's activations into concepts (METHODS.md §3).
+    """Non-negative factorisation of a layer's activations into concepts (:doc:`/methods/nmf`).
 
     ``X ≈ M S`` with ``X`` the activations as a ``C x (N·H·W)`` matrix, ``M ≥ 0`` (``C x r``)
     the concept basis and ``S ≥ 0`` (``r x N·H·W``) the concept scores.
@@ -191,7 +191,7 @@ class NMFConcepts(BaseEstimator):
     ----------
     rank : int
         Number of concepts ``r`` (``1 ≤ r < C``). The thesis found 4 too coarse and 256
-        redundant on faces; 32 was best there (METHODS.md §3). See :func:`select_rank`.
+        redundant on faces; 32 was best there (:doc:`/methods/nmf`). See :func:`select_rank`.
     solver : {"hals", "mu"}
         ``"hals"``: hierarchical alternating least squares (Cichocki & Phan 2009) with
         several sweeps per update (Gillis & Glineur 2012) and extrapolation (Ang & Gillis
@@ -535,7 +535,7 @@ class NMFConcepts(BaseEstimator):
     def transform(self, X: object, *, layer: str | None = None) -> torch.Tensor:
         """Concept scores of (new) activations: the NNLS projection with ``M`` fixed.
 
-        ``S = argmin_{S ≥ 0} ||X − M S||²_F`` column by column (METHODS.md §3), solved in
+        ``S = argmin_{S ≥ 0} ||X − M S||²_F`` column by column (:doc:`/methods/nmf`), solved in
         batches of ``batch_size`` images by HALS coordinate descent (at most
         ``transform_max_iter`` sweeps, until a sweep changes ``S`` by ≤ 1e-6 relative).
 
@@ -1125,7 +1125,7 @@ def concept_maps(
     mode: str = "bilinear",
     normalize: bool = False,
 ) -> torch.Tensor:
-    """Concept score maps upsampled to image size (METHODS.md §3, second bullet).
+    """Concept score maps upsampled to image size (:doc:`/methods/nmf`, second bullet).
 
     Parameters
     ----------
@@ -1204,7 +1204,7 @@ class NMFFaithfulness:
     agreement : float
         Share of images whose predicted class (argmax logit) is unchanged, in ``[0, 1]``.
     logit_mae : float
-        Mean over images and classes of ``|ŷ(MS) − ŷ(X)|`` (METHODS.md §6 ``F_reg`` form).
+        Mean over images and classes of ``|ŷ(MS) − ŷ(X)|`` (:doc:`/methods/metrics` ``F_reg`` form).
     logit_rel_err : float
         ``||ŷ(MS) − ŷ(X)||_F / ||ŷ(X)||_F`` over all images.
     activation_rel_err : float
@@ -1281,7 +1281,7 @@ def nmf_faithfulness(
     batch_size: int = 32,
     device: str | torch.device | None = None,
 ) -> NMFFaithfulness:
-    """Run the network with the layer's activation replaced by ``M S`` (METHODS.md §3).
+    """Run the network with the layer's activation replaced by ``M S`` (:doc:`/methods/nmf`).
 
     For every batch: the plain forward gives logits ``ŷ``; the forward inside
     :func:`xnn_toolkit.hooks.intervene` replaces the layer output ``X`` by

@@ -1,6 +1,7 @@
 """Information-bottleneck class paths (NAD) on a frozen network, all classes in one pass.
 
-METHODS.md §4 (seed 000, the supplement of Hu et al., ICCV 2021, and the official NAD code).
+:doc:`/methods/paths` (Hu et al. 2021, the supplement of Hu et al., ICCV 2021, and the official NAD
+code).
 For every class ``c`` and every masked layer ``i`` a channel mask ``μ_i^c = sigmoid(m_i^c)``
 of shape ``1 x C_i x 1 x 1`` multiplies the layer's output, ``r̃_i = μ_i^c · r_i``; the
 backbone is frozen and in eval mode. A channel is on the class's path when ``μ > 0.5``.
@@ -100,12 +101,12 @@ OPTIMIZERS = ("adam", "normalized")
 
 
 def mask_from_logit(logit: torch.Tensor) -> torch.Tensor:
-    """``μ = sigmoid(m)``: mask values in (0, 1) from their logits (METHODS §4)."""
+    """``μ = sigmoid(m)``: mask values in (0, 1) from their logits (:doc:`/methods/paths`)."""
     return torch.sigmoid(logit)
 
 
 def binarize(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Channels on the path: ``μ > threshold`` (METHODS §4: ``μ > 0.5``), as bool."""
+    """Channels on the path: ``μ > threshold`` (:doc:`/methods/paths`: ``μ > 0.5``), as bool."""
     return masks > threshold
 
 
@@ -138,7 +139,7 @@ def paper_objective(
     n_rows: int,
     beta: float,
 ) -> dict[str, torch.Tensor]:
-    r"""The paper's objective per class (METHODS §4; supplement eq. 14 and 15).
+    r"""The paper's objective per class (:doc:`/methods/paths`; supplement eq. 14 and 15).
 
     ``L_c = mean_{b∈c} [Σ_i (β·mean_e((r_i μ_i)²) + mean_e((r_i − μ_i r_i)²)) − log ỹ_c]``
     with ``ỹ_c = softmax(masked logits)_c`` (see the module docstring for the reductions).
@@ -191,7 +192,7 @@ def code_objective(
     correct: torch.Tensor,
     beta: float,
 ) -> dict[str, torch.Tensor]:
-    r"""The official code's objective per class (METHODS §4).
+    r"""The official code's objective per class (:doc:`/methods/paths`).
 
     ``L_c = [CE_c + Σ_i MSE_ic] / L + β Σ_i mean_C(μ_ic²) / L`` where ``CE_c`` is the mean
     cross-entropy of the masked logits over the class's images and ``MSE_ic`` the mean of
@@ -272,7 +273,7 @@ def jaccard_matrix(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tens
 
 
 def path_similarity(paths: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Path similarity of classes: mean over layers of the Jaccard index (METHODS §4).
+    """Path similarity of classes: mean over layers of the Jaccard index (:doc:`/methods/paths`).
 
     Parameters
     ----------
@@ -298,7 +299,7 @@ def composite_2x2(
     n: int,
     random_state: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """2 x 2 composites of images of 4 different classes (METHODS §4, hit rate).
+    """2 x 2 composites of images of 4 different classes (:doc:`/methods/paths`, hit rate).
 
     Quadrants are numbered 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right. Images
     are tiled at full resolution, so a composite of ``H x W`` images is ``2H x 2W``.
@@ -355,7 +356,7 @@ def hit_rate(
     top: float = 0.1,
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Share of a map's top pixels inside a quadrant (METHODS §4, hit rate; chance 0.25).
+    """Share of a map's top pixels inside a quadrant (:doc:`/methods/paths`, hit rate; chance 0.25).
 
     Each map is min-max normalised, upsampled bilinearly to ``size``, and its
     ``ceil(top · H · W)`` largest pixels are kept; the hit is the share of them that lie in
@@ -404,7 +405,7 @@ def hit_rate(
 
 @dataclass
 class HitRates:
-    """Hit rates of class paths on 2 x 2 composites, per layer (METHODS §4).
+    """Hit rates of class paths on 2 x 2 composites, per layer (:doc:`/methods/paths`).
 
     Attributes
     ----------
@@ -427,7 +428,8 @@ class HitRates:
 
 @dataclass
 class Misclassification:
-    """Most similar paths of the true class vs the network's top predictions (METHODS §4).
+    """Most similar paths of the true class vs the network's top predictions
+    (:doc:`/methods/paths`).
 
     Attributes
     ----------
@@ -484,7 +486,7 @@ def misclassification_analysis(
     k: int = 3,
 ) -> Misclassification:
     """Compare, for each misclassified image, the true class's most similar paths with the
-    network's top-k predictions (METHODS §4).
+    network's top-k predictions (:doc:`/methods/paths`).
 
     Parameters
     ----------
@@ -784,7 +786,7 @@ class _MaskRun:
 
 
 class ClassPaths:
-    """Information-bottleneck class paths of a frozen network (METHODS §4, NAD).
+    """Information-bottleneck class paths of a frozen network (:doc:`/methods/paths`, NAD).
 
     Parameters
     ----------
@@ -1157,7 +1159,7 @@ class ClassPaths:
         """Masked activation summed over channels at every spatial masked layer.
 
         Each image runs through the path of its class; the map of layer ``i`` is
-        ``Σ_c μ_i,c r_i,c`` (METHODS §4, hit rate).
+        ``Σ_c μ_i,c r_i,c`` (:doc:`/methods/paths`, hit rate).
 
         Parameters
         ----------
@@ -1196,7 +1198,7 @@ class ClassPaths:
         binary: bool = False,
         random_state: int = 0,
     ) -> HitRates:
-        """Hit rate of every spatial masked layer on 2 x 2 composites (METHODS §4).
+        """Hit rate of every spatial masked layer on 2 x 2 composites (:doc:`/methods/paths`).
 
         Composites of 4 images of different classes (:func:`composite_2x2`) run through each
         quadrant class's path; its map (:meth:`class_maps`) is min-max normalised, upsampled

@@ -1,6 +1,6 @@
 """XNN explanation heads: SRAE and its NN / SAE / CAE baselines, all classes in one module.
 
-METHODS.md §1 (seed 002, ch. 3). An XNN attached to a layer with activation ``Z`` explains
+:doc:`/methods/xnn` (Khorram 2020, ch. 3). An XNN attached to a layer with activation ``Z`` explains
 one logit ``ŷ_c`` through a few x-features ``E(Z) ∈ R^n`` and a linear predictor
 ``ȳ = vᵀE(Z)``. One head per class (one-vs-all); the ``C`` heads of a layer live in one
 module with grouped weights (``G x out x in``) and train together, which is exactly
@@ -18,7 +18,7 @@ Conventions
   layer's units. Targets ``ŷ`` are logits (not softmax), in their own units.
 - x-features pass through a ReLU (``x_activation="relu"``, the default) so that they are
   non-negative, as Excitation Backprop needs for their heatmaps.
-- Initialisation (METHODS §1 leaves it open): encoder and decoder as ``nn.Linear``; the
+- Initialisation (:doc:`/methods/xnn` leaves it open): encoder and decoder as ``nn.Linear``; the
   predictor ``v`` with alternating signs and every x-feature's bias raised until it is on
   for all of its head's training rows, so that no head starts unable to reach the logits of
   its positives (:func:`_predictor_init`, :func:`_start_active`). Everything random is
@@ -59,7 +59,7 @@ KINDS = ("srae", "nn", "sae", "cae")
 def faithfulness_loss(
     y_bar: torch.Tensor, y_hat: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    r"""Faithfulness ``L_FS = Σ_i w_i (ȳ_i − ŷ_i)² / Σ_i w_i`` (METHODS §1, thesis eq. 3.1).
+    r"""Faithfulness ``L_FS = Σ_i w_i (ȳ_i − ŷ_i)² / Σ_i w_i`` (:doc:`/methods/xnn`, eq. 3.1).
 
     Parameters
     ----------
@@ -81,7 +81,7 @@ def faithfulness_loss(
 
 
 def reconstruction_error_per_dim(z_rec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    r"""``Q_k = 1/M Σ_i (E⁻¹(E(Z_i))_k − Z_ik)²`` (METHODS §1, thesis eq. 3.2 / 3.5).
+    r"""``Q_k = 1/M Σ_i (E⁻¹(E(Z_i))_k − Z_ik)²`` (:doc:`/methods/xnn`, thesis eq. 3.2 / 3.5).
 
     Parameters
     ----------
@@ -97,7 +97,7 @@ def reconstruction_error_per_dim(z_rec: torch.Tensor, z: torch.Tensor) -> torch.
 
 
 def sparse_reconstruction_loss(q_k: torch.Tensor, q: float) -> torch.Tensor:
-    r"""Log penalty ``L_SR = 1/S_z Σ_k log(1 + q·Q_k)`` (METHODS §1, thesis eq. 3.5).
+    r"""Log penalty ``L_SR = 1/S_z Σ_k log(1 + q·Q_k)`` (:doc:`/methods/xnn`, thesis eq. 3.5).
 
     Parameters
     ----------
@@ -117,7 +117,7 @@ def sparse_reconstruction_loss(q_k: torch.Tensor, q: float) -> torch.Tensor:
 def pull_away_loss(e: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""Pull-away term ``L_PT = 1/(n(n−1)) Σ_{l≠l'} (E_lᵀE_l' / (‖E_l‖‖E_l'‖))²``.
 
-    METHODS §1, thesis eq. 3.3. ``E_l`` is x-feature ``l`` over the batch. 0 for orthogonal
+    :doc:`/methods/xnn`, thesis eq. 3.3. ``E_l`` is x-feature ``l`` over the batch. 0 for orthogonal
     x-features, 1 when all are identical (up to positive scale).
 
     Parameters
@@ -187,7 +187,7 @@ def _predictor_init(groups: int, n: int, generator: torch.Generator | None) -> t
 
 
 class _GroupedXNN(nn.Module):
-    """Encoder, predictor and decoder of ``G`` heads (METHODS §1)."""
+    """Encoder, predictor and decoder of ``G`` heads (:doc:`/methods/xnn`)."""
 
     def __init__(
         self,
@@ -279,7 +279,7 @@ def _start_active(module: _GroupedXNN, z_all: torch.Tensor, idx: torch.Tensor) -
     stuck at ``ȳ = 0`` on its positives. Raising each x-feature's bias until its smallest
     pre-activation over the head's training rows is just above 0 (by 1 % of its range)
     starts every feature in the linear regime; training then switches off what it does
-    not need. METHODS §1 leaves the initialisation open.
+    not need. :doc:`/methods/xnn` leaves the initialisation open.
 
     Parameters
     ----------
@@ -483,7 +483,8 @@ class _HeadsBase:
 
 
 class XNN(_HeadsBase):
-    """One-vs-all XNN heads of one layer, trained together (METHODS §1, seed 002 ch. 3).
+    """One-vs-all XNN heads of one layer, trained together (:doc:`/methods/xnn`, Khorram 2020 ch.
+    3).
 
     Parameters
     ----------
@@ -897,7 +898,7 @@ class XNN(_HeadsBase):
             Fully connected layers: ``N x D -> N x n`` (Linear/ReLU stack, the ``1/scale_``
             folded into the first layer). Conv heads: ``N x D x H x W -> N x n`` (1x1 convs,
             ReLUs, adaptive average pooling, flatten). Its last linear / conv layer is the
-            x-layer, whose negation gives the contrastive dual (METHODS §2.1).
+            x-layer, whose negation gives the contrastive dual (:doc:`/methods/excitation`).
         """
         self._check_fitted()
         hits = (self.classes_ == class_index).nonzero().flatten()
@@ -1006,7 +1007,8 @@ class XNN(_HeadsBase):
 
 
 class LassoXNN(_HeadsBase):
-    """Lasso baseline: select ``n`` dimensions of Z per class (METHODS §1, Tables A.1 / A.3).
+    """Lasso baseline: select ``n`` dimensions of Z per class (:doc:`/methods/xnn`, Tables A.1 /
+    A.3).
 
     For each class a :class:`sklearn.linear_model.Lasso` is fitted on the same sampled,
     weighted examples as :class:`XNN` for every ``alpha`` of a sweep; the model kept is the

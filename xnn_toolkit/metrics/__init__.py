@@ -1,4 +1,4 @@
-"""Explanation metrics (METHODS §6 and §8): pure, vectorised functions on tensors.
+"""Explanation metrics (:doc:`/methods/metrics` and §8): pure, vectorised functions on tensors.
 
 Every function works on the device of its inputs and accepts batches; dataset-level scores
 have an accumulator class with ``update(batch)`` / ``result()`` so that a runner can stream

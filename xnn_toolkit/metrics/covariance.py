@@ -1,7 +1,9 @@
 """Streaming covariance and correlation matrices.
 
-Shared by the orthogonality metric (METHODS §6: covariance of x-feature heatmaps over the
-whole dataset) and the Gaussian total correlation (METHODS §4). Batches are merged with the
+Shared by the orthogonality metric (:doc:`/methods/metrics`: covariance of x-feature heatmaps over
+the
+whole dataset) and the Gaussian total correlation (:doc:`/methods/paths`). Batches are merged with
+the
 pairwise update of Chan, Golub & LeVeque in float64, so the whole dataset never has to sit in
 memory and the result does not depend on how it was cut into batches (up to rounding).
 """

@@ -7,7 +7,7 @@
 - Insertion: the image starts as the baseline and the same pixels are put back in the same
   order (large area, higher is better).
 - Area under a curve: trapezoidal rule over the fractions ``k / S`` in [0, 1].
-- Masking test (seed 002 App. A.2, Table A.2): keep the top-``n`` pixels of a heatmap, paint
+- Masking test (Khorram 2020 App. A.2, Table A.2): keep the top-``n`` pixels of a heatmap, paint
   the rest with ``fill`` (black), optionally inpaint, re-classify; accuracy vs ``n``.
 
 Pixel order: decreasing heatmap value, ties in row-major order
@@ -262,7 +262,7 @@ def masking_test(
     inpaint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 64,
 ) -> MaskingResult:
-    """Masking test of seed 002 App. A.2: classify images reduced to their top-n pixels.
+    """Masking test of Khorram 2020 App. A.2: classify images reduced to their top-n pixels.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Faithfulness of an explanation head to the network it explains (METHODS §6).
+"""Faithfulness of an explanation head to the network it explains (:doc:`/methods/metrics`).
 
 - ``F_reg = 1/M Σ_m |ȳ^(m) − ŷ^(m)|``: mean absolute error between the head's approximation
   ``ȳ`` of a logit and the logit ``ŷ`` itself (the thesis prints the difference without its
@@ -34,7 +34,7 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def f_reg(y_bar: torch.Tensor, y_hat: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
-    """Regression faithfulness ``F_reg = 1/M Σ |ȳ − ŷ|`` (METHODS §6).
+    """Regression faithfulness ``F_reg = 1/M Σ |ȳ − ŷ|`` (:doc:`/methods/metrics`).
 
     Parameters
     ----------
@@ -70,7 +70,7 @@ def f_cls(
     classes: int | Sequence[int] | torch.Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Classification faithfulness ``F_cls`` (METHODS §6).
+    """Classification faithfulness ``F_cls`` (:doc:`/methods/metrics`).
 
     The predicted class of each example is computed from its logit vector twice: as it is,
     and with the explained class's logit ``ŷ_c`` replaced by the head's ``ȳ_c``; ``F_cls`` is

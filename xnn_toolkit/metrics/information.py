@@ -1,9 +1,11 @@
 """Information scores of representations.
 
-- Gaussian total correlation (METHODS §4, seed 004 §7): with ``Σ`` the covariance of the
+- Gaussian total correlation (:doc:`/methods/paths`, Achille and Soatto 2018 §7): with ``Σ`` the
+covariance of the
   (log-)activations and ``Σ₀ = diag Σ``, ``TC = −½ log det(Σ₀⁻¹ Σ) = −½ log det P`` with ``P``
   the correlation matrix. 0 for uncorrelated components, ``+inf`` for linearly dependent ones.
-- Mutual-information score of channels (METHODS §5, CSG): per channel ``k`` and class ``c``
+- Mutual-information score of channels (:doc:`/methods/gates`, CSG): per channel ``k`` and class
+``c``
   the mutual information between the binned pooled activation and the one-vs-rest indicator
   ``[y = c]``; a channel's score is its ``max_c``; the layer's score is the mean over channels.
 """
@@ -40,7 +42,9 @@ def _as_samples(x: torch.Tensor, log_eps: float | None) -> torch.Tensor:
 def gaussian_total_correlation(
     activations: torch.Tensor | CovarianceAccumulator, *, log_eps: float | None = None
 ) -> float:
-    """Gaussian total correlation ``TC = −½ log det(Σ₀⁻¹ Σ)`` (METHODS §4, seed 004).
+    """Gaussian total correlation ``TC = −½ log det(Σ₀⁻¹ Σ)`` (Achille and Soatto 2018).
+
+    See :doc:`/methods/infodrop`.
 
     Parameters
     ----------
@@ -49,7 +53,8 @@ def gaussian_total_correlation(
         are components, every position a sample), or an accumulator already fed with the
         samples (to stream a dataset).
     log_eps : float, optional
-        Take ``log(x + log_eps)`` first (seed 004 models log-activations as Gaussian). Default
+        Take ``log(x + log_eps)`` first (Achille and Soatto 2018 models log-activations as
+        Gaussian). Default
         None uses the values as given.
 
     Returns
@@ -96,7 +101,7 @@ def mutual_information_score(
     *,
     bins: int = 16,
 ) -> MutualInformationScore:
-    """Per-channel class mutual information of pooled activations (METHODS §5).
+    """Per-channel class mutual information of pooled activations (:doc:`/methods/gates`).
 
     Parameters
     ----------

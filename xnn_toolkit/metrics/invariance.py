@@ -1,11 +1,11 @@
-"""Post-hoc invariance and disentanglement scores (METHODS §8, seed 003).
+"""Post-hoc invariance and disentanglement scores (:doc:`/methods/invariance`, Robert 2019).
 
-- Class-conditional entropy of unit ``i`` (SHADE, seed 003 §2.3, eqs. 2.15–2.21) under the
+- Class-conditional entropy of unit ``i`` (SHADE, Robert 2019 §2.3, eqs. 2.15–2.21) under the
   Gaussian bound: ``H(H_i | Y) ≈ Σ_y p(y) ½ log(2πe Var(H_i | Y = y))``, reported with
   ``Var(H_i)`` and the scale-free ratio ``E_y Var(H_i | Y = y) / Var(H_i)`` (the share of the
   unit's variance left within classes) (:func:`class_conditional_entropy`).
 - Per-layer split ``H(H) = I(H; Y) + H(H | Y)`` with a binned plug-in estimator, unit by unit
-  (every term ≥ 0); layer totals are sums over units, the unit-wise upper bound of seed 003
+  (every term ≥ 0); layer totals are sums over units, the unit-wise upper bound of Robert 2019
   eq. A.3 (:func:`entropy_split`).
 - SHADE surrogate (eq. 2.20) with the binary latent ``p(Z = 1 | h) = sigmoid(h)``:
   ``Σ_z p(z) Var(H | Z = z) = 1/K Σ_k Σ_z p(z | h_k) (h_k − μ^z)²`` with
@@ -172,12 +172,14 @@ class ClassConditionalAccumulator:
 def class_conditional_entropy(
     activations: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
 ) -> UnitInvariance:
-    """Gaussian-bound class-conditional entropy of each unit (METHODS §8, seed 003 eq. 2.19).
+    """Gaussian-bound class-conditional entropy of each unit (:doc:`/methods/invariance`, Robert
+    2019 eq. 2.19).
 
     Parameters
     ----------
     activations : Tensor
-        ``N x D`` (pre-activation values by default in METHODS §8; the caller chooses the
+        ``N x D`` (pre-activation values by default in :doc:`/methods/invariance`; the caller
+        chooses the
         layer), or ``N x C x H x W`` (every neuron a unit).
     labels : Tensor
         ``N`` class indices.
@@ -203,7 +205,7 @@ class EntropySplit:
     entropy, mutual_information, conditional_entropy : Tensor
         ``D`` per-unit terms, each ≥ 0.
     layer_entropy, layer_mutual_information, layer_conditional_entropy : float
-        Sums over the layer's units (the unit-wise bound of seed 003 eq. A.3).
+        Sums over the layer's units (the unit-wise bound of Robert 2019 eq. A.3).
     """
 
     entropy: torch.Tensor
@@ -264,7 +266,9 @@ def entropy_split(
     *,
     bins: int = 16,
 ) -> EntropySplit:
-    """Binned split ``H(H) = I(H; Y) + H(H | Y)`` of a layer, unit by unit (METHODS §8).
+    """Binned split ``H(H) = I(H; Y) + H(H | Y)`` of a layer, unit by unit.
+
+    See :doc:`/methods/invariance`.
 
     Parameters
     ----------
@@ -328,7 +332,8 @@ class ShadeAccumulator:
 
 
 def shade_surrogate(activations: torch.Tensor) -> torch.Tensor:
-    """SHADE's conditional-variance surrogate per unit (METHODS §8, seed 003 eq. 2.20).
+    """SHADE's conditional-variance surrogate per unit (:doc:`/methods/invariance`, Robert 2019 eq.
+    2.20).
 
     Parameters
     ----------
@@ -389,7 +394,7 @@ def binarized_activation_test(
     per: str = "channel",
     device: torch.device | str | None = None,
 ) -> BinarizationResult:
-    """Accuracy change when a layer's activation is binarised (seed 003 App. A.2.2, eq. A.11).
+    """Accuracy change when a layer's activation is binarised (Robert 2019 App. A.2.2, eq. A.11).
 
     Two passes over ``data``: the first records the layer and computes each unit's mean
     positive activation ``H̄⁺`` (and the model's accuracy), the second replaces the layer's
@@ -498,7 +503,7 @@ def decodability_probes(
     test_size: float = 0.25,
     random_state: int = 0,
 ) -> ProbeReport:
-    """Linear probes within and non-linear probes across two subspaces (METHODS §8).
+    """Linear probes within and non-linear probes across two subspaces (:doc:`/methods/invariance`).
 
     Subspace ``a`` should carry labels ``a`` (e.g. x-features → class) and not labels ``b``
     (e.g. a nuisance such as pose or background); subspace ``b`` the reverse (e.g. the

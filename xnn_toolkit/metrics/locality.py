@@ -1,4 +1,5 @@
-"""Part probabilities of heatmaps and the locality entropy (METHODS §6, seed 002 §3.3.2, App. A).
+"""Part probabilities of heatmaps and the locality entropy (:doc:`/methods/metrics`, Khorram 2020
+§3.3.2, App. A).
 
 Given the heatmap ``C^{n,m}`` of x-feature ``n`` on image ``m``:
 
@@ -17,7 +18,8 @@ Given the heatmap ``C^{n,m}`` of x-feature ``n`` on image ``m``:
 
 Conventions and edge cases (all tested):
 
-- heatmaps are clamped at 0 before normalising (c-MWP maps are, METHODS §2.1); a map with no
+- heatmaps are clamped at 0 before normalising (c-MWP maps are, :doc:`/methods/excitation`); a map
+with no
   positive mass (e.g. all zero) has probability 0 everywhere, so it adds nothing to any part;
 - keypoints are ``(x, y)`` pixel coordinates (x = column, y = row, pixel centres at integers);
   distances are measured from pixel centres to the exact keypoint; invisible keypoints and
@@ -62,7 +64,7 @@ __all__ = [
 
 
 def pixel_probabilities(heatmaps: torch.Tensor) -> torch.Tensor:
-    """Pixel-to-part probabilities ``S_ij = C_ij / Σ C`` of each heatmap (METHODS §6).
+    """Pixel-to-part probabilities ``S_ij = C_ij / Σ C`` of each heatmap (:doc:`/methods/metrics`).
 
     Parameters
     ----------
@@ -348,7 +350,7 @@ def mask_part_probabilities(
     *,
     context: bool = False,
 ) -> torch.Tensor:
-    """Object-mask part probabilities ``S_p = Σ_{(i,j) ∈ part p} S_ij`` (METHODS §6).
+    """Object-mask part probabilities ``S_p = Σ_{(i,j) ∈ part p} S_ij`` (:doc:`/methods/metrics`).
 
     Parameters
     ----------
@@ -488,7 +490,7 @@ class LocalityAccumulator:
 
 
 def locality(part_probs: torch.Tensor) -> Locality:
-    """Locality entropy of part probabilities held in memory (METHODS §6).
+    """Locality entropy of part probabilities held in memory (:doc:`/methods/metrics`).
 
     Parameters
     ----------

@@ -1,11 +1,12 @@
-"""Localization metrics: IoU / APn (seed 001 App. H), pointing games, top-k intersection.
+"""Localization metrics: IoU / APn (Liang et al. 2020 App. H), pointing games, top-k intersection.
 
 - ``IoU_x = |S ∧ Ŝ| / |S ∨ Ŝ|`` between a ground-truth mask ``S`` and a predicted one ``Ŝ``;
   ``APn_c = mean over images of class c of [IoU ≥ n %]``. Per filter ``k`` (App. H.1): the
   class it localizes best ``c* = argmax_c APn_c^k``, ``IoU^k = IoU_{c*}^k``,
   ``APn^k = APn_{c*}^k``; per class, the mean over the filters focused on it; overall, the
   mean over all filters. For one map per image (CAM, App. H.2): per class and over all images.
-- Pointing game (TorchRay convention, METHODS §6): the heatmap's maximum point is a hit when a
+- Pointing game (TorchRay convention, :doc:`/methods/metrics`): the heatmap's maximum point is a hit
+when a
   mask pixel lies closer than ``tolerance`` pixels (Euclidean, pixel centres), or when the
   point is on the mask (so ``tolerance=0`` is the plain pointing game).
 - Energy-based pointing game: the share of the positive heatmap mass inside the mask.
@@ -84,7 +85,7 @@ def _masks(masks: torch.Tensor | PartBatch, maps: torch.Tensor) -> torch.Tensor:
 def iou(
     pred: torch.Tensor, target: torch.Tensor | PartBatch, zero_division: float = 0.0
 ) -> torch.Tensor:
-    """Intersection over union of binary masks (seed 001 App. H).
+    """Intersection over union of binary masks (Liang et al. 2020 App. H).
 
     Parameters
     ----------
@@ -130,7 +131,7 @@ def _max_points(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def pointing_game(
     heatmaps: torch.Tensor, masks: torch.Tensor | PartBatch, tolerance: float = 15
 ) -> torch.Tensor:
-    """Pointing game with a tolerance (TorchRay convention; METHODS §6).
+    """Pointing game with a tolerance (TorchRay convention; :doc:`/methods/metrics`).
 
     Parameters
     ----------
@@ -224,7 +225,7 @@ def top_k_intersection(
 
 @dataclass
 class FilterLocalization:
-    """Localization by single filters (seed 001 App. H.1), ``K`` filters and ``C`` classes.
+    """Localization by single filters (Liang et al. 2020 App. H.1), ``K`` filters and ``C`` classes.
 
     Attributes
     ----------
@@ -261,7 +262,7 @@ class FilterLocalization:
 
 @dataclass
 class ClassLocalization:
-    """Localization by one map per image, e.g. CAM (seed 001 App. H.2).
+    """Localization by one map per image, e.g. CAM (Liang et al. 2020 App. H.2).
 
     Attributes
     ----------
@@ -393,7 +394,7 @@ class LocalizationAccumulator:
 def filter_localization(
     ious: torch.Tensor, labels: torch.Tensor, num_classes: int, min_iou: float = 0.5
 ) -> FilterLocalization:
-    """Localization with one filter (seed 001 App. H.1) from per-image IoUs.
+    """Localization with one filter (Liang et al. 2020 App. H.1) from per-image IoUs.
 
     Parameters
     ----------
@@ -416,7 +417,7 @@ def filter_localization(
 def class_localization(
     ious: torch.Tensor, labels: torch.Tensor, num_classes: int, min_iou: float = 0.5
 ) -> ClassLocalization:
-    """Localization with all filters, e.g. CAM (seed 001 App. H.2), from per-image IoUs.
+    """Localization with all filters, e.g. CAM (Liang et al. 2020 App. H.2), from per-image IoUs.
 
     Parameters
     ----------

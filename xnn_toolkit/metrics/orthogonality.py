@@ -1,4 +1,4 @@
-"""Orthogonality of x-feature heatmaps (METHODS §6, seed 002 §3.3.2).
+"""Orthogonality of x-feature heatmaps (:doc:`/methods/metrics`, Khorram 2020 §3.3.2).
 
 Each x-feature's heatmaps over the whole dataset form one long vector; ``C`` is the ``n x n``
 covariance of these vectors, ``P = diag(C)^-½ C diag(C)^-½`` their correlation matrix, and
@@ -49,7 +49,7 @@ class Orthogonality:
 
 
 def orthogonality_scores(correlation: torch.Tensor) -> Orthogonality:
-    """``O₁`` and ``O₂`` of a correlation matrix (METHODS §6).
+    """``O₁`` and ``O₂`` of a correlation matrix (:doc:`/methods/metrics`).
 
     Parameters
     ----------
@@ -115,7 +115,7 @@ class OrthogonalityAccumulator:
 
 
 def orthogonality(heatmaps: torch.Tensor) -> Orthogonality:
-    """Orthogonality of x-feature heatmaps over a dataset held in memory (METHODS §6).
+    """Orthogonality of x-feature heatmaps over a dataset held in memory (:doc:`/methods/metrics`).
 
     Parameters
     ----------

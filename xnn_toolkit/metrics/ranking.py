@@ -49,7 +49,8 @@ def top_pixels(heatmaps: torch.Tensor, k: int | float) -> torch.Tensor:
         ``N x H x W`` or ``N x K x H x W``.
     k : int or float
         A pixel count (int, ``0 <= k <= H·W``) or a fraction of the map (float in [0, 1],
-        ``ceil(k·H·W)`` pixels; e.g. 0.3 for the "top 30 %" segmentation of seed 001 App. G).
+        ``ceil(k·H·W)`` pixels; e.g. 0.3 for the "top 30 %" segmentation of Liang et al. 2020 App.
+        G).
 
     Returns
     -------

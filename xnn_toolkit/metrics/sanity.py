@@ -1,4 +1,5 @@
-"""Cascading model-parameter randomisation (Adebayo et al. 2018; METHODS §6 "Sanity check").
+"""Cascading model-parameter randomisation (Adebayo et al. 2018; :doc:`/methods/metrics` "Sanity
+check").
 
 Starting from the top of the network, the parameters of one layer after another are
 re-initialised (cumulatively, or one layer at a time with ``cascade=False``) on a deep copy of

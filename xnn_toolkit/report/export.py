@@ -2,7 +2,7 @@
 
 :func:`figure_report` explains a few images with one or several attribution methods and lays
 the heatmaps out as a grid of overlays (rows: images, columns: methods); with ``xnn=True`` it
-also fits an SRAE head on a fully connected layer and draws the thesis's layout (seed 002,
+also fits an SRAE head on a fully connected layer and draws the thesis's layout (Khorram 2020,
 Fig. 3.1 / 3.8: image, 1-heatmap, x-features sorted by their contribution ``v_i E_i``). The
 result is a :class:`~xnn_toolkit.report.document.Report` whose figures are written as PNG,
 SVG and / or PDF, with an ``index.html`` to look at them and a table of the images shown.
@@ -378,7 +378,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
             f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {fit_on}; "
             f"per image ({what}): the image, the c-MWP 1-heatmap of the "
             "class logit, then the x-features' c-MWP heatmaps sorted by their contribution "
-            "v_i E_i, written above them (seed 002, Fig. 3.1 / 3.8)."
+            "v_i E_i, written above them (Khorram 2020, Fig. 3.1 / 3.8)."
         ))  # fmt: skip
         s.add(ReportFigure("xnn_layout", fig, caption="XNN layout", formats=fmts, dpi=dpi))
     report.meta.update(

@@ -3,7 +3,8 @@
 :func:`class_method` checks a method name once, at the door (unknown names get the closest
 registered ones); :func:`class_heatmaps` runs it over a batch in chunks; and
 :func:`xfeature_heatmaps` explains every x-feature of each image's own class head with
-contrastive Excitation Backprop (METHODS §2.1), as the thesis's figures and metrics do.
+contrastive Excitation Backprop (:doc:`/methods/excitation`), as the thesis's figures and metrics
+do.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def xfeature_heatmaps(
     fc_layer : str
         The layer the head reads (``head.layer``).
     conv_layer : str
-        Where the c-MWP map is read (METHODS §2.1: VGG pool4, ResNet stage 3).
+        Where the c-MWP map is read (:doc:`/methods/excitation`: VGG pool4, ResNet stage 3).
     features : sequence of int, optional
         x-features to explain (default all ``n``).
     batch_size : int

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
 
-#: XNN variants the report compares (METHODS §1), in the order of the thesis's Table 3.1.
+#: XNN variants the report compares (:doc:`/methods/xnn`), in the order of the thesis's Table 3.1.
 XNN_KINDS = ("srae", "nn", "sae", "lasso", "cae")
 
 
@@ -56,7 +56,7 @@ class ExplainConfig:
         Conv layer for NMF concepts and heatmaps (default: the model's default read
         layer, VGG pool4 / ResNet stage 3).
     gate_layer : str or None
-        Conv layer of the class-specific gates (default: the last stage, as in seed 001;
+        Conv layer of the class-specific gates (default: the last stage, as in Liang et al. 2020;
         ``conv_layer`` when the model's stages are unknown).
     class_names : sequence of str, optional
         Overrides the names of the model card or the dataset.
@@ -272,7 +272,7 @@ def _fit_xnn(
     """Fit one XNN variant on a bank, every class at once; returns it with its sample sizes.
 
     Positives per class: 80 % of the rarest class's images (at most 200, the thesis's CUB
-    setting has 50); negatives: all other images up to 8 000 (METHODS §1).
+    setting has 50); negatives: all other images up to 8 000 (:doc:`/methods/xnn`).
     """
     from ..heads.xnn import XNN, LassoXNN
 
@@ -439,7 +439,8 @@ def _xnn_section(report: Report, run: _Run) -> None:
     s.add(Paragraph(
         f"One-vs-all heads with n = {cfg.n_features} x-features on {run.fc_layer}, all classes "
         f"trained together ({n_pos} positives and {n_neg} negatives per class, positives "
-        "up-weighted). Faithfulness as in the thesis (METHODS §6): F_reg = mean |ȳ − ŷ|, "
+        "up-weighted). Faithfulness as in the thesis (docs: methods/metrics): "
+        "F_reg = mean |ȳ − ŷ|, "
         "F_cls = share of predictions unchanged when ŷ_c is replaced by ȳ_c."
     ))  # fmt: skip
     s.add(Table("xnn_faithfulness", rows))
@@ -540,7 +541,7 @@ def _heatmap_section(report: Report, run: _Run) -> None:
         f"on {m} test images (each image explained by its own class's head); the 1-heatmap "
         "is the c-MWP of the class logit. Orthogonality O1 = ||P||_F − √n and O2 = −log det "
         "P over the heatmaps of each head, averaged over heads (0 is best); Voronoi locality "
-        "= entropy of the part histogram (lower is more local; METHODS §6)." + z_note
+        "= entropy of the part histogram (lower is more local; docs: methods/metrics)." + z_note
         + ("" if sub is not None else " The data has no part keypoints: no locality.")
         + ("" if not dead_notes else
            " x-features whose heatmaps are constant (all zero) on their class's images count "
@@ -616,7 +617,7 @@ def _localization_section(report: Report, run: _Run) -> None:
         f"mask (it covers {area:.1f} % of the pixels: the energy pointing game's chance "
         f"level). Pointing game: the maximum within the tolerance of the mask (15 px at 224 "
         f"px, i.e. {tol:.1f} px here, and the literal 15 px); IoU and AP50 of the top 30 % "
-        "of pixels (seed 001 App. H)."
+        "of pixels (Liang et al. 2020 App. H)."
     ))  # fmt: skip
     s.add(Table("localization", rows))
     n = min(8, m)
@@ -728,7 +729,7 @@ def _paths_section(report: Report, run: _Run) -> None:
         "wrong top-1 among the 3 most similar paths %": 100 * mis.rate
         if len(mis.indices) else float("nan"),
         "chance %": 100 * mis.chance,
-    }], caption="Misclassification analysis (METHODS §4)"))  # fmt: skip
+    }], caption="Misclassification analysis (docs: methods/paths)"))  # fmt: skip
     s.add(run.figure("path_masks", path_mask_figure(paths.masks_, names),
                      "Mask values μ per layer (classes down, channels across)"))
     s.add(run.figure("path_similarity", path_similarity_figure(paths.similarity(), names)))
@@ -762,7 +763,7 @@ def _gates_section(report: Report, run: _Run) -> None:
         f"Gate matrix G (classes x filters of {gates.layer_}) learned "
         "post hoc on the frozen "
         f"backbone with a new linear head, {cfg.gate_epochs} epochs alternating STD and CSG "
-        "steps (METHODS §5). A filter is specific to a class when its gate exceeds 0.5 "
+        "steps (docs: methods/gates). A filter is specific to a class when its gate exceeds 0.5 "
         "there, no other class's does and the others' mean gate is at most 0.2."
     ))  # fmt: skip
     lo, hi = sc.density_bounds
@@ -793,7 +794,7 @@ def _gates_section(report: Report, run: _Run) -> None:
                 rows.append({"maps": label, "filters": len(loc.ious[0]), "IoU": float(res.iou),
                              "AP50 %": 100 * float(res.ap)})  # fmt: skip
         s.add(Table("gate_localization", rows, caption=(
-            f"Localization against the object mask on {m} test images (seed 001 App. H); "
+            f"Localization against the object mask on {m} test images (Liang et al. 2020 App. H); "
             "ActivMaps segmented at each filter's top-30 % threshold")))  # fmt: skip
     else:
         s.add(Paragraph("The data has no object masks: no filter localization."))

@@ -1,4 +1,4 @@
-"""The metrics that the batch scoring runner knows by name (METHODS §6).
+"""The metrics that the batch scoring runner knows by name (:doc:`/methods/metrics`).
 
 Each entry scores one heatmap per image (``N x H x W``, at the image's resolution) against
 what the data set knows about that image, and gives one or more per-image columns; the runner
@@ -10,7 +10,7 @@ numbers come from :mod:`xnn_toolkit.metrics`; nothing is re-implemented here.
 - ``energy_pointing_game``: share of the positive heatmap mass inside the object mask;
   ``energy_pointing_game_box``: inside the bounding box.
 - ``iou``: IoU of the top-30 % pixels with the object mask; ``apNN`` (e.g. ``ap50``):
-  ``[IoU >= NN %]``, whose mean over images is APn (seed 001 App. H).
+  ``[IoU >= NN %]``, whose mean over images is APn (Liang et al. 2020 App. H).
 - ``voronoi_locality``: Voronoi part probabilities (thesis Algorithm 3), one column
   ``voronoi[<part>]`` per part plus ``voronoi[context]``; needs part keypoints and boxes.
 - ``mask_locality``: object-mask part probabilities, one column ``mask_parts[<part>]`` per
@@ -20,7 +20,7 @@ numbers come from :mod:`xnn_toolkit.metrics`; nothing is re-implemented here.
 
 Aggregates are the mean, standard deviation and count of each column; the two locality
 metrics also give the locality entropy ``H = −Σ_p s_p log s_p`` of the mean part histogram
-(METHODS §6), reported in the ``mean`` field of their own row.
+(:doc:`/methods/metrics`), reported in the ``mean`` field of their own row.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 :func:`score_dataset` streams the data set in shards of images. For every image it computes
 the model's prediction, then for every target (the image's class, its predicted class, or an
 output of a fitted head) and every attribution method a heatmap
-(:mod:`xnn_toolkit.attribution`), and scores that heatmap with the named metrics of METHODS
-§6 (:mod:`xnn_toolkit.report.score_metrics`, computed by :mod:`xnn_toolkit.metrics`). The
+(:mod:`xnn_toolkit.attribution`), and scores that heatmap with the named metrics of
+:doc:`/methods/metrics` (:mod:`xnn_toolkit.report.score_metrics`, computed by
+:mod:`xnn_toolkit.metrics`). The
 result is a per-image table (one row per image, target and method) and an aggregate table
 (mean, standard deviation and count per target, method and metric; the locality entropy for
 the part-probability metrics).
@@ -84,7 +85,8 @@ class ScoringConfig:
         takes every metric the data set's ground truth supports.
     layer : str or None
         Read layer of the methods that read at a layer (Excitation Backprop, CAM family);
-        ``None`` keeps each method's default (METHODS §2.1: VGG pool4, ResNet stage 3).
+        ``None`` keeps each method's default (:doc:`/methods/excitation`: VGG pool4, ResNet stage
+        3).
         Captum methods always attribute to the input.
     target : {"label", "predicted"} or None
         The class explained on each image: its label or the model's prediction; ``None``
@@ -100,10 +102,10 @@ class ScoringConfig:
         Each shard runs under ``torch.manual_seed`` of a value derived from ``seed`` and the
         shard index (the global RNG is restored afterwards).
     tolerance : float
-        Pointing-game tolerance in pixels (15, TorchRay convention; METHODS §6).
+        Pointing-game tolerance in pixels (15, TorchRay convention; :doc:`/methods/metrics`).
     top : float
         Share of pixels in the segmentation scored by ``iou`` / ``apNN`` (top 30 %,
-        METHODS §2.2).
+        :doc:`/methods/cam`).
     steps : int
         Steps of the deletion / insertion curves.
     method_options : dict of str to dict
@@ -776,7 +778,7 @@ def score_dataset(
     progress: bool = True,
     grey_to_rgb: bool = False,
 ) -> ScoreResult:
-    """Score attribution methods on a data set with the metrics of METHODS §6.
+    """Score attribution methods on a data set with the metrics of :doc:`/methods/metrics`.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Figures of class-specific gates (METHODS §5, seed 001 Fig. 4 / App. E).
+"""Figures of class-specific gates (:doc:`/methods/gates`, Liang et al. 2020 Fig. 4 / App. E).
 
 - :func:`gate_matrix_figure`: the gate matrix, classes x filters, with the filters ordered by
   :func:`xnn_toolkit.heads.gates.block_order` (by the class of their largest gate, then the
@@ -128,7 +128,7 @@ def class_filter_gallery(
     class_names: Sequence[str] | None = None,
     size: float = 1.6,
 ) -> Figure:
-    """ActivMaps of a class's top filters over a few of its images (seed 001 App. G).
+    """ActivMaps of a class's top filters over a few of its images (Liang et al. 2020 App. G).
 
     Parameters
     ----------

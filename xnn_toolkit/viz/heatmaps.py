@@ -230,7 +230,7 @@ def xnn_figure(
     cmap: str = "jet",
     size: float = 1.6,
 ) -> Figure:
-    """The thesis's layout (seed 002, Fig. 3.1 / 3.8): image, 1-heatmap, sorted x-features.
+    """The thesis's layout (Khorram 2020, Fig. 3.1 / 3.8): image, 1-heatmap, sorted x-features.
 
     Each row shows the image, the heatmap of the explained logit ``ŷ`` ("1-heatmap"), then
     one heatmap per x-feature, sorted by contribution ``v_i E_i`` (largest first), with the

@@ -1,4 +1,4 @@
-"""Figures of class paths and information-dropout masks (METHODS §4).
+"""Figures of class paths and information-dropout masks (:doc:`/methods/paths`).
 
 - :func:`path_mask_figure`: the masks of every layer as class x channel images;
 - :func:`path_similarity_figure`: the class x class path-similarity matrix;
@@ -155,7 +155,7 @@ def hit_rate_figure(
     title: str | None = None,
     size: tuple[float, float] = (5.0, 3.0),
 ) -> Figure:
-    """Hit rate over layers, mean ± std, with the chance line (METHODS §4).
+    """Hit rate over layers, mean ± std, with the chance line (:doc:`/methods/paths`).
 
     Parameters
     ----------

@@ -5,9 +5,11 @@ Two families, both small enough to train on a laptop CPU in minutes:
 - :func:`vgg_small` -- a plain VGG-style network (3 x 3 convolutions with ReLU, max-pooling,
   no normalisation) followed by the fully connected layers ``fc6`` and ``fc7`` and a linear
   ``classifier``, so that an XNN head can be attached to a fully connected layer as in the
-  thesis (METHODS §1, seed 002 uses VGG19 ``fc6``). As in Caffe, where ReLU runs in place on
+  thesis (:doc:`/methods/xnn`, Khorram 2020 uses VGG19 ``fc6``). As in Caffe, where ReLU runs in
+  place on
   the ``fc6`` / ``fc7`` blobs, the outputs of ``fc6`` and ``fc7`` are post-ReLU (non-negative,
-  as Excitation Backprop and NMF want, METHODS §2.1, §3); ``fc6.linear`` is the pre-activation.
+  as Excitation Backprop and NMF want, :doc:`/methods/excitation`, §3); ``fc6.linear`` is the
+  pre-activation.
 - :func:`resnet_small` -- a narrow timm ``ResNet`` with ``BasicBlock`` and BatchNorm whose stem
   is a single 3 x 3 convolution for small inputs; it keeps timm's ``feature_info`` so layers
   are resolved the timm way (``layer1`` .. ``layer4``).
@@ -102,7 +104,7 @@ class VGGSmall(nn.Module):
         Dropout probability after ``fc6`` and ``fc7`` (training only).
     batch_norm : bool
         Put a BatchNorm after every conv, as torchvision's ``vgg16_bn`` does (it trains much
-        more reliably; Excitation Backprop folds it into the conv, METHODS §2.1).
+        more reliably; Excitation Backprop folds it into the conv, :doc:`/methods/excitation`).
 
     Attributes
     ----------
