@@ -27,6 +27,7 @@ docs: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Debian packages the tests use when they can: headless Chromium for the report's browser
 # test, and dataset-fashion-mnist (the real training split, for the training-reproducibility

@@ -31,10 +31,22 @@ def main() -> int:
         }
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
-             str(ROOT / "tests" / "robustness" / "test_bad_inputs.py")],
-            cwd=ROOT, env=env, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-n",
+                "0",
+                "-p",
+                "no:cacheprovider",
+                str(ROOT / "tests" / "robustness" / "test_bad_inputs.py"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
@@ -45,8 +57,10 @@ def main() -> int:
     for name, v in data.items():
         print(f"| `{name}` | {v['cases']} | {v['results']} |")
     total = sum(v["cases"] for v in data.values())
-    print(f"\n{total} cases, {len(data)} entry points, suite wall time {seconds:.1f} s "
-          f"(one process; {proc.stdout.strip().splitlines()[-1]})")  # fmt: skip
+    print(
+        f"\n{total} cases, {len(data)} entry points, suite wall time {seconds:.1f} s "
+        f"(one process; {proc.stdout.strip().splitlines()[-1]})"
+    )
     return 0
 
 

@@ -23,14 +23,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ARCHS = [
-    "timm:repvgg_a0", "timm:hrnet_w18_small", "timm:xception41", "tv:googlenet",
-    "timm:efficientnet_b0", "timm:tf_efficientnet_lite0", "tv:mobilenet_v2",
-    "tv:mobilenet_v3_small", "timm:mobilenetv3_small_050", "tv:shufflenet_v2_x0_5",
-    "timm:ghostnet_100", "timm:fastvit_t8", "timm:convnext_atto", "tv:densenet121",
-    "timm:regnetx_002", "tv:regnet_y_400mf", "tv:resnet18", "tv:resnext50_32x4d", "tv:vgg11",
-    "tv:alexnet", "tv:squeezenet1_0", "timm:mnasnet_small", "timm:ese_vovnet19b_dw",
-    "timm:hgnetv2_b0", "timm:dla34", "timm:cspresnet50", "timm:dpn48b", "timm:selecsls42b",
-]  # fmt: skip
+    "timm:repvgg_a0",
+    "timm:hrnet_w18_small",
+    "timm:xception41",
+    "tv:googlenet",
+    "timm:efficientnet_b0",
+    "timm:tf_efficientnet_lite0",
+    "tv:mobilenet_v2",
+    "tv:mobilenet_v3_small",
+    "timm:mobilenetv3_small_050",
+    "tv:shufflenet_v2_x0_5",
+    "timm:ghostnet_100",
+    "timm:fastvit_t8",
+    "timm:convnext_atto",
+    "tv:densenet121",
+    "timm:regnetx_002",
+    "tv:regnet_y_400mf",
+    "tv:resnet18",
+    "tv:resnext50_32x4d",
+    "tv:vgg11",
+    "tv:alexnet",
+    "tv:squeezenet1_0",
+    "timm:mnasnet_small",
+    "timm:ese_vovnet19b_dw",
+    "timm:hgnetv2_b0",
+    "timm:dla34",
+    "timm:cspresnet50",
+    "timm:dpn48b",
+    "timm:selecsls42b",
+]
 
 
 def _build(spec: str):

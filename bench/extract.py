@@ -73,7 +73,7 @@ def _throughput(quick: bool) -> dict[str, float]:
     plain()  # warm-up (thread pools, allocator)
     ours(None, True)
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
             t0 = time.perf_counter()
             variants[k]()
@@ -87,10 +87,13 @@ def _throughput(quick: bool) -> dict[str, float]:
     # ratio within each repetition (same load on the machine), then the median over them
     ratios = {
         k: statistics.median(p / t for p, t in zip(times["plain"], times[k]))
-        for k in names if k != "plain"
+        for k in names
+        if k != "plain"
     }
-    print(f"throughput: timm resnet18, {len(x)} images of {size} px in batches of {batch}, "
-          f"layers {layers}, {reps} repetitions (median seconds):")
+    print(
+        f"throughput: timm resnet18, {len(x)} images of {size} px in batches of {batch}, "
+        f"layers {layers}, {reps} repetitions (median seconds):"
+    )
     for k in names:
         extra = f"   plain/this {ratios[k]:.3f}" if k in ratios else ""
         print(f"  {k:16s} {med[k]:.3f} s   ({len(x) / med[k]:.0f} img/s){extra}")
@@ -162,9 +165,19 @@ def _memory(quick: bool) -> dict[str, float]:
     out = {}
     for mode in ("disk", "iter", "memory"):
         proc = subprocess.run(
-            [sys.executable, str(script), mode, str(n), str(size), str(batch), str(shard),
-             str(bank)],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                str(script),
+                mode,
+                str(n),
+                str(size),
+                str(batch),
+                str(shard),
+                str(bank),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if proc.returncode:
             raise SystemExit(f"memory child ({mode}) failed:\n{proc.stderr[-3000:]}")
@@ -176,11 +189,16 @@ def _memory(quick: bool) -> dict[str, float]:
     script.unlink()
     tmp.rmdir()
     mb = 2**20
-    print(f"memory: {n} samples x {per_sample // 1024} KB = bank of {bank_bytes / mb:.0f} MB on "
-          f"disk, budget {budget / mb:.0f} MB, shards of {shard} samples "
-          f"({shard * per_sample / mb:.0f} MB):")
-    for mode, label in (("disk", "extract to disk"), ("iter", "iter_batches from disk"),
-                        ("memory", "extract in memory (reference)")):
+    print(
+        f"memory: {n} samples x {per_sample // 1024} KB = bank of {bank_bytes / mb:.0f} MB on "
+        f"disk, budget {budget / mb:.0f} MB, shards of {shard} samples "
+        f"({shard * per_sample / mb:.0f} MB):"
+    )
+    for mode, label in (
+        ("disk", "extract to disk"),
+        ("iter", "iter_batches from disk"),
+        ("memory", "extract in memory (reference)"),
+    ):
         print(f"  {label:32s} peak RSS + {out[mode]['peak'] / mb:7.1f} MB")
     return {
         "bank_mb": bank_bytes / mb,
@@ -195,7 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads (default 1: stable timings on a shared machine)",
     )
     args = parser.parse_args()
@@ -211,8 +231,9 @@ def main() -> None:
         print(f"RESULT extract_{k}_over_forward {v:.3f} ratio")
     print(f"RESULT extract_bank_over_budget {mem['bank_mb'] / mem['budget_mb']:.2f} ratio")
     print(f"RESULT extract_disk_peak_rss {mem['disk_peak_mb']:.1f} MB")
-    print(f"RESULT extract_disk_peak_over_budget {mem['disk_peak_mb'] / mem['budget_mb']:.3f} "
-          "ratio")
+    print(
+        f"RESULT extract_disk_peak_over_budget {mem['disk_peak_mb'] / mem['budget_mb']:.3f} ratio"
+    )
     print(f"RESULT bank_iter_batches_peak_rss {mem['iter_peak_mb']:.1f} MB")
     print(f"RESULT extract_memory_peak_rss_reference {mem['memory_peak_mb']:.1f} MB")
 

@@ -149,32 +149,46 @@ def report_fit(
     lo, hi = s.density_bounds
     loc = gate_localization(est, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc], method=method)
     n_spec = [len(f) for f in est.class_specific_filters_]
-    print(f"## {tag}: layer {est.layer_}, finetune {est.finetune_}, K = {est.n_filters_}, "
-          f"g = {est.g_:g}, head from model: {est.head_from_model_}")  # fmt: skip
-    print(f"   accuracy: model {100 * model_acc:.2f} %, STD {100 * s.std_accuracy:.2f} %, "
-          f"CSG (true-class gates) {100 * s.csg_accuracy:.2f} %")  # fmt: skip
-    print(f"   density {s.density:.6f} in [{lo:.4f}, {hi:.4f}]: {lo <= s.density <= hi + 1e-9}; "
-          f"class-specific filters per class {n_spec}")  # fmt: skip
+    print(
+        f"## {tag}: layer {est.layer_}, finetune {est.finetune_}, K = {est.n_filters_}, "
+        f"g = {est.g_:g}, head from model: {est.head_from_model_}"
+    )
+    print(
+        f"   accuracy: model {100 * model_acc:.2f} %, STD {100 * s.std_accuracy:.2f} %, "
+        f"CSG (true-class gates) {100 * s.csg_accuracy:.2f} %"
+    )
+    print(
+        f"   density {s.density:.6f} in [{lo:.4f}, {hi:.4f}]: {lo <= s.density <= hi + 1e-9}; "
+        f"class-specific filters per class {n_spec}"
+    )
     diag_tp = torch.nanmean(torch.diagonal(s.s_tp)).item()
     off = s.s_tp[~torch.eye(est.n_classes_, dtype=torch.bool)]
     print(f"   S_TP diagonal mean {diag_tp:.3f}, off-diagonal mean {torch.nanmean(off).item():.3f}")
-    print(f"   localization ({method}, {loc.n_specific} class-specific filters, "
-          f"{len(y_te[:n_loc])} images): "
-          f"IoU {loc.specific_iou:.4f} vs all filters {loc.all_iou:.4f}; AP50 "
-          f"{loc.specific_ap:.4f} vs {loc.all_ap:.4f}")  # fmt: skip
+    print(
+        f"   localization ({method}, {loc.n_specific} class-specific filters, "
+        f"{len(y_te[:n_loc])} images): "
+        f"IoU {loc.specific_iou:.4f} vs all filters {loc.all_iou:.4f}; AP50 "
+        f"{loc.specific_ap:.4f} vs {loc.all_ap:.4f}"
+    )
     # AP at IoU >= 0.3, the threshold of the authors' ActivMap / CAM code
     y_loc = y_te[:n_loc]
     spec = torch.nonzero(loc.specific_class >= 0).reshape(-1)
     hits = (loc.ious >= 0.3).double()
-    ap30_spec = float(torch.stack([
-        hits[y_loc == loc.specific_class[k], k].mean() for k in spec
-    ]).mean()) if len(spec) else float("nan")  # fmt: skip
+    ap30_spec = (
+        float(torch.stack([hits[y_loc == loc.specific_class[k], k].mean() for k in spec]).mean())
+        if len(spec)
+        else float("nan")
+    )
     ap30_all = filter_localization(loc.ious, y_loc, est.n_classes_, 0.3).ap
     same = float(loc.filters.iou_per_filter[spec].mean()) if len(spec) else float("nan")
-    print(f"   every filter on every image (no class): IoU {loc.pooled_iou:.4f}, AP50 "
-          f"{loc.pooled_ap:.4f}, AP30 {float((loc.ious >= 0.3).double().mean()):.4f}")
-    print(f"   AP30 {ap30_spec:.4f} vs {ap30_all:.4f}; the class-specific filters on their own "
-          f"best class (ungated protocol): IoU {same:.4f}")  # fmt: skip
+    print(
+        f"   every filter on every image (no class): IoU {loc.pooled_iou:.4f}, AP50 "
+        f"{loc.pooled_ap:.4f}, AP30 {float((loc.ious >= 0.3).double().mean()):.4f}"
+    )
+    print(
+        f"   AP30 {ap30_spec:.4f} vs {ap30_all:.4f}; the class-specific filters on their own "
+        f"best class (ungated protocol): IoU {same:.4f}"
+    )
     # a baseline without the max over classes: for each class-specific filter k of class
     # c, every filter of the layer on the same images (those of class c)
     same_cls = {"iou": [], "ap50": [], "ap30": [], "area": [], "spec_area": []}
@@ -187,15 +201,21 @@ def report_fit(
         same_cls["ap50"].append(float((rows >= 0.5).double().mean()))
         same_cls["ap30"].append(float((rows >= 0.3).double().mean()))
     same_cls = {k: statistics.mean(v) if v else float("nan") for k, v in same_cls.items()}
-    print(f"   every filter on the images of each class-specific filter's class (no max over "
-          f"classes): IoU {same_cls['iou']:.4f}, AP50 {same_cls['ap50']:.4f}, AP30 "
-          f"{same_cls['ap30']:.4f}")  # fmt: skip
+    print(
+        f"   every filter on the images of each class-specific filter's class (no max over "
+        f"classes): IoU {same_cls['iou']:.4f}, AP50 {same_cls['ap50']:.4f}, AP30 "
+        f"{same_cls['ap30']:.4f}"
+    )
     obj = float(m_te[:n_loc].float().mean())
-    print(f"   segment area (share of the image): class-specific filters on their class "
-          f"{same_cls['spec_area']:.3f}, every filter on the same images {same_cls['area']:.3f}; "
-          f"object masks {obj:.3f}")  # fmt: skip
-    print(f"   CAM IoU {loc.cam.iou:.4f} (AP50 {loc.cam.ap:.4f}); gated CAM IoU "
-          f"{loc.cam_gated.iou:.4f} (AP50 {loc.cam_gated.ap:.4f})")  # fmt: skip
+    print(
+        f"   segment area (share of the image): class-specific filters on their class "
+        f"{same_cls['spec_area']:.3f}, every filter on the same images {same_cls['area']:.3f}; "
+        f"object masks {obj:.3f}"
+    )
+    print(
+        f"   CAM IoU {loc.cam.iou:.4f} (AP50 {loc.cam.ap:.4f}); gated CAM IoU "
+        f"{loc.cam_gated.iou:.4f} (AP50 {loc.cam_gated.ap:.4f})"
+    )
     print(f"   mutual-information score {s.mutual_information:.4f} nats", flush=True)
     return dict(s=s, loc=loc, ap30_spec=ap30_spec, ap30_all=ap30_all, same_cls=same_cls)
 
@@ -210,18 +230,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
     ap.add_argument("--reps", type=int, default=None, help="timing repetitions")
-    ap.add_argument("--finetune", action="store_true",
-                    help="also fit the fine-tune recipe (slow: it runs the network every epoch)")
-    ap.add_argument("--layer", default=None,
-                    help="gated layer (default: the estimator's, the last conv stage)")
-    ap.add_argument("--method", choices=("activmap", "gradmap"), default="activmap",
-                    help="filter maps for localization (Liang et al. 2020 App. G; "
-                    "default activmap)")
-    ap.add_argument("--ft-epochs", type=int, default=45,
-                    help="epochs of the fine-tune recipe (default 45)")
-    ap.add_argument("--seeds", type=int, default=1,
-                    help="with --finetune: fit the gated and the ungated fine-tune this many "
-                         "times (random_state 0, 1, ...; default 1)")  # fmt: skip
+    ap.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also fit the fine-tune recipe (slow: it runs the network every epoch)",
+    )
+    ap.add_argument(
+        "--layer", default=None, help="gated layer (default: the estimator's, the last conv stage)"
+    )
+    ap.add_argument(
+        "--method",
+        choices=("activmap", "gradmap"),
+        default="activmap",
+        help="filter maps for localization (Liang et al. 2020 App. G; default activmap)",
+    )
+    ap.add_argument(
+        "--ft-epochs", type=int, default=45, help="epochs of the fine-tune recipe (default 45)"
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="with --finetune: fit the gated and the ungated fine-tune this many "
+        "times (random_state 0, 1, ...; default 1)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     quick = args.quick
@@ -260,24 +292,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   fine-tune fit {t_ft:.1f} s")
             # the control: the same fine-tuning (blocks, schedule, seed, batches) without
             # gating: lambda1 = lambda2 = 0 leave CE(STD) alone in every epoch
-            t_pl, est_pl = fit_seconds(model, x_fit[:n_ft], y_fit[:n_ft], lambda1=0.0,
-                                       lambda2=0.0, **kw_s)  # fmt: skip
-            loc_pl = gate_localization(est_pl, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc],
-                                       method=args.method)  # fmt: skip
+            t_pl, est_pl = fit_seconds(
+                model, x_fit[:n_ft], y_fit[:n_ft], lambda1=0.0, lambda2=0.0, **kw_s
+            )
+            loc_pl = gate_localization(
+                est_pl, None, x_te[:n_loc], m_te[:n_loc], y_te[:n_loc], method=args.method
+            )
             acc_pl = est_pl.evaluate(x_te, y_te).std_accuracy
-            print(f"## the same fine-tuning without gating (seed {seed}): fit {t_pl:.1f} s, "
-                  f"accuracy {100 * acc_pl:.2f} %")  # fmt: skip
-            h1_rows.setdefault("ft", []).append(h1_scores(r_ft["loc"], y_te[:n_loc],
-                                                          est.n_classes_))  # fmt: skip
-            h1_rows.setdefault("plain", []).append(h1_scores(loc_pl, y_te[:n_loc],
-                                                             est.n_classes_))  # fmt: skip
-        print(f"## App. H.1 over all K filters of {est.layer_} ({args.method}; each filter on "
-              f"the class it localizes best), the paper's CSG-vs-STD comparison:")  # fmt: skip
-        for name, label in (("model", "original network"), ("plain", "fine-tuned, no gates"),
-                            ("ft", "fine-tuned with CSG")):  # fmt: skip
+            print(
+                f"## the same fine-tuning without gating (seed {seed}): fit {t_pl:.1f} s, "
+                f"accuracy {100 * acc_pl:.2f} %"
+            )
+            h1_rows.setdefault("ft", []).append(
+                h1_scores(r_ft["loc"], y_te[:n_loc], est.n_classes_)
+            )
+            h1_rows.setdefault("plain", []).append(h1_scores(loc_pl, y_te[:n_loc], est.n_classes_))
+        print(
+            f"## App. H.1 over all K filters of {est.layer_} ({args.method}; each filter on "
+            f"the class it localizes best), the paper's CSG-vs-STD comparison:"
+        )
+        for name, label in (
+            ("model", "original network"),
+            ("plain", "fine-tuned, no gates"),
+            ("ft", "fine-tuned with CSG"),
+        ):
             for i, row in enumerate(h1_rows[name]):
-                print(f"   {label:22s} {'' if name == 'model' else f'seed {i}'}: IoU "
-                      f"{row['iou']:.4f}, AP50 {row['ap50']:.4f}, AP30 {row['ap30']:.4f}")
+                print(
+                    f"   {label:22s} {'' if name == 'model' else f'seed {i}'}: IoU "
+                    f"{row['iou']:.4f}, AP50 {row['ap50']:.4f}, AP30 {row['ap30']:.4f}"
+                )
         for key in ("iou", "ap50", "ap30"):
             wins[key] = sum(a[key] > b[key] for a, b in zip(h1_rows["ft"], h1_rows["plain"]))
             print(f"   CSG > no gates in {key}: {wins[key]} of {args.seeds} seeds")
@@ -285,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     # figures
     from xnn_toolkit.viz import class_filter_gallery, gate_matrix_figure, save_figure
 
-    save_figure(gate_matrix_figure(est.gates_, class_names=card.get("class_names"),
-                                   title="post-hoc CSG, frozen recipe"), OUT / "gates_matrix")
+    save_figure(
+        gate_matrix_figure(
+            est.gates_, class_names=card.get("class_names"), title="post-hoc CSG, frozen recipe"
+        ),
+        OUT / "gates_matrix",
+    )
     display = x_te * torch.tensor(card["std"]).view(1, -1, 1, 1)
     display = display + torch.tensor(card["mean"]).view(1, -1, 1, 1)
-    save_figure(class_filter_gallery(est, x_te[:100], y_te[:100], 0, display=display[:100]),
-                OUT / "gates_gallery_class0")  # fmt: skip
+    save_figure(
+        class_filter_gallery(est, x_te[:100], y_te[:100], 0, display=display[:100]),
+        OUT / "gates_gallery_class0",
+    )
 
     # timings on n_time images: CSG fit vs a plain linear probe (same layer, epochs,
     # batches), alternating
@@ -314,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         t_knn.append(time.perf_counter() - t0)
     mis_knn = float(np.stack(knn, 1).max(1).mean())
     med = statistics.median
-    print(f"# timings (median of {reps}, {n_time} images): CSG fit {med(t_csg):.2f} s, "
-          f"linear probe "
-          f"{med(t_probe):.2f} s; binned MI {med(t_bin) * 1e3:.1f} ms, sklearn kNN MI "
-          f"{med(t_knn) * 1e3:.0f} ms (kNN MIS {mis_knn:.4f})")  # fmt: skip
+    print(
+        f"# timings (median of {reps}, {n_time} images): CSG fit {med(t_csg):.2f} s, "
+        f"linear probe "
+        f"{med(t_probe):.2f} s; binned MI {med(t_bin) * 1e3:.1f} ms, sklearn kNN MI "
+        f"{med(t_knn) * 1e3:.0f} ms (kNN MIS {mis_knn:.4f})"
+    )
 
     print(f"RESULT gates_model_accuracy {100 * model_acc:.2f} %")
     for prefix, (_est, r) in results.items():
@@ -339,8 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT {p}pooled_filter_ap50 {loc.pooled_ap:.4f} ap")
         print(f"RESULT {p}specific_filter_ap30 {r['ap30_spec']:.4f} ap")
         print(f"RESULT {p}all_filter_ap30 {r['ap30_all']:.4f} ap")
-        for key, unit in (("iou", "iou"), ("ap50", "ap"), ("ap30", "ap"), ("area", "ratio"),
-                          ("spec_area", "ratio")):  # fmt: skip
+        for key, unit in (
+            ("iou", "iou"),
+            ("ap50", "ap"),
+            ("ap30", "ap"),
+            ("area", "ratio"),
+            ("spec_area", "ratio"),
+        ):
             print(f"RESULT {p}same_class_filter_{key} {r['same_cls'][key]:.4f} {unit}")
         print(f"RESULT {p}cam_iou {loc.cam.iou:.4f} iou")
         print(f"RESULT {p}cam_gated_iou {loc.cam_gated.iou:.4f} iou")
@@ -351,8 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"RESULT gates_h1_{name}_{key} {mean:.4f} {'iou' if key == 'iou' else 'ap'}")
     for key, n_wins in wins.items():
         print(f"RESULT gates_h1_csg_beats_no_gates_{key} {n_wins}/{args.seeds} seeds")
-    print(f"RESULT gates_mis_model {mutual_information_score(feats, y_te, est.n_classes_):.4f} "
-          "nats")  # fmt: skip
+    print(
+        f"RESULT gates_mis_model {mutual_information_score(feats, y_te, est.n_classes_):.4f} nats"
+    )
     print(f"RESULT gates_fit_seconds_{n_time} {med(t_csg):.2f} s")
     print(f"RESULT gates_fit_over_linear_probe {med(t_csg) / med(t_probe):.2f} ratio")
     print(f"RESULT gates_mi_binned_speedup_over_sklearn {med(t_knn) / med(t_bin):.1f} ratio")

@@ -61,9 +61,13 @@ def main() -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             out = quantus.Sparseness(disable_warnings=True)(
-                model=loaded.model, x_batch=x.numpy(), y_batch=y.numpy(),
-                explain_func=quantus_explain_func("cmwp"), device="cpu", batch_size=16,
-            )  # fmt: skip
+                model=loaded.model,
+                x_batch=x.numpy(),
+                y_batch=y.numpy(),
+                explain_func=quantus_explain_func("cmwp"),
+                device="cpu",
+                batch_size=16,
+            )
         return np.asarray(out, dtype=np.float64)
 
     t_run, t_own = [], []

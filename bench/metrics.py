@@ -188,14 +188,25 @@ def bench_scoring(quick: bool) -> None:
     reps = 1 if quick else 3
     torch.manual_seed(0)  # the weights of the untrained VGG (speed does not need training)
     model = load_model("zoo:vgg_small", num_classes=10, in_chans=3).model
-    data = Normalized(SyntheticParts(n, size=size, seed=1, return_annotations=True),
-                      SyntheticParts.mean, SyntheticParts.std)  # fmt: skip
+    data = Normalized(
+        SyntheticParts(n, size=size, seed=1, return_annotations=True),
+        SyntheticParts.mean,
+        SyntheticParts.std,
+    )
     methods = ("cmwp", "gradcam")
     cfg = ScoringConfig(
-        methods=methods, batch_size=batch, shard_size=4 * batch,
-        metrics=("pointing_game", "energy_pointing_game", "iou", "ap50", "voronoi_locality",
-                 "mask_locality"),
-    )  # fmt: skip
+        methods=methods,
+        batch_size=batch,
+        shard_size=4 * batch,
+        metrics=(
+            "pointing_game",
+            "energy_pointing_game",
+            "iou",
+            "ap50",
+            "voronoi_locality",
+            "mask_locality",
+        ),
+    )
     folder = tempfile.mkdtemp(prefix="xnn-bench-scoring-")
 
     def scoring():

@@ -110,8 +110,10 @@ def _speed(quick: bool, ranks: list[int], reps: int, peer_reps: int) -> dict[str
     X = a.permute(1, 0, 2, 3).reshape(channels, -1).contiguous()  # C x P
     XT = X.T.numpy()  # P x C, scikit-learn's samples x features (a view, float32)
     xnorm = _exact_err(X, torch.zeros(X.shape[0], 1), torch.zeros(1, X.shape[1]))
-    print(f"X: {tuple(X.shape)} float32, {float((X == 0).float().mean()):.0%} zeros, "
-          f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"X: {tuple(X.shape)} float32, {float((X == 0).float().mean()):.0%} zeros, "
+        f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}"
+    )
     results: dict[str, float] = {}
 
     for r in ranks:
@@ -123,8 +125,9 @@ def _speed(quick: bool, ranks: list[int], reps: int, peer_reps: int) -> dict[str
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter
                 t0 = time.perf_counter()
-                est = SkNMF(r, solver=solver, init="nndsvda", random_state=0, tol=1e-4,
-                            max_iter=200)
+                est = SkNMF(
+                    r, solver=solver, init="nndsvda", random_state=0, tol=1e-4, max_iter=200
+                )
                 W = est.fit_transform(XT)
                 dt = time.perf_counter() - t0
             M = torch.from_numpy(est.components_.T.copy())
@@ -140,8 +143,9 @@ def _speed(quick: bool, ranks: list[int], reps: int, peer_reps: int) -> dict[str
         def ours_to_target(target: float, r=r) -> tuple[float, float, int]:
             t0 = time.perf_counter()
             M0, S0 = solvers.nndsvd_init(X, r, generator=torch.Generator().manual_seed(0))
-            res = solvers.fit_full(X, M0, S0, max_iter=2000, tol=0.0,
-                                   stop=lambda it, e: e <= target)
+            res = solvers.fit_full(
+                X, M0, S0, max_iter=2000, tol=0.0, stop=lambda it, e: e <= target
+            )
             dt = time.perf_counter() - t0
             return dt, _exact_err(X, res.M, res.S), res.n_iter
 
@@ -171,15 +175,18 @@ def _speed(quick: bool, ranks: list[int], reps: int, peer_reps: int) -> dict[str
                 errs[name], iters[name] = err, it
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"\nrank {r}: target e_cd = {target:.6f} (relative {target / xnorm:.6f})")
-        print(f"  {'method':16s} {'median s':>9s} {'runs':>4s} {'rel. error':>11s} "
-              f"{'iters':>6s} {'reaches e_cd':>12s}")
-        for name in ("ours_to_cd_err", "ours_default", "sklearn_cd", "sklearn_mu",
-                     "overcomplete"):
+        print(
+            f"  {'method':16s} {'median s':>9s} {'runs':>4s} {'rel. error':>11s} "
+            f"{'iters':>6s} {'reaches e_cd':>12s}"
+        )
+        for name in ("ours_to_cd_err", "ours_default", "sklearn_cd", "sklearn_mu", "overcomplete"):
             if name not in med:
                 continue
             reach = "yes" if errs[name] <= target * (1 + 1e-7) else "no"
-            print(f"  {name:16s} {med[name]:9.2f} {len(times[name]):4d} "
-                  f"{errs[name] / xnorm:11.6f} {iters[name]:6d} {reach:>12s}")
+            print(
+                f"  {name:16s} {med[name]:9.2f} {len(times[name]):4d} "
+                f"{errs[name] / xnorm:11.6f} {iters[name]:6d} {reach:>12s}"
+            )
             results[f"nmf_r{r}_{name}_s"] = med[name]
             results[f"nmf_r{r}_{name}_relerr"] = errs[name] / xnorm
         results[f"nmf_r{r}_speedup_vs_sklearn_cd"] = med["sklearn_cd"] / med["ours_to_cd_err"]
@@ -204,8 +211,11 @@ class _NpyBank:
         self.path = path
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read(f)
             self._offset = f.tell()
         assert not fortran and dtype == np.float32
@@ -265,14 +275,18 @@ def _child(mode: str, path: str, rank: int, batch: int, max_iter: int) -> None:
         a = torch.from_numpy(np.load(path))  # the whole bank in memory
         est = NMFConcepts(rank, max_iter=200, tol=1e-4).fit(a)
     dt = time.perf_counter() - t0
-    print(json.dumps({
-        "peak_above_base_mib": _vm("VmHWM") - base,
-        "base_mib": base,
-        "hwm_before_mib": hwm0,
-        "seconds": dt,
-        "relative_err": est.relative_err_,
-        "n_iter": est.n_iter_,
-    }))
+    print(
+        json.dumps(
+            {
+                "peak_above_base_mib": _vm("VmHWM") - base,
+                "base_mib": base,
+                "hwm_before_mib": hwm0,
+                "seconds": dt,
+                "relative_err": est.relative_err_,
+                "n_iter": est.n_iter_,
+            }
+        )
+    )
 
 
 def _online(quick: bool) -> dict[str, float]:
@@ -292,8 +306,9 @@ def _online(quick: bool) -> dict[str, float]:
         torch.manual_seed(0)
         net = _cnn(channels)
         tmp = path.with_suffix(".tmp.npy")
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                       shape=(n_img, channels, hw, hw))
+        mm = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(n_img, channels, hw, hw)
+        )
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for i in range(0, n_img, 32):
@@ -303,24 +318,40 @@ def _online(quick: bool) -> dict[str, float]:
         del mm
         os.replace(tmp, path)
     bank_mib = path.stat().st_size / 2**20
-    print(f"\nonline: bank {path.name} {bank_mib:.0f} MiB = {bank_mib / budget_mib:.1f} x the "
-          f"{budget_mib} MiB budget; rank {rank}, batches of {batch} images")
+    print(
+        f"\nonline: bank {path.name} {bank_mib:.0f} MiB = {bank_mib / budget_mib:.1f} x the "
+        f"{budget_mib} MiB budget; rank {rank}, batches of {batch} images"
+    )
     out: dict[str, dict] = {}
     # glibc raises its mmap threshold after the first large free, after which freed batch
     # buffers stay in the heap; a fixed threshold returns them, so VmHWM shows what is live.
     fixed = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-    for key, mode, env in (("online", "online", fixed), ("online_glibc_default", "online", {}),
-                           ("inmemory", "inmemory", fixed)):
-        cmd = [sys.executable, __file__, "--child", mode, str(path), str(rank), str(batch),
-               "3" if quick else "10"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              env={**os.environ, **env})
+    for key, mode, env in (
+        ("online", "online", fixed),
+        ("online_glibc_default", "online", {}),
+        ("inmemory", "inmemory", fixed),
+    ):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            str(path),
+            str(rank),
+            str(batch),
+            "3" if quick else "10",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env={**os.environ, **env}
+        )
         if proc.returncode != 0:
             raise SystemExit(f"child {key} failed:\n{proc.stderr[-3000:]}")
         out[key] = o = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {key:21s} peak above pre-fit RSS {o['peak_above_base_mib']:7.1f} MiB, "
-              f"{o['seconds']:6.1f} s, relative error {o['relative_err']:.5f}, "
-              f"{o['n_iter']} {'passes' if mode == 'online' else 'iterations'}")
+        print(
+            f"  {key:21s} peak above pre-fit RSS {o['peak_above_base_mib']:7.1f} MiB, "
+            f"{o['seconds']:6.1f} s, relative error {o['relative_err']:.5f}, "
+            f"{o['n_iter']} {'passes' if mode == 'online' else 'iterations'}"
+        )
     return {
         "nmf_online_bank_mib": bank_mib,
         "nmf_online_budget_mib": float(budget_mib),
@@ -366,9 +397,13 @@ def main() -> None:
     ap.add_argument("--peer-reps", type=int, default=1, help="repetitions of mu / overcomplete")
     ap.add_argument("--skip-online", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="threads for torch and numpy's BLAS alike (default 1: on a shared "
-                         "2-core machine, 2 OpenMP threads per process oversubscribe)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for torch and numpy's BLAS alike (default 1: on a shared "
+        "2-core machine, 2 OpenMP threads per process oversubscribe)",
+    )
     args = ap.parse_args()
     os.environ["XNN_BENCH_THREADS"] = str(args.threads)
     _set_threads(args.threads)

@@ -50,8 +50,13 @@ from xnn_toolkit.zoo import build_model, load_bundled  # noqa: E402
 
 OUT = HERE / "out"
 K = 10
-VGG_SYNTH = dict(channels=[32, 64, 128, 128], convs_per_block=[1, 1, 2, 2], fc=[256, 256],
-                 pool_size=4, dropout=0.3)  # fmt: skip
+VGG_SYNTH = dict(
+    channels=[32, 64, 128, 128],
+    convs_per_block=[1, 1, 2, 2],
+    fc=[256, 256],
+    pool_size=4,
+    dropout=0.3,
+)
 
 
 def render(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +85,9 @@ def part_a(quick: bool) -> dict[str, float]:
     epochs = 1
     kw = dict(epochs=epochs, batch_size=16, min_images=10)
     ds = Normalized(SyntheticParts(n, size=64, seed=0), SyntheticParts.mean, SyntheticParts.std)
-    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     x, y = render(n, 0)
     x = normalise(x, SyntheticParts.mean, SyntheticParts.std)
 
@@ -109,13 +115,18 @@ def part_a(quick: bool) -> dict[str, float]:
             pass
         return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {k: [] for k in ("one_stream", "per_stream", "one_pre",
-                                                     "per_pre", "read")}  # fmt: skip
+    times: dict[str, list[float]] = {
+        k: [] for k in ("one_stream", "per_stream", "one_pre", "per_pre", "read")
+    }
     ClassPaths(epochs=1, min_images=1).fit(model, (x[:40], y[:40]))  # warm-up
     for r in range(reps):
-        pairs = [("one_stream", lambda: one_pass(loader)), ("per_stream", per_class_stream),
-                 ("one_pre", lambda: one_pass((x, y))), ("per_pre", per_class_presplit),
-                 ("read", read_stream)]
+        pairs = [
+            ("one_stream", lambda: one_pass(loader)),
+            ("per_stream", per_class_stream),
+            ("one_pre", lambda: one_pass((x, y))),
+            ("per_pre", per_class_presplit),
+            ("read", read_stream),
+        ]
         if r % 2:
             pairs = pairs[::-1]
         for name, fn in pairs:
@@ -123,16 +134,22 @@ def part_a(quick: bool) -> dict[str, float]:
             print(f"  rep {r}: {name:<10} {times[name][-1]:7.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"A. {n} images, 10 classes, batch 16, {reps} repetition(s), medians (s/epoch):")
-    print(f"   stream  : one pass {med['one_stream']:.2f}  one class at a time "
-          f"{med['per_stream']:.2f}  -> {med['per_stream'] / med['one_stream']:.1f}x")
-    print(f"   presplit: one pass {med['one_pre']:.2f}  one class at a time "
-          f"{med['per_pre']:.2f}  -> {med['per_pre'] / med['one_pre']:.1f}x")
+    print(
+        f"   stream  : one pass {med['one_stream']:.2f}  one class at a time "
+        f"{med['per_stream']:.2f}  -> {med['per_stream'] / med['one_stream']:.1f}x"
+    )
+    print(
+        f"   presplit: one pass {med['one_pre']:.2f}  one class at a time "
+        f"{med['per_pre']:.2f}  -> {med['per_pre'] / med['one_pre']:.1f}x"
+    )
     load, compute = med["read"], max(med["one_stream"] - med["read"], 1e-9)
-    print(f"   reading the stream once takes {load:.2f} s/epoch, the masked passes "
-          f"{compute:.2f} s: re-reading it per class accounts for "
-          f"(K·read + compute)/(read + compute) = {(K * load + compute) / (load + compute):.1f}x, "
-          "the rest is the per-step cost of small one-class batches; the ratio approaches K "
-          "only when reading dominates (decoding, augmentation, a GPU for the network)")
+    print(
+        f"   reading the stream once takes {load:.2f} s/epoch, the masked passes "
+        f"{compute:.2f} s: re-reading it per class accounts for "
+        f"(K·read + compute)/(read + compute) = {(K * load + compute) / (load + compute):.1f}x, "
+        "the rest is the per-step cost of small one-class batches; the ratio approaches K "
+        "only when reading dominates (decoding, augmentation, a GPU for the network)"
+    )
     return {
         "paths_one_pass_speedup_stream": med["per_stream"] / med["one_stream"],
         "paths_one_pass_speedup_presplit": med["per_pre"] / med["one_pre"],
@@ -162,8 +179,15 @@ def load_model(name: str, quick: bool, allow_train: bool):
     root.mkdir(parents=True, exist_ok=True)
     n, epochs = (2000, 3) if quick else (4000, 4)
     print(f"# training a stand-in {name}: {n} images, {epochs} epochs", flush=True)
-    train(name, out=root, train_size=n, test_size=500, epochs=epochs,
-          threads=torch.get_num_threads(), verbose=True)  # fmt: skip
+    train(
+        name,
+        out=root,
+        train_size=n,
+        test_size=500,
+        epochs=epochs,
+        threads=torch.get_num_threads(),
+        verbose=True,
+    )
     model, card = load_bundled(name, root=root)
     return model, card, f"stand-in trained now ({n} images, {epochs} epochs)"
 
@@ -182,16 +206,21 @@ def part_b(name: str, quick: bool, allow_train: bool) -> dict[str, float]:
     x = normalise(x, card["mean"], card["std"])
     xt = normalise(xt, card["mean"], card["std"])
     with torch.no_grad():
-        acc = float((torch.cat([model(xt[s:s + 256]) for s in range(0, n_test, 256)]).argmax(1)
-                     == yt).float().mean())  # fmt: skip
+        acc = float(
+            (torch.cat([model(xt[s : s + 256]) for s in range(0, n_test, 256)]).argmax(1) == yt)
+            .float()
+            .mean()
+        )
     print(f"B. {name} ({origin}), test accuracy {acc:.3f}", flush=True)
     out: dict[str, float] = {}
     epochs = 2 if quick else 3
     t = time.perf_counter()
     cp = ClassPaths(objective="code", beta=1.0, epochs=epochs, batch_size=16).fit(model, (x, y))
-    print(f"   fitted (objective=code, beta=1, Adam) {len(cp.layers_)} layers x {K} classes, "
-          f"{epochs} epochs in "
-          f"{time.perf_counter() - t:.1f} s; channels on the path per class:")
+    print(
+        f"   fitted (objective=code, beta=1, Adam) {len(cp.layers_)} layers x {K} classes, "
+        f"{epochs} epochs in "
+        f"{time.perf_counter() - t:.1f} s; channels on the path per class:"
+    )
     for n in cp.layers_:
         on = cp.paths_[n].float().sum(1).mean()
         print(f"     {n:<12} {float(on):6.1f} / {cp.paths_[n].shape[1]}")
@@ -199,8 +228,7 @@ def part_b(name: str, quick: bool, allow_train: bool) -> dict[str, float]:
     print("   hit rate on 2 x 2 composites (chance 0.25), mean ± std per layer:")
     for n, m, s in zip(hr.layers, hr.mean.tolist(), hr.std.tolist()):
         print(f"     {n:<12} {m:.3f} ± {s:.3f}")
-    hb = cp.hit_rates(model, xt, yt, n_composites=40 if quick else 120, random_state=0,
-                      binary=True)  # fmt: skip
+    hb = cp.hit_rates(model, xt, yt, n_composites=40 if quick else 120, random_state=0, binary=True)
     print("   the same with binary paths (μ > 0.5 kept as 1, the rest 0):")
     print("     " + "  ".join(f"{n} {m:.3f}" for n, m in zip(hb.layers, hb.mean.tolist())))
     out[f"paths_hit_rate_last_{name}"] = float(hr.mean[-1])
@@ -211,13 +239,17 @@ def part_b(name: str, quick: bool, allow_train: bool) -> dict[str, float]:
     one = {(a, b) for a, b, _ in ds.pairs_differing_in_one_part()}
     s_one = [float(sim[a, b]) for a, b in sorted(one)]
     s_other = [float(sim[a, b]) for a in range(K) for b in range(a + 1, K) if (a, b) not in one]
-    print(f"   path similarity: {len(s_one)} one-part pairs {statistics.mean(s_one):.3f}, "
-          f"{len(s_other)} other pairs {statistics.mean(s_other):.3f}")
+    print(
+        f"   path similarity: {len(s_one)} one-part pairs {statistics.mean(s_one):.3f}, "
+        f"{len(s_other)} other pairs {statistics.mean(s_other):.3f}"
+    )
     out[f"paths_similarity_one_part_{name}"] = statistics.mean(s_one)
     out[f"paths_similarity_other_{name}"] = statistics.mean(s_other)
     mis = cp.misclassification(model, (xt, yt))
-    print(f"   {len(mis.indices)} test errors; predicted class among the 3 most similar paths: "
-          f"{mis.rate:.3f} (chance {mis.chance:.3f})")
+    print(
+        f"   {len(mis.indices)} test errors; predicted class among the 3 most similar paths: "
+        f"{mis.rate:.3f} (chance {mis.chance:.3f})"
+    )
     out[f"paths_misclassified_in_similar_{name}"] = mis.rate
     return out
 
@@ -225,10 +257,17 @@ def part_b(name: str, quick: bool, allow_train: bool) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the reference machine is shared)")
-    p.add_argument("--no-train", action="store_true",
-                   help="skip part B when no trained model is bundled or cached")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the reference machine is shared)",
+    )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip part B when no trained model is bundled or cached",
+    )
     p.add_argument("--skip-speed", action="store_true", help="skip part A")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -75,8 +75,10 @@ def main() -> None:
             fns[n]()
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) for n, v in times.items()}
-    print(f"\none photo (coffee, 224 px), threads {torch.get_num_threads()}, "
-          f"unit = forward + backward {med['unit'] * 1000:.1f} ms")  # fmt: skip
+    print(
+        f"\none photo (coffee, 224 px), threads {torch.get_num_threads()}, "
+        f"unit = forward + backward {med['unit'] * 1000:.1f} ms"
+    )
     for n in METHODS:
         print(f"  {n:22} {med[n] * 1000:8.1f} ms  {med[n] / med['unit']:6.2f} x")
     print()

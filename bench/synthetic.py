@@ -98,9 +98,11 @@ def main() -> None:
     n_single = 32 if args.quick else 128
     ds = SyntheticParts(1_000_000, size=args.size, seed=0)
     fake = FakeData(
-        size=1_000_000, image_size=(3, args.size, args.size), num_classes=10,
+        size=1_000_000,
+        image_size=(3, args.size, args.size),
+        num_classes=10,
         transform=transforms.ToTensor(),
-    )  # fmt: skip
+    )
     ds.render_batch(range(64))  # build templates, warm up
     fake[0]
 

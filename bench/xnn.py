@@ -98,8 +98,15 @@ def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> d
     z = torch.relu(torch.randn(n, s.dim, generator=gen))
     logits = z @ torch.randn(s.dim, s.classes, generator=gen) * 0.1
     labels = torch.arange(n) % s.classes
-    kw = dict(n_features=5, hidden=s.hidden, n_positive=s.n_positive, n_negative=s.n_negative,
-              max_epochs=s.epochs, patience=100, batch_size=256)  # fmt: skip
+    kw = dict(
+        n_features=5,
+        hidden=s.hidden,
+        n_positive=s.n_positive,
+        n_negative=s.n_negative,
+        max_epochs=s.epochs,
+        patience=100,
+        batch_size=256,
+    )
     blocks = "heads_per_step" in inspect.signature(xnn).parameters
 
     def grouped(**extra) -> float:
@@ -127,10 +134,13 @@ def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> d
             times[k].append(sides[k]())
     med = {k: statistics.median(v) for k, v in times.items()}
     shown = ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
-    print(f"{name}: {s.classes} heads, dim Z = {s.dim}, hidden {s.hidden}, {s.n_positive} / "
-          f"{s.n_negative} positives / negatives per class, {s.epochs} epochs, N = {n}: "
-          f"{shown} (medians of {reps}; auto = heads_per_step='auto', together = all heads "
-          "in every step)", flush=True)  # fmt: skip
+    print(
+        f"{name}: {s.classes} heads, dim Z = {s.dim}, hidden {s.hidden}, {s.n_positive} / "
+        f"{s.n_negative} positives / negatives per class, {s.epochs} epochs, N = {n}: "
+        f"{shown} (medians of {reps}; auto = heads_per_step='auto', together = all heads "
+        "in every step)",
+        flush=True,
+    )
     return {k: med["one by one"] / med[k] for k in sides if k != "one by one"}
 
 

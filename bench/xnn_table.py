@@ -96,13 +96,19 @@ def _check_head(model, tail, x, acts, labels, head, read) -> float:
 
     size = tuple(x.shape[-2:])
     pairs = [
-        (xfeature_heatmaps(model, x, labels, head, "fc6", read),
-         _up(xfeature_heatmaps(tail, acts, labels, head, "fc6", "input"), size)),
-        (class_heatmaps(model, x, labels, "cmwp", read),
-         _up(class_heatmaps(tail, acts, labels, "cmwp", "input"), size)),
-        (ContrastiveExcitationBackprop(model, layer=read).attribute(x, Unit("fc6", 7)).heatmap,
-         _up(_unit_maps(tail, acts, torch.tensor([7]))[:, 0], size)),
-    ]  # fmt: skip
+        (
+            xfeature_heatmaps(model, x, labels, head, "fc6", read),
+            _up(xfeature_heatmaps(tail, acts, labels, head, "fc6", "input"), size),
+        ),
+        (
+            class_heatmaps(model, x, labels, "cmwp", read),
+            _up(class_heatmaps(tail, acts, labels, "cmwp", "input"), size),
+        ),
+        (
+            ContrastiveExcitationBackprop(model, layer=read).attribute(x, Unit("fc6", 7)).heatmap,
+            _up(_unit_maps(tail, acts, torch.tensor([7]))[:, 0], size),
+        ),
+    ]
     worst = 0.0
     for full, short in pairs:
         worst = max(worst, float((full - short).abs().max() / full.abs().max().clamp_min(1e-12)))
@@ -150,9 +156,13 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--eta", type=float, default=1.0)
     ap.add_argument("--q", type=float, default=1.0)
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
-                    help="heads to fit (default all; srae is always fitted: it checks the "
-                    "heatmap shortcut)")  # fmt: skip
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="heads to fit (default all; srae is always fitted: it checks the heatmap shortcut)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.n_train, args.n_test, args.heat_images = 400, 200, 60
@@ -188,15 +198,19 @@ def main() -> None:
         drift = float((tail(acts) - bank_te.logits[idx]).abs().max())
     if drift > 1e-3:
         raise SystemExit(f"the head module does not reproduce the model's logits ({drift:.2e})")
-    print(f"model bundled:vgg_synth, test accuracy {100 * acc:.2f} % on {args.n_test} images; "
-          f"XNN layer fc6 (dim Z = {z_dim}), heatmaps read at {read} "
-          f"({'x'.join(map(str, bank_te.shape(read)[-2:]))} upsampled to 64 x 64)")  # fmt: skip
-    print(f"sizes: {args.n_train} train images ({int(counts.min())}-{int(counts.max())} per "
-          f"class), {args.n_test} test images; per head {args.n_positive} positives and "
-          f"{n_neg} negatives (10 % held out for early stopping), positives up-weighted; "
-          f"heatmaps on {m} test images ({m // 10} per class); max_epochs {args.max_epochs}, "
-          f"beta {args.beta}, eta {args.eta}, q {args.q}, seed {args.seed}",
-          flush=True)  # fmt: skip
+    print(
+        f"model bundled:vgg_synth, test accuracy {100 * acc:.2f} % on {args.n_test} images; "
+        f"XNN layer fc6 (dim Z = {z_dim}), heatmaps read at {read} "
+        f"({'x'.join(map(str, bank_te.shape(read)[-2:]))} upsampled to 64 x 64)"
+    )
+    print(
+        f"sizes: {args.n_train} train images ({int(counts.min())}-{int(counts.max())} per "
+        f"class), {args.n_test} test images; per head {args.n_positive} positives and "
+        f"{n_neg} negatives (10 % held out for early stopping), positives up-weighted; "
+        f"heatmaps on {m} test images ({m // 10} per class); max_epochs {args.max_epochs}, "
+        f"beta {args.beta}, eta {args.eta}, q {args.q}, seed {args.seed}",
+        flush=True,
+    )
 
     rows: dict[str, dict[str, object]] = {}
     heads = {}
@@ -204,12 +218,26 @@ def main() -> None:
     for kind in kinds:
         t = time.perf_counter()
         if kind == "lasso":
-            head = LassoXNN(n_features=5, n_positive=args.n_positive, n_negative=n_neg,
-                            random_state=args.seed, layer="fc6")  # fmt: skip
+            head = LassoXNN(
+                n_features=5,
+                n_positive=args.n_positive,
+                n_negative=n_neg,
+                random_state=args.seed,
+                layer="fc6",
+            )
         else:
-            head = XNN(n_features=5, kind=kind, beta=args.beta, eta=args.eta, q=args.q,
-                       n_positive=args.n_positive, n_negative=n_neg, max_epochs=args.max_epochs,
-                       random_state=args.seed, layer="fc6")  # fmt: skip
+            head = XNN(
+                n_features=5,
+                kind=kind,
+                beta=args.beta,
+                eta=args.eta,
+                q=args.q,
+                n_positive=args.n_positive,
+                n_negative=n_neg,
+                max_epochs=args.max_epochs,
+                random_state=args.seed,
+                layer="fc6",
+            )
         head.fit(bank_tr)
         heads[kind] = head
         row: dict[str, object] = {}
@@ -220,8 +248,12 @@ def main() -> None:
             row[f"F_cls {split} %"] = 100 * float(kept.float().mean())
             pos = bank.labels[:, None] == head.classes_[None, :]
             row[f"F_cls {split}, positives %"] = 100 * float(kept[pos].float().mean())
-        epochs = "" if kind == "lasso" else f", best epochs {head.best_epoch_.min()}-" \
+        epochs = (
+            ""
+            if kind == "lasso"
+            else f", best epochs {head.best_epoch_.min()}-"
             f"{head.best_epoch_.max()} of {1 + max(h['epoch'] for h in head.history_)} run"
+        )
         print(f"fitted {kind} in {time.perf_counter() - t:.1f} s{epochs}", flush=True)
         rows[kind] = row
 
@@ -234,9 +266,11 @@ def main() -> None:
     t = time.perf_counter()
     size = tuple(x_te.shape[-2:])
     sub = PartBatch(
-        labels=parts_te.labels[idx], keypoints=parts_te.keypoints[idx],
-        visible=parts_te.visible[idx], bbox=parts_te.bbox[idx],
-    )  # fmt: skip
+        labels=parts_te.labels[idx],
+        keypoints=parts_te.keypoints[idx],
+        visible=parts_te.visible[idx],
+        bbox=parts_te.bbox[idx],
+    )
     n_alive: dict[str, str] = {}
     for kind in kinds:
         with warnings.catch_warnings():
@@ -252,12 +286,15 @@ def main() -> None:
         n_alive[kind] = f"{kept}/{kept + dropped}"
     one = _up(class_heatmaps(tail, acts, labels, "cmwp", "input"), size)
     pp1 = voronoi(one, sub)[:, None]
-    rows["1-heatmap"] = {"locality": _per_class_locality(pp1, labels)[0],
-                         "locality (pooled)": locality(pp1).mean}  # fmt: skip
+    rows["1-heatmap"] = {
+        "locality": _per_class_locality(pp1, labels)[0],
+        "locality (pooled)": locality(pp1).mean,
+    }
     units = torch.arange(z_dim)
     z_small = _unit_maps(tail, acts, units)  # M x D x h x w
-    pz = torch.cat([voronoi(_up(z_small[:, s : s + 16], size), sub)
-                    for s in range(0, z_dim, 16)], 1)  # fmt: skip
+    pz = torch.cat(
+        [voronoi(_up(z_small[:, s : s + 16], size), sub) for s in range(0, z_dim, 16)], 1
+    )
     z_loc, z_kept, z_dropped = _per_class_locality(pz, labels)
     alive_any = pz.sum((0, 2)) > 0
     rows["Z"] = {"locality": z_loc, "locality (pooled)": locality(pz[:, alive_any]).mean}
@@ -266,23 +303,47 @@ def main() -> None:
     print(f"heatmaps and metrics in {time.perf_counter() - t:.1f} s", flush=True)
 
     # --------------------------------------------------------------- the table
-    cols = {"srae": "SRAE", "nn": "NN", "sae": "SAE", "lasso": "Lasso", "cae": "CAE",
-            "Z": "Z", "1-heatmap": "1-Heatmap"}  # fmt: skip
-    metrics = ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %",
-               "F_cls test, positives %", "O1", "O2", "locality", "locality (pooled)"]  # fmt: skip
+    cols = {
+        "srae": "SRAE",
+        "nn": "NN",
+        "sae": "SAE",
+        "lasso": "Lasso",
+        "cae": "CAE",
+        "Z": "Z",
+        "1-heatmap": "1-Heatmap",
+    }
+    metrics = [
+        "F_reg train",
+        "F_reg test",
+        "F_cls train %",
+        "F_cls test %",
+        "F_cls test, positives %",
+        "O1",
+        "O2",
+        "locality",
+        "locality (pooled)",
+    ]
     print()
     print("| metric | " + " | ".join(cols.values()) + " |")
     print("|---|" + "---|" * len(cols))
     for met in metrics:
         cells = [_fmt(rows.get(key, {}).get(met)) for key in cols]
         print(f"| {met} | " + " | ".join(cells) + " |")
-    print("| sources with heatmap mass (class, source) | "
-          + " | ".join(n_alive.get(key, "") for key in cols) + " |")  # fmt: skip
+    print(
+        "| sources with heatmap mass (class, source) | "
+        + " | ".join(n_alive.get(key, "") for key in cols)
+        + " |"
+    )
     print()
     for key, name in cols.items():
         r = rows.get(key, {})
-        for met, tag in (("F_cls test %", "fcls_test"), ("F_reg test", "freg_test"),
-                         ("O1", "o1"), ("O2", "o2"), ("locality", "locality")):  # fmt: skip
+        for met, tag in (
+            ("F_cls test %", "fcls_test"),
+            ("F_reg test", "freg_test"),
+            ("O1", "o1"),
+            ("O2", "o2"),
+            ("locality", "locality"),
+        ):
             if met in r:
                 print(f"RESULT xnn_table_{tag}_{name.lower()} {r[met]:.4g}")
     print(f"RESULT xnn_table_seconds {time.perf_counter() - t0:.1f} s")

@@ -87,15 +87,32 @@ nitpick_ignore_regex.append((r"py:.*", r"xnn_toolkit\..*\._\w+"))
 # kept explicit so that a NEW broken reference still fails the build.
 KNOWN_UNRESOLVED = [
     # attributes, constants and helpers named in docstrings that have no page
-    "AttributionInfo.rules", "PAPER_BETAS", "STAGES", "TEST_SEED", "TRAIN_SEED", "XNN_KINDS",
-    "_attribute", "all_ap", "all_iou", "composite_2x2", "default_g", "gate_similarity",
-    "hit_rate", "information_heatmap", "layer", "layers", "misclassification_analysis",
-    "part_groups", "path_similarity",
+    "AttributionInfo.rules",
+    "PAPER_BETAS",
+    "STAGES",
+    "TEST_SEED",
+    "TRAIN_SEED",
+    "XNN_KINDS",
+    "_attribute",
+    "all_ap",
+    "all_iou",
+    "composite_2x2",
+    "default_g",
+    "gate_similarity",
+    "hit_rate",
+    "information_heatmap",
+    "layer",
+    "layers",
+    "misclassification_analysis",
+    "part_groups",
+    "path_similarity",
     # functions and classes of internal modules
-    "xnn_toolkit.heads._nmf_solvers.fit_full", "xnn_toolkit.heads._nmf_solvers.fit_online",
-    "xnn_toolkit.heads.gates.block_order", "xnn_toolkit.report.heatmaps.class_method",
+    "xnn_toolkit.heads._nmf_solvers.fit_full",
+    "xnn_toolkit.heads._nmf_solvers.fit_online",
+    "xnn_toolkit.heads.gates.block_order",
+    "xnn_toolkit.report.heatmaps.class_method",
     "xnn_toolkit.report.score_metrics.MetricSpec",
-]  # fmt: skip
+]
 nitpick_ignore_regex += [(r"py:.*", re.escape(t)) for t in KNOWN_UNRESOLVED]
 
 # ---------------------------------------------------------------- API pages from __all__
@@ -120,9 +137,10 @@ def _public_packages() -> list[tuple[str, str, list[str]]]:
     import pkgutil
 
     names = ["xnn_toolkit", "xnn_toolkit.errors"] + sorted(
-        f"xnn_toolkit.{m.name}" for m in pkgutil.iter_modules(xnn_toolkit.__path__)
+        f"xnn_toolkit.{m.name}"
+        for m in pkgutil.iter_modules(xnn_toolkit.__path__)
         if m.ispkg and not m.name.startswith("_")
-    )  # fmt: skip
+    )
     found = []
     for name in names:
         mod = importlib.import_module(name)
@@ -335,9 +353,15 @@ def _write_model_cards() -> None:
         acc_text = f"{100 * acc:.2f} %" if isinstance(acc, float) and acc <= 1 else str(acc or "—")
         size = "x".join(str(v) for v in card.get("input_size", []))
         rows.append(
-            [f"``bundled:{card['name']}``", f"``{card['arch']}``", str(card.get("dataset", "")),
-             size, str(card.get("num_classes", "")), acc_text]
-        )  # fmt: skip
+            [
+                f"``bundled:{card['name']}``",
+                f"``{card['arch']}``",
+                str(card.get("dataset", "")),
+                size,
+                str(card.get("num_classes", "")),
+                acc_text,
+            ]
+        )
     lines = [
         ".. list-table::",
         "   :header-rows: 1",

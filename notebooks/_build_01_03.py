@@ -193,7 +193,7 @@ class_filter_gallery(gates, x_test, y_test, 0, top=4, n_images=2, display=raw_te
 def build(cells: list, name: str) -> str:
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
-                                 "name": "python3"}  # fmt: skip
+                                 "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.validate(nb)
     path = os.path.join(HERE, name)

@@ -101,21 +101,32 @@ def _unwritable(tmp_path):
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     bad = os.path.join(_unwritable(tmp_path), "out")
-    for cmd in (["demo", "--no-progress"], ["explain", "--model", "bundled:vgg_fmnist"],
-                ["figures", "--model", "bundled:vgg_fmnist"], ["data"]):  # fmt: skip
+    for cmd in (
+        ["demo", "--no-progress"],
+        ["explain", "--model", "bundled:vgg_fmnist"],
+        ["figures", "--model", "bundled:vgg_fmnist"],
+        ["data"],
+    ):
         assert main([*cmd, "--out", bad]) == 2, cmd
         assert "not writable" in capsys.readouterr().err, cmd
     assert not os.path.exists(bad)
     inside_file = tmp_path / "file"
     inside_file.write_text("x")
-    assert main(["figures", "--model", "bundled:vgg_fmnist", "--out",
-                 str(inside_file / "out")]) == 2  # fmt: skip
+    assert (
+        main(["figures", "--model", "bundled:vgg_fmnist", "--out", str(inside_file / "out")]) == 2
+    )
     assert "not a folder" in capsys.readouterr().err
 
 
 def test_figures_refusals_leave_nothing(tmp_path, capsys):
-    base = ["figures", "--model", "bundled:vgg_fmnist", "--dataset", "fashion-mnist",
-            "--no-progress"]  # fmt: skip
+    base = [
+        "figures",
+        "--model",
+        "bundled:vgg_fmnist",
+        "--dataset",
+        "fashion-mnist",
+        "--no-progress",
+    ]
     out = tmp_path / "f"
     cases = [
         (["--methods", "cmwp,gradcm"], "unknown attribution method 'gradcm'; did you mean"),
@@ -152,10 +163,29 @@ def test_explain_refuses_unknown_names_before_any_work(tmp_path, capsys):
 
 def test_figures_writes_grid_and_xnn_layout(tmp_path, capsys):
     out = tmp_path / "figs"
-    args = ["figures", "--model", "bundled:vgg_fmnist", "--dataset", "fashion-mnist",
-            "--methods", "cmwp,gradcam", "--target", "predicted", "--n", "3", "--xnn",
-            "--n-train", "150", "--n-features", "3", "--dpi", "60", "--out", str(out),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "figures",
+        "--model",
+        "bundled:vgg_fmnist",
+        "--dataset",
+        "fashion-mnist",
+        "--methods",
+        "cmwp,gradcam",
+        "--target",
+        "predicted",
+        "--n",
+        "3",
+        "--xnn",
+        "--n-train",
+        "150",
+        "--n-features",
+        "3",
+        "--dpi",
+        "60",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     for stem in ("heatmaps", "xnn_layout"):
@@ -180,8 +210,17 @@ def test_explain_takes_weights_and_names_a_file_that_does_not_fit(tmp_path, caps
     from safetensors.torch import save_file
 
     save_file({"fc6.weight": torch.zeros(2, 2)}, str(tmp_path / "w.safetensors"))
-    argv = ["explain", "--model", "bundled:vgg_synth", "--weights", str(tmp_path / "w.safetensors"),
-            "--quick", "--out", str(tmp_path / "r"), "--no-progress"]  # fmt: skip
+    argv = [
+        "explain",
+        "--model",
+        "bundled:vgg_synth",
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+        "--quick",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "w.safetensors" in err and "missing" in err and "unexpected: fc6.weight" in err

@@ -43,10 +43,26 @@ def site(tmp_path_factory) -> Path:
         return built.parent
     out = tmp_path_factory.mktemp("docs") / "html"
     res = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-n", "-q",
-         "-j", "2", str(DOCS), str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-b",
+            "html",
+            "-W",
+            "--keep-going",
+            "-n",
+            "-q",
+            "-j",
+            "2",
+            str(DOCS),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, "the docs build warned or failed:\n" + res.stderr[-4000:]
     return out
 
@@ -62,8 +78,10 @@ def test_every_public_name_has_a_page(site):
         mod = importlib.import_module(name)
         for n in getattr(mod, "__all__", []):
             # a name the top level re-exports is documented once, under the top level
-            pages = [site / "api" / "generated" / f"{name}.{n}.html",
-                     site / "api" / "generated" / f"xnn_toolkit.{n}.html"]  # fmt: skip
+            pages = [
+                site / "api" / "generated" / f"{name}.{n}.html",
+                site / "api" / "generated" / f"xnn_toolkit.{n}.html",
+            ]
             if not any(p.exists() for p in pages):
                 missing.append(f"{name}.{n}")
     assert missing == []
@@ -104,16 +122,26 @@ window.addEventListener("load", function () {
 });
 </script>"""
 
-_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update",
-          "--disable-sync"]  # fmt: skip
+_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (`make test` installs it with "
-                    "apt-get where it can); the browser check needs it")  # fmt: skip
-@pytest.mark.parametrize("page", ["index.html", "auto_examples/plot_02_cmwp.html",
-                                  "methods/excitation.html"])  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (`make test` installs it with "
+    "apt-get where it can); the browser check needs it",
+)
+@pytest.mark.parametrize(
+    "page", ["index.html", "auto_examples/plot_02_cmwp.html", "methods/excitation.html"]
+)
 def test_page_opens_in_headless_chromium(site, page, tmp_path):
     copy = tmp_path / "site"
     shutil.copytree(site, copy)
@@ -123,15 +151,30 @@ def test_page_opens_in_headless_chromium(site, page, tmp_path):
     probe.write_text(html.replace("<head>", "<head>" + _CHECK, 1), encoding="utf-8")
     with tempfile.TemporaryDirectory(dir=tmp_path) as profile:
         res = subprocess.run(
-            ["chromium", *_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
-             "--v=0", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+            [
+                "chromium",
+                *_FLAGS,
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     assert res.returncode == 0, res.stderr[-2000:]
     found = re.search(r'<pre id="xnn-check">(.*?)</pre>', res.stdout, re.S)
     assert found, "the probe did not run: " + res.stdout[-500:]
-    check = json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">")
-                       .replace("&quot;", '"').replace("&amp;", "&"))  # fmt: skip
+    check = json.loads(
+        found.group(1)
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", '"')
+        .replace("&amp;", "&")
+    )
     assert len(check["images"]) >= n_img > 0
     broken = [im["src"] for im in check["images"] if not im["complete"] or im["width"] <= 0]
     assert broken == []

@@ -155,8 +155,9 @@ def test_pooled_bank_equals_manual_pooling(pool):
 def test_float16_storage(tmp_path):
     net, (x, _) = _net(), _data()
     ref = _reference(net, x)
-    bank = extract(net, x, LAYERS, dtype=torch.float16, batch_size=37, path=tmp_path / "h",
-                   progress=False)
+    bank = extract(
+        net, x, LAYERS, dtype=torch.float16, batch_size=37, path=tmp_path / "h", progress=False
+    )
     full = extract(net, x, LAYERS, batch_size=37, path=tmp_path / "f", progress=False)
     assert bank.dtype == torch.float16
     for name in LAYERS:
@@ -192,13 +193,12 @@ def test_data_forms_and_labels():
         "dict dataset": Dicts(),
         "triples": Triples(),
         "list of pairs": [(x[:4], y[:4]), (x[4:], y[4:].tolist())],
-        "generator of x": (x[i:i + 3] for i in range(0, 10, 3)),
+        "generator of x": (x[i : i + 3] for i in range(0, 10, 3)),
         "dict batches": [{"image": x[:6], "label": y[:6]}, {"image": x[6:], "label": y[6:]}],
     }
     for what, data in forms.items():
         bank = extract(net, data, ["5"], batch_size=4, progress=False)
-        torch.testing.assert_close(bank.activations("5"), ref["5"], rtol=1e-5, atol=1e-6,
-                                   msg=what)
+        torch.testing.assert_close(bank.activations("5"), ref["5"], rtol=1e-5, atol=1e-6, msg=what)
         want = torch.full((10,), -1) if what == "generator of x" else y
         assert torch.equal(bank.labels, want), what
 
@@ -268,8 +268,9 @@ def test_from_tensors_and_reading_api():
     a = torch.randn(11, 4, 3, 3, generator=g)
     b = torch.randn(11, 7, generator=g)
     logits = torch.randn(11, 3, generator=g)
-    bank = ActivationBank.from_tensors({"conv": a, "fc": b}, logits=logits,
-                                       labels=torch.arange(11) % 3)
+    bank = ActivationBank.from_tensors(
+        {"conv": a, "fc": b}, logits=logits, labels=torch.arange(11) % 3
+    )
     assert bank.layers == ["conv", "fc"] and len(bank) == 11
     assert torch.equal(bank.activations("conv"), a)
     idx = [10, 0, 3, 3]
@@ -301,7 +302,7 @@ def test_iter_batches_across_shards_and_indices(tmp_path):
     batches = list(bank.iter_batches("a", 5))
     assert [t.shape[0] for t in batches] == [5, 5, 5, 5, 3]
     for k, t in enumerate(batches):
-        assert torch.equal(t, a[5 * k: 5 * k + 5])
+        assert torch.equal(t, a[5 * k : 5 * k + 5])
     idx = torch.tensor([22, 0, 4, 3, 4, 17])
     assert torch.equal(bank.activations("a", idx), a[idx])
 
@@ -351,7 +352,7 @@ def test_resume_after_error_in_data_iterator(tmp_path, resume_with):
         for a in range(0, 37, 4):
             if a == 24:
                 raise RuntimeError("disk unplugged")
-            yield x[a:a + 4], y[a:a + 4]
+            yield x[a : a + 4], y[a : a + 4]
 
     with pytest.raises(RuntimeError, match="unplugged"):
         extract(net, failing(), LAYERS, path=tmp_path / "b", shard_size=10, progress=False)
@@ -417,13 +418,18 @@ def test_resume_after_sigkill(tmp_path, mode):
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
     np.save(tmp_path / "x.npy", x.numpy())
     script = tmp_path / "run.py"
-    script.write_text(_KILLED_RUN.format(
-        root=str(Path(__file__).parent), weights=str(tmp_path / "w.safetensors"),
-        xs=str(tmp_path / "x.npy"), bank=str(tmp_path / "b"),
-    ))
+    script.write_text(
+        _KILLED_RUN.format(
+            root=str(Path(__file__).parent),
+            weights=str(tmp_path / "w.safetensors"),
+            xs=str(tmp_path / "x.npy"),
+            bank=str(tmp_path / "b"),
+        )
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
-    proc = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), mode], env=env, capture_output=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert [s["n"] for s in manifest["shards"]] == [10, 10] and not manifest["complete"]
@@ -465,8 +471,7 @@ def test_resume_refuses_a_different_extraction(tmp_path):
 @pytest.fixture()
 def saved_bank(tmp_path) -> Path:
     net, (x, y) = _net(), _data()
-    extract(net, TensorDataset(x, y), LAYERS, path=tmp_path / "b", shard_size=16,
-            progress=False)
+    extract(net, TensorDataset(x, y), LAYERS, path=tmp_path / "b", shard_size=16, progress=False)
     return tmp_path / "b"
 
 
@@ -646,11 +651,19 @@ def test_extract_on_cuda_matches_cpu(tmp_path):
     gpu_net = copy.deepcopy(net).cuda()
     with pytest.raises(InputError, match="model.to"):
         extract(net, x, LAYERS, device="cuda", progress=False)
-    gpu = extract(gpu_net, TensorDataset(x, y), LAYERS, pool="avg", device="cuda",
-                  path=tmp_path / "g", progress=False)
+    gpu = extract(
+        gpu_net,
+        TensorDataset(x, y),
+        LAYERS,
+        pool="avg",
+        device="cuda",
+        path=tmp_path / "g",
+        progress=False,
+    )
     for name in LAYERS:
-        torch.testing.assert_close(gpu.activations(name), cpu.activations(name),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            gpu.activations(name), cpu.activations(name), rtol=1e-4, atol=1e-5
+        )
     assert torch.equal(gpu.labels, cpu.labels)
 
 
@@ -662,6 +675,6 @@ def test_memory_collector_preallocates_and_falls_back():
         col = _MemoryCollector(total)
         at = 0
         for n in chunks:
-            col.add({"a": a[at:at + n]}, at)
+            col.add({"a": a[at : at + n]}, at)
             at += n
         assert torch.equal(col.result(at)["a"], a), total

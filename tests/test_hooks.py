@@ -70,8 +70,12 @@ def snapshot(model: nn.Module) -> dict:
     """Everything a recorder could change, copied (tensors) or referenced (objects)."""
     return {
         "params": {
-            n: (p.detach().clone(), p.requires_grad, p.grad,
-                None if p.grad is None else p.grad.clone())
+            n: (
+                p.detach().clone(),
+                p.requires_grad,
+                p.grad,
+                None if p.grad is None else p.grad.clone(),
+            )
             for n, p in model.named_parameters()
         },
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
@@ -329,8 +333,13 @@ def _rss() -> int:
 
 def test_thousand_recordings_do_not_grow_memory():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True),
-                          nn.Conv2d(16, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(16, 4, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     x = torch.randn(1, 3, 64, 64)  # each recording holds 2 x 256 KB of activations
 
     def once():

@@ -128,10 +128,18 @@ class _Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
 
@@ -141,8 +149,12 @@ def test_resolve_by_name_module_and_stage():
     assert resolve_layer(net, "features.3") == ("features.3", net.features[3])
     assert resolve_layer(net, net.head[1]) == ("head.1", net.head[1])
     # a VGG-style body: stages end at the pooling layers, pool4 is the default read layer
-    assert [s.name for s in stages(net)] == ["features.2", "features.5", "features.8",
-                                             "features.11"]
+    assert [s.name for s in stages(net)] == [
+        "features.2",
+        "features.5",
+        "features.8",
+        "features.11",
+    ]
     assert resolve_layer(net, 1)[0] == "features.5"
     assert resolve_layer(net, -1)[0] == "features.11"
     assert resolve_layer(net, "stage:2")[0] == "features.8"
@@ -185,7 +197,11 @@ def test_timm_stages_follow_feature_info():
 
 def test_list_layers_kinds():
     net = _Net()
-    assert list_layers(net, nn.MaxPool2d) == ["features.2", "features.5", "features.8",
-                                              "features.11"]
+    assert list_layers(net, nn.MaxPool2d) == [
+        "features.2",
+        "features.5",
+        "features.8",
+        "features.11",
+    ]
     assert list_layers(net, (nn.Flatten, nn.LazyLinear))[0] == "head.0"
     assert list_layers(net)[:2] == ["features", "features.0"]

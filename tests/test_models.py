@@ -41,8 +41,12 @@ def _x(n=2, c=3, s=32, seed=0):
 def _small_net(num_classes=4, in_chans=3):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(in_chans, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(6, num_classes),
+        nn.Conv2d(in_chans, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, num_classes),
     )
 
 
@@ -78,8 +82,7 @@ def test_timm_in_chans():
 def test_torchvision_spec_and_preprocessing():
     lm = load_model("torchvision:resnet18", num_classes=7)
     assert lm.spec == "torchvision:resnet18" and lm.num_classes == 7
-    assert lm.preprocessing == Preprocessing(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224),
-                                             "bilinear")
+    assert lm.preprocessing == Preprocessing(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224), "bilinear")
     assert not lm.model.training
     assert lm.model(_x()).shape == (2, 7)
     eff = load_model("tv:efficientnet_b0", num_classes=3)  # its weights use bicubic resizing
@@ -158,8 +161,13 @@ def test_module_spec_defaults_and_override():
 @pytest.fixture()
 def fake_zoo(monkeypatch):
     card = {
-        "name": "tiny_fmnist", "num_classes": 4, "class_names": ["a", "b", "c", "d"],
-        "mean": [0.2860], "std": [0.3530], "input_size": [1, 28, 28], "test_accuracy": 0.9,
+        "name": "tiny_fmnist",
+        "num_classes": 4,
+        "class_names": ["a", "b", "c", "d"],
+        "mean": [0.2860],
+        "std": [0.3530],
+        "input_size": [1, 28, 28],
+        "test_accuracy": 0.9,
     }
     calls = []
 
@@ -233,9 +241,9 @@ def test_hand_written_card_for_torchvision(tmp_path):
 
     net = torchvision.models.squeezenet1_0(num_classes=6).eval()
     save_file(net.state_dict(), str(tmp_path / "sq.safetensors"))
-    (tmp_path / "sq.json").write_text(json.dumps(
-        {"arch": "torchvision:squeezenet1_0", "kwargs": {"num_classes": 6}}
-    ))
+    (tmp_path / "sq.json").write_text(
+        json.dumps({"arch": "torchvision:squeezenet1_0", "kwargs": {"num_classes": 6}})
+    )
     lm = load_model(str(tmp_path / "sq.safetensors"))
     assert lm.preprocessing.mean == IMAGENET_MEAN and lm.num_classes == 6
     x = _x(s=64)
@@ -283,8 +291,9 @@ def test_weight_file_errors(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(AssetError, match="is damaged.*weights_sha256"):  # the card's hash
         load_model(path)
-    (tmp_path / "m.json").write_text(json.dumps({k: v for k, v in card.items()
-                                                 if k != "weights_sha256"}))  # fmt: skip
+    (tmp_path / "m.json").write_text(
+        json.dumps({k: v for k, v in card.items() if k != "weights_sha256"})
+    )
     with pytest.raises(AssetError, match="corrupt or truncated"):  # no hash: safetensors
         load_model(path)
     with pytest.raises(AssetError, match="no weights file"):
@@ -355,9 +364,12 @@ def test_check_input_accepts_a_good_batch():
         (torch.zeros(8, 8), {}, "x[None, None]"),
         (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), {}, "x.float() / 255"),
         (torch.zeros(0, 3, 8, 8), {}, "empty"),
-        (torch.zeros(2, 1, 8, 8), {"in_chans": 3},
-         "got 1 channel, the model expects 3: repeat the grey channel with "
-         "x.expand(-1, 3, -1, -1)"),
+        (
+            torch.zeros(2, 1, 8, 8),
+            {"in_chans": 3},
+            "got 1 channel, the model expects 3: repeat the grey channel with "
+            "x.expand(-1, 3, -1, -1)",
+        ),
         (torch.zeros(2, 3, 8, 8), {"in_chans": 1}, "x.mean(1, keepdim=True)"),
         (torch.zeros(2, 8, 8, 3), {"in_chans": 3}, "x.permute(0, 3, 1, 2)"),
         (torch.zeros(2, 3, 16, 40), {"min_size": 32}, "interpolate(x, size=(32, 40)"),

@@ -168,11 +168,19 @@ def test_xnn_heads_on_the_real_models_pooled_features(lite0):
             views.append(v.flip(-1) if k % 2 else v)
             labels.append(photos.labels[i])
     x = lite0.preprocessing.normalize(torch.stack(views))
-    bank = extract(lite0.model, TensorDataset(x, torch.tensor(labels)), ["global_pool"],
-                   progress=False)  # fmt: skip
+    bank = extract(
+        lite0.model, TensorDataset(x, torch.tensor(labels)), ["global_pool"], progress=False
+    )
     assert bank.activations("global_pool").shape == (24, 1280)
-    head = XNN(n_features=2, hidden=(32, 16), n_positive=8, n_negative=16, max_epochs=40,
-               random_state=0, layer="global_pool").fit(bank)  # fmt: skip
+    head = XNN(
+        n_features=2,
+        hidden=(32, 16),
+        n_positive=8,
+        n_negative=16,
+        max_epochs=40,
+        random_state=0,
+        layer="global_pool",
+    ).fit(bank)
     assert sorted(int(c) for c in head.classes_) == [285, 657, 967]
     pred = head.predict(bank)  # N x heads: the explained logits
     logits = bank.logits[:, head.classes_]

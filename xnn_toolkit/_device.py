@@ -48,11 +48,13 @@ def resolve_device(device: object, arg: str = "device") -> torch.device:
                 else f"{arg} {device!r}: this machine has no CUDA device; use 'cpu'"
             )
         if dev.index is not None and dev.index >= n:
-            raise InputError(f"{arg} {device!r}: only {n} CUDA device(s); use one of: "
-                             f"{', '.join(have)}")  # fmt: skip
+            raise InputError(
+                f"{arg} {device!r}: only {n} CUDA device(s); use one of: {', '.join(have)}"
+            )
     elif dev.type == "mps" and "mps" not in have:
-        raise InputError(f"{arg} {device!r}: MPS is not available here; use one of: "
-                         f"{', '.join(have)}")  # fmt: skip
+        raise InputError(
+            f"{arg} {device!r}: MPS is not available here; use one of: {', '.join(have)}"
+        )
     elif dev.type not in ("cpu", "cuda", "mps", "meta"):
         raise InputError(f"{arg} {device!r} is not supported; use one of: {', '.join(have)}")
     return dev

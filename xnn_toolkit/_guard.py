@@ -62,10 +62,13 @@ def model_guard(
     grads = [p.grad for p in params]
     # only non-empty hook dicts are copied; an empty one must simply be empty afterwards
     hooks = [
-        [(name, OrderedDict(d) if d else None) for name in HOOK_DICTS
-         if (d := getattr(m, name, None)) is not None]
+        [
+            (name, OrderedDict(d) if d else None)
+            for name in HOOK_DICTS
+            if (d := getattr(m, name, None)) is not None
+        ]
         for m in modules
-    ]  # fmt: skip
+    ]
     try:
         # A backward inside the block accumulates into ``.grad`` in place; hand it fresh
         # slots so the user's gradients come back untouched.

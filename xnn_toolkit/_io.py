@@ -141,8 +141,14 @@ def checked_load(what: str) -> Callable:
                 return fn(cls, path, *args, **kwargs)
             except XnnError:
                 raise
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
-                    RuntimeError) as exc:  # fmt: skip
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                AttributeError,
+                IndexError,
+                RuntimeError,
+            ) as exc:
                 raise AssetError(
                     f"{os.fspath(path)}.json / .safetensors do not hold valid {what} "
                     f"({type(exc).__name__}: {exc}); save it again"

@@ -29,10 +29,7 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     if out_default is not None:
         p.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
-        p.add_argument(
-            "--overwrite", action="store_true", help="replace a non-empty output folder"
-        )
-
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
 def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -77,6 +74,7 @@ def _load_cli_model(args: argparse.Namespace, device: str | None = None):
 def _dataset_spec(args: argparse.Namespace) -> str:
     return f"images:{args.images}" if getattr(args, "images", None) else args.dataset
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``xnn`` (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -86,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         "class-specific gates, Excitation Backprop / CAM heatmaps and their metrics.",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="COMMAND",
+        dest="command",
+        metavar="COMMAND",
         parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
-    )  # fmt: skip
+    )
 
     p = sub.add_parser("demo", help="explain a bundled model end to end into an HTML report")
     _common(p, "xnn-report")
@@ -100,23 +99,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="explain any model on a dataset into an HTML report")
     _common(p, "xnn-report")
-    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
-                   "torchvision:NAME or a weights file with its card")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model spec: bundled:NAME, timm:NAME, "
+        "torchvision:NAME or a weights file with its card",
+    )
     _model_options(p, images=False)
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data` (default: synthetic)")
     p.add_argument("--fc-layer", default=None, help="layer of the XNN heads (default: fc6)")
-    p.add_argument("--conv-layer", default=None, help="layer of heatmaps and NMF (default: "
-                   "VGG pool4, ResNet layer3, else the middle stage)")  # fmt: skip
-    p.add_argument("--stages", default=None, help="comma-separated subset of: "
-                   "model,activations,xnn,heatmaps,localization,nmf,paths,gates")  # fmt: skip
-    p.add_argument("--methods", default=None, help="comma-separated attribution methods of "
-                   "the localization table (default: cmwp,mwp,gradcam,saliency)")  # fmt: skip
-    p.add_argument("--kinds", default=None, help="comma-separated XNN variants (default: "
-                   "srae,nn,sae,lasso,cae)")  # fmt: skip
-    p.add_argument("--n-train", type=int, default=None, help="training images (default: "
-                   "3000, --quick 600)")  # fmt: skip
-    p.add_argument("--n-test", type=int, default=None, help="test images (default: 600, "
-                   "--quick 120)")  # fmt: skip
+    p.add_argument(
+        "--conv-layer",
+        default=None,
+        help="layer of heatmaps and NMF (default: VGG pool4, ResNet layer3, else the middle stage)",
+    )
+    p.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of: "
+        "model,activations,xnn,heatmaps,localization,nmf,paths,gates",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated attribution methods of "
+        "the localization table (default: cmwp,mwp,gradcam,saliency)",
+    )
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated XNN variants (default: srae,nn,sae,lasso,cae)",
+    )
+    p.add_argument(
+        "--n-train", type=int, default=None, help="training images (default: 3000, --quick 600)"
+    )
+    p.add_argument(
+        "--n-test", type=int, default=None, help="test images (default: 600, --quick 120)"
+    )
     p.add_argument("--quick", action="store_true", help="small sample sizes")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -126,16 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="write sample images of a dataset with their annotations")
     _common(p, "xnn-data")
     p.add_argument(
-        "--dataset", default="synthetic",
+        "--dataset",
+        default="synthetic",
         help="synthetic | fashion-mnist | cub:PATH | masks:IMAGES:MASKS (default: synthetic)",
-    )  # fmt: skip
+    )
     p.add_argument("--n", type=int, default=24, help="number of samples (default: 24)")
     p.add_argument("--split", default="test", choices=["train", "test"])
 
     p = sub.add_parser("extract", help="stream activations of layers into a bank on disk")
     _common(p, "xnn-bank")
-    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
-                   "torchvision:NAME or a weights file")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model spec: bundled:NAME, timm:NAME, torchvision:NAME or a weights file",
+    )
     _model_options(p)
     p.add_argument("--layer", action="append", required=True, help="layer name (repeatable)")
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
@@ -144,89 +167,163 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", choices=["avg", "max"], default=None, help="pool spatial maps")
     p.add_argument("--float16", action="store_true", help="store float16")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grey-to-rgb", action="store_true", help="accept a grey dataset for a "
-                   "colour model (the channel is repeated)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
-
-    p = sub.add_parser("score", help="score heatmap methods with metrics into tables "
-                       "(resumable; shards over torchrun processes)")  # fmt: skip
-    _common(p, "xnn-scores")
-    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
-                   "torchvision:NAME or a weights file")  # fmt: skip
-    _model_options(p)
-    p.add_argument("--layer", default=None, help="read layer of EB / CAM methods (default: "
-                   "each method's own, e.g. VGG pool4)")  # fmt: skip
-    p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--methods", default="cmwp,gradcam", help="comma-separated attribution "
-                   "methods (default: cmwp,gradcam); besides the toolkit's own, the CAM "
-                   "family of pytorch-grad-cam (extra [cam]): scorecam, layercam, xgradcam, "
-                   "hirescam, eigencam, eigengradcam, ablationcam, fullgrad")  # fmt: skip
-    p.add_argument("--metrics", default="auto", help="comma-separated metrics, or auto: "
-                   "every metric the dataset's ground truth supports; quantus:NAME adds any "
-                   "Quantus metric (e.g. quantus:Sparseness, quantus:MaxSensitivity, "
-                   "quantus:RandomLogit), scored from the runner's maps")  # fmt: skip
-    p.add_argument("--target", default="label", choices=["label", "predicted"],
-                   help="class explained on each image (default: label)")  # fmt: skip
-    # --num-images: torchrun's own parser reads "--n" as an abbreviation of its --nnodes
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=200,
-                   help="number of images (default: 200); under torchrun use --num-images")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grey-to-rgb", action="store_true", help="accept a grey dataset for a "
-                   "colour model (the channel is repeated)")  # fmt: skip
-    p.add_argument("--shard-size", type=int, default=None, help="images per shard "
-                   "(default: 4 x batch size)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process while "
-                   "scoring (default: 1; tables are identical for any number of torchrun "
-                   "processes with the same value)")  # fmt: skip
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out (same arguments)")
-    p.add_argument("--save-maps", action="store_true", help="also write every heatmap "
-                   "(float32) to OUT/maps as safetensors shards + manifest.json; read them "
-                   "with xnn_toolkit.load_maps(OUT)")  # fmt: skip
+    p.add_argument(
+        "--grey-to-rgb",
+        action="store_true",
+        help="accept a grey dataset for a colour model (the channel is repeated)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser(
-        "figures", help="heatmap figures (PNG/SVG/PDF) of a model on a dataset",
+        "score",
+        help="score heatmap methods with metrics into tables "
+        "(resumable; shards over torchrun processes)",
+    )
+    _common(p, "xnn-scores")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model spec: bundled:NAME, timm:NAME, torchvision:NAME or a weights file",
+    )
+    _model_options(p)
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="read layer of EB / CAM methods (default: each method's own, e.g. VGG pool4)",
+    )
+    p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument(
+        "--methods",
+        default="cmwp,gradcam",
+        help="comma-separated attribution "
+        "methods (default: cmwp,gradcam); besides the toolkit's own, the CAM "
+        "family of pytorch-grad-cam (extra [cam]): scorecam, layercam, xgradcam, "
+        "hirescam, eigencam, eigengradcam, ablationcam, fullgrad",
+    )
+    p.add_argument(
+        "--metrics",
+        default="auto",
+        help="comma-separated metrics, or auto: "
+        "every metric the dataset's ground truth supports; quantus:NAME adds any "
+        "Quantus metric (e.g. quantus:Sparseness, quantus:MaxSensitivity, "
+        "quantus:RandomLogit), scored from the runner's maps",
+    )
+    p.add_argument(
+        "--target",
+        default="label",
+        choices=["label", "predicted"],
+        help="class explained on each image (default: label)",
+    )
+    # --num-images: torchrun's own parser reads "--n" as an abbreviation of its --nnodes
+    p.add_argument(
+        "--n",
+        "--num-images",
+        dest="n",
+        type=int,
+        default=200,
+        help="number of images (default: 200); under torchrun use --num-images",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--grey-to-rgb",
+        action="store_true",
+        help="accept a grey dataset for a colour model (the channel is repeated)",
+    )
+    p.add_argument(
+        "--shard-size", type=int, default=None, help="images per shard (default: 4 x batch size)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="deletion / insertion steps")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process while "
+        "scoring (default: 1; tables are identical for any number of torchrun "
+        "processes with the same value)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out (same arguments)",
+    )
+    p.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write every heatmap "
+        "(float32) to OUT/maps as safetensors shards + manifest.json; read them "
+        "with xnn_toolkit.load_maps(OUT)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "figures",
+        help="heatmap figures (PNG/SVG/PDF) of a model on a dataset",
         description="Explain the first --n images of a dataset with one or more attribution "
         "methods and write a grid of overlays (rows: images, columns: methods) as PNG, SVG "
         "and PDF, with an index.html; --xnn adds the thesis's XNN layout (image, 1-heatmap, "
         "x-features sorted by their contribution v_i E_i).",
         epilog="example: xnn figures --model bundled:vgg_synth --methods cmwp,gradcam "
         "--target label --n 6 --xnn --out figs",
-    )  # fmt: skip
+    )
     _common(p, "xnn-figures")
-    p.add_argument("--model", required=True, help="model spec: bundled:NAME, timm:NAME, "
-                   "torchvision:NAME or a weights file")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model spec: bundled:NAME, timm:NAME, torchvision:NAME or a weights file",
+    )
     _model_options(p)
     p.add_argument("--dataset", default="synthetic", help="as in `xnn data`")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--methods", "--method", default="cmwp", help="comma-separated methods of "
-                   "class logits, e.g. cmwp, mwp, gradcam, gradcam++, saliency, "
-                   "integrated_gradients (default: cmwp)")  # fmt: skip
-    p.add_argument("--target", default="label", help="class explained on each image: label, "
-                   "predicted, or a class index / name for all (default: label)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        "--method",
+        default="cmwp",
+        help="comma-separated methods of "
+        "class logits, e.g. cmwp, mwp, gradcam, gradcam++, saliency, "
+        "integrated_gradients (default: cmwp)",
+    )
+    p.add_argument(
+        "--target",
+        default="label",
+        help="class explained on each image: label, "
+        "predicted, or a class index / name for all (default: label)",
+    )
     p.add_argument("--n", type=int, default=8, help="number of images (default: 8)")
-    p.add_argument("--layer", default=None, help="read layer of c-MWP / MWP / Grad-CAM "
-                   "(default: VGG pool4, ResNet layer3)")  # fmt: skip
-    p.add_argument("--formats", default="png,svg,pdf", help="comma-separated figure formats "
-                   "(default: png,svg,pdf)")  # fmt: skip
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="read layer of c-MWP / MWP / Grad-CAM (default: VGG pool4, ResNet layer3)",
+    )
+    p.add_argument(
+        "--formats",
+        default="png,svg,pdf",
+        help="comma-separated figure formats (default: png,svg,pdf)",
+    )
     p.add_argument("--dpi", type=int, default=200, help="PNG resolution (default: 200)")
-    p.add_argument("--xnn", action="store_true", help="also fit an SRAE head and draw the XNN "
-                   "layout")  # fmt: skip
+    p.add_argument(
+        "--xnn", action="store_true", help="also fit an SRAE head and draw the XNN layout"
+    )
     p.add_argument("--fc-layer", default=None, help="layer of the XNN head (default: fc6)")
-    p.add_argument("--n-train", type=int, default=1000, help="training images of the XNN head "
-                   "(default: 1000)")  # fmt: skip
+    p.add_argument(
+        "--n-train", type=int, default=1000, help="training images of the XNN head (default: 1000)"
+    )
     p.add_argument("--n-features", type=int, default=5, help="x-features (default: 5)")
-    p.add_argument("--per-image", action="store_true", help="also one overlay per image and "
-                   "method")  # fmt: skip
+    p.add_argument("--per-image", action="store_true", help="also one overlay per image and method")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map (default: jet)")
-    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity of the per-image "
-                   "overlays (default: 0.5)")  # fmt: skip
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="heatmap opacity of the per-image overlays (default: 0.5)",
+    )
     p.add_argument("--colorbar", action="store_true", help="colour bar on per-image overlays")
-    p.add_argument("--save-maps", action="store_true", help="also write the heatmaps "
-                   "(float32) to OUT/maps; read them with xnn_toolkit.load_maps(OUT)")  # fmt: skip
+    p.add_argument(
+        "--save-maps",
+        action="store_true",
+        help="also write the heatmaps "
+        "(float32) to OUT/maps; read them with xnn_toolkit.load_maps(OUT)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -271,9 +368,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
         photos = c.get("photos_top1")
         if photos:  # a pretrained model: its top-1 on the bundled photos instead
             acc += "  photos: " + ", ".join(f"{k} -> {v[1]}" for k, v in photos.items())
-        print(
-            f"{c['name']:18} {c['arch']:27} {str(c['dataset'])[:22]:22} {size:12} {acc}"
-        )
+        print(f"{c['name']:18} {c['arch']:27} {str(c['dataset'])[:22]:22} {size:12} {acc}")
     return 0
 
 
@@ -301,8 +396,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         kp = torch.stack([a.keypoints for a in annotations])
         vis = torch.stack([a.visible for a in annotations])
         box = torch.stack([a.bbox for a in annotations])
-    fig = annotated_samples(x, kp, vis, box, titles=titles,
-                            part_names=getattr(ds, "part_names", None))  # fmt: skip
+    fig = annotated_samples(
+        x, kp, vis, box, titles=titles, part_names=getattr(ds, "part_names", None)
+    )
     out = _prepare_out(args.out, args.overwrite)
     paths = save_figure(fig, os.path.join(out, "samples"), formats=("png", "pdf"))
     print("\n".join(paths))
@@ -323,11 +419,18 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     made = not os.path.exists(out)
     try:
         bank = extract(
-            lm, ds, args.layer, pool=args.pool,
-            dtype=torch.float16 if args.float16 else torch.float32, path=out,
-            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-            resume=not args.overwrite, grey_to_rgb=args.grey_to_rgb,
-        )  # fmt: skip
+            lm,
+            ds,
+            args.layer,
+            pool=args.pool,
+            dtype=torch.float16 if args.float16 else torch.float32,
+            path=out,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+            resume=not args.overwrite,
+            grey_to_rgb=args.grey_to_rgb,
+        )
     except BaseException:
         if made and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)  # an empty folder left by the failure
@@ -341,9 +444,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _prepare_out(args.out, args.overwrite, create=False)
     index = run_demo(
-        out=args.out, overwrite=args.overwrite, model=args.model, device=args.device,
-        seed=args.seed, quick=args.quick, progress=not args.no_progress,
-    )  # fmt: skip
+        out=args.out,
+        overwrite=args.overwrite,
+        model=args.model,
+        device=args.device,
+        seed=args.seed,
+        quick=args.quick,
+        progress=not args.no_progress,
+    )
     print(f"report written to {index}")
     return 0
 
@@ -353,11 +461,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     model = _load_cli_model(args, args.device) if args.pretrained or args.weights else args.model
     kw = dict(
-        model=model, dataset=args.dataset, fc_layer=args.fc_layer,
-        conv_layer=args.conv_layer, n_train=args.n_train, n_test=args.n_test,
-        device=args.device, seed=args.seed, progress=not args.no_progress,
-        methods=_names(args.methods), kinds=_names(args.kinds),
-    )  # fmt: skip
+        model=model,
+        dataset=args.dataset,
+        fc_layer=args.fc_layer,
+        conv_layer=args.conv_layer,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        methods=_names(args.methods),
+        kinds=_names(args.kinds),
+    )
     kw = {k: v for k, v in kw.items() if v is not None}  # unset: the (quick) default
     cfg = ExplainConfig.quick(**kw) if args.quick else ExplainConfig(**kw)
     stages = args.stages.split(",") if args.stages else None
@@ -385,17 +500,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
         return tuple(v.strip() for v in text.split(",") if v.strip())
 
     cfg = ScoringConfig(
-        methods=names(args.methods), metrics=None if args.metrics == "auto" else
-        names(args.metrics), layer=args.layer, target=args.target, n=args.n,
-        batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        steps=args.steps, threads=args.threads, save_maps=args.save_maps,
-    )  # fmt: skip
+        methods=names(args.methods),
+        metrics=None if args.metrics == "auto" else names(args.metrics),
+        layer=args.layer,
+        target=args.target,
+        n=args.n,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        steps=args.steps,
+        threads=args.threads,
+        save_maps=args.save_maps,
+    )
     lm = _load_cli_model(args, device)
     # raw images: score_dataset normalises them after checking that data and model fit
     ds = load_dataset(_dataset_spec(args), split=args.split, n=args.n, model=lm)
-    res = score_dataset(lm, ds, cfg, out=args.out, overwrite=args.overwrite,
-                        resume=args.resume, progress=not args.no_progress,
-                        grey_to_rgb=args.grey_to_rgb)  # fmt: skip
+    res = score_dataset(
+        lm,
+        ds,
+        cfg,
+        out=args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+        grey_to_rgb=args.grey_to_rgb,
+    )
     if rank == 0:
         shown = list(res.manifest["metrics"])
         print(f"{'target':10} {'method':10} " + " ".join(f"{m[:14]:>14}" for m in shown))
@@ -414,20 +543,39 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     out = _prepare_out(args.out, args.overwrite, create=False)
     lm = _load_cli_model(args, args.device)
     report = figure_report(
-        lm, _dataset_spec(args), _names(args.methods) or (), target=args.target, n=args.n,
-        split=args.split, layer=args.layer, xnn=args.xnn, fc_layer=args.fc_layer,
-        n_train=args.n_train, n_features=args.n_features, formats=_names(args.formats) or (),
-        dpi=args.dpi, device=args.device, seed=args.seed, progress=not args.no_progress,
-        per_image=args.per_image, cmap=args.cmap, alpha=args.alpha, colorbar=args.colorbar,
-    )  # fmt: skip
+        lm,
+        _dataset_spec(args),
+        _names(args.methods) or (),
+        target=args.target,
+        n=args.n,
+        split=args.split,
+        layer=args.layer,
+        xnn=args.xnn,
+        fc_layer=args.fc_layer,
+        n_train=args.n_train,
+        n_features=args.n_features,
+        formats=_names(args.formats) or (),
+        dpi=args.dpi,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        per_image=args.per_image,
+        cmap=args.cmap,
+        alpha=args.alpha,
+        colorbar=args.colorbar,
+    )
     index = report.write(out, overwrite=args.overwrite)
     if args.save_maps:
         from .report.export import save_figure_maps
 
         save_figure_maps(report, os.path.join(out, "maps"))
-    print("\n".join(sorted(
-        os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))
-    )))  # fmt: skip
+    print(
+        "\n".join(
+            sorted(
+                os.path.join(out, "figures", f) for f in os.listdir(os.path.join(out, "figures"))
+            )
+        )
+    )
     print(f"index: {index}")
     return 0
 
@@ -454,8 +602,9 @@ def _prepare_out(out: str, overwrite: bool, create: bool = True) -> str:
     try:  # os.access answers yes to root even where nothing can be written: try it
         os.rmdir(tempfile.mkdtemp(dir=parent or ".", prefix=".xnn-write-test-"))
     except OSError as exc:
-        raise InputError(f"--out {out!r} is not writable ({exc.strerror}); choose another "
-                         "folder") from exc  # fmt: skip
+        raise InputError(
+            f"--out {out!r} is not writable ({exc.strerror}); choose another folder"
+        ) from exc
     if create:
         try:
             os.makedirs(out, exist_ok=True)

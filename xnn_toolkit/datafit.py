@@ -142,9 +142,12 @@ class DataFit:
 
         what = f"{self.arg} (images {start}..{start + _len(x) - 1})"
         if (
-            isinstance(x, torch.Tensor) and x.dim() != 4 and x.dim() >= 2
-            and self.in_chans is None and self.mean is None
-        ):  # fmt: skip
+            isinstance(x, torch.Tensor)
+            and x.dim() != 4
+            and x.dim() >= 2
+            and self.in_chans is None
+            and self.mean is None
+        ):
             # a model without convolutions (an MLP on vectors): no image rules to apply
             try:
                 check_input(x.reshape(x.shape[0], -1, 1, 1))
@@ -334,9 +337,13 @@ def data_fit(
     return DataFit(
         mean=pre.mean if pre is not None else None,
         std=pre.std if pre is not None else None,
-        space=space, in_chans=in_chans, num_classes=k if labels_are_classes else None,
-        grey_to_rgb=grey_to_rgb, arg=arg, dtype=dtype,
-    )  # fmt: skip
+        space=space,
+        in_chans=in_chans,
+        num_classes=k if labels_are_classes else None,
+        grey_to_rgb=grey_to_rgb,
+        arg=arg,
+        dtype=dtype,
+    )
 
 
 def _first_image(data: object) -> torch.Tensor | None:

@@ -161,8 +161,10 @@ class ActivationBank:
         if labels is None:
             labels = torch.full((n,), -1, dtype=torch.long)
         labels = torch.as_tensor(labels).detach().cpu()
-        if labels.shape != (n,) or labels.is_floating_point() and not bool(
-            (labels == labels.round()).all()
+        if (
+            labels.shape != (n,)
+            or labels.is_floating_point()
+            and not bool((labels == labels.round()).all())
         ):
             raise InputError(f"labels must be N = {n} integers, got shape {tuple(labels.shape)}")
         shard["labels"] = labels.long().contiguous()
@@ -251,13 +253,15 @@ class ActivationBank:
                 continue
             rows = (idx[sel] - a).numpy()
             arr = self._array(s, key)
-            out[sel] = self._as_float(arr[torch.from_numpy(rows)] if isinstance(
-                arr, torch.Tensor) else arr[rows])
+            out[sel] = self._as_float(
+                arr[torch.from_numpy(rows)] if isinstance(arr, torch.Tensor) else arr[rows]
+            )
         return out
 
     def _check_indices(self, indices) -> torch.Tensor:
-        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor)
-                              else indices.cpu())
+        idx = torch.as_tensor(
+            np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices.cpu()
+        )
         if idx.dim() != 1 or (idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool)):
             raise InputError(
                 f"indices must be a 1-D sequence of integer positions, got shape "
@@ -299,7 +303,7 @@ class ActivationBank:
             pos = 0
             while pos < n:
                 take = min(batch_size - have, n - pos)
-                pending.append(self._as_float(arr[pos:pos + take]))
+                pending.append(self._as_float(arr[pos : pos + take]))
                 have += take
                 pos += take
                 if have == batch_size:
@@ -317,8 +321,9 @@ class ActivationBank:
         parts = []
         for s in range(len(self._shards)):
             arr = self._array(s, key)
-            parts.append(arr.clone() if isinstance(arr, torch.Tensor)
-                         else torch.from_numpy(np.array(arr)))
+            parts.append(
+                arr.clone() if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
+            )
         out = torch.cat(parts)
         out = out.float() if key == "logits" else out.long()
         self._cache[key] = out
@@ -388,9 +393,13 @@ class ActivationBank:
             arrays = {k: self._array(s, k) for k in keys}
             n = self._sizes[s]
             for a in range(0, n, per):
-                chunk = {k: np.asarray(
-                    v[a:a + per].numpy() if isinstance(v, torch.Tensor) else v[a:a + per],
-                    dtype=dtypes[k]) for k, v in arrays.items()}
+                chunk = {
+                    k: np.asarray(
+                        v[a : a + per].numpy() if isinstance(v, torch.Tensor) else v[a : a + per],
+                        dtype=dtypes[k],
+                    )
+                    for k, v in arrays.items()
+                }
                 _write_shard(root, manifest, chunk, commit=False)
             del arrays
         manifest["complete"] = True
@@ -455,8 +464,7 @@ def _new_manifest(layers, pool, dtype, fingerprint, shapes, dtypes) -> dict[str,
         "model": fingerprint,
         "expected_samples": None,
         "arrays": {
-            k: {"sample_shape": list(shapes[k]), "dtype": np.dtype(dtypes[k]).str}
-            for k in shapes
+            k: {"sample_shape": list(shapes[k]), "dtype": np.dtype(dtypes[k]).str} for k in shapes
         },
         "shards": [],
     }
@@ -618,7 +626,11 @@ def _bank_from_manifest(root: Path, manifest: dict) -> ActivationBank:
         shards.append(entry)
     shapes = {k: tuple(v["sample_shape"]) for k, v in manifest["arrays"].items()}
     return ActivationBank(
-        manifest["layers"], shards, shapes, path=root, pool=manifest["pool"],
+        manifest["layers"],
+        shards,
+        shapes,
+        path=root,
+        pool=manifest["pool"],
         dtype=_DTYPES[manifest["dtype"]],
     )
 
@@ -688,8 +700,9 @@ def _data_probe(data: object, total: int | None, k: int = 8) -> int | None:
     for i in sorted({round(j * (total - 1) / max(k - 1, 1)) for j in range(k)}):
         item = data[i]
         if isinstance(item, dict):
-            item = next((item[key] for key in ("image", "x", "input", "inputs", "img")
-                         if key in item), None)  # fmt: skip
+            item = next(
+                (item[key] for key in ("image", "x", "input", "inputs", "img") if key in item), None
+            )
         elif isinstance(item, list | tuple):
             item = item[0] if item else None
         if not isinstance(item, torch.Tensor):
@@ -800,12 +813,16 @@ def _batches(data: Any, batch_size: int, skip: int) -> Iterator[tuple[torch.Tens
         if data.dim() < 1:
             raise InputError("data must be an N x ... Tensor, got a scalar")
         for a in range(skip, data.shape[0], batch_size):
-            yield data[a:a + batch_size], None
+            yield data[a : a + batch_size], None
         return
     if _is_map_dataset(data):
         n = len(data)
-        loader = DataLoader(Subset(data, range(min(skip, n), n)), batch_size=batch_size,
-                            shuffle=False, collate_fn=_collate)
+        loader = DataLoader(
+            Subset(data, range(min(skip, n), n)),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=_collate,
+        )
         yield from loader
         return
     if (
@@ -818,15 +835,24 @@ def _batches(data: Any, batch_size: int, skip: int) -> Iterator[tuple[torch.Tens
         # A sequential loader over a map-style dataset: restart it at ``skip`` instead of
         # loading and discarding the finished samples.
         n = len(data.dataset)  # type: ignore[arg-type]
-        extra = {
-            "prefetch_factor": data.prefetch_factor,
-            "multiprocessing_context": data.multiprocessing_context,
-        } if data.num_workers else {}
+        extra = (
+            {
+                "prefetch_factor": data.prefetch_factor,
+                "multiprocessing_context": data.multiprocessing_context,
+            }
+            if data.num_workers
+            else {}
+        )
         data = DataLoader(
-            Subset(data.dataset, range(min(skip, n), n)), batch_size=data.batch_size,
-            shuffle=False, num_workers=data.num_workers, collate_fn=data.collate_fn,
-            pin_memory=data.pin_memory, timeout=data.timeout,
-            worker_init_fn=data.worker_init_fn, persistent_workers=data.persistent_workers,
+            Subset(data.dataset, range(min(skip, n), n)),
+            batch_size=data.batch_size,
+            shuffle=False,
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+            persistent_workers=data.persistent_workers,
             **extra,
         )
         skip = 0
@@ -902,12 +928,11 @@ class _ShardWriter:
         while pos < n:
             if not self.buffers:
                 self.buffers = {
-                    k: np.empty((self.size, *v.shape[1:]), dtype=v.dtype)
-                    for k, v in arrays.items()
+                    k: np.empty((self.size, *v.shape[1:]), dtype=v.dtype) for k, v in arrays.items()
                 }
             take = min(self.size - self.fill, n - pos)
             for k, v in arrays.items():
-                self.buffers[k][self.fill:self.fill + take] = v[pos:pos + take]
+                self.buffers[k][self.fill : self.fill + take] = v[pos : pos + take]
             self.fill += take
             pos += take
             if self.fill == self.size:
@@ -915,8 +940,9 @@ class _ShardWriter:
 
     def flush(self) -> None:
         if self.fill:
-            _write_shard(self.root, self.manifest,
-                         {k: v[:self.fill] for k, v in self.buffers.items()})
+            _write_shard(
+                self.root, self.manifest, {k: v[: self.fill] for k, v in self.buffers.items()}
+            )
         self.fill = 0
 
     def finish(self) -> None:
@@ -1036,8 +1062,9 @@ def extract(
     fingerprint = _model_fingerprint(model) if root is not None else None
     probe = _data_probe(data, total) if root is not None else None
     if root is not None:
-        manifest = _open_for_resume(root, names, pool, dtype, shard_size, fingerprint, total,
-                                    resume, probe, reuse)  # fmt: skip
+        manifest = _open_for_resume(
+            root, names, pool, dtype, shard_size, fingerprint, total, resume, probe, reuse
+        )
         if manifest is not None and manifest["complete"]:
             return ActivationBank.load(root)
     skip = int(manifest["num_samples"]) if manifest is not None else 0
@@ -1045,8 +1072,24 @@ def extract(
     if root is not None and manifest is None:
         _prepare_dir(root, fresh=False, overwrite=True)
     try:
-        return _extract_into(model, data, names, root, manifest, fit, pool, dtype, shard_size,
-                             fingerprint, total, probe, batch_size, skip, dev, progress)
+        return _extract_into(
+            model,
+            data,
+            names,
+            root,
+            manifest,
+            fit,
+            pool,
+            dtype,
+            shard_size,
+            fingerprint,
+            total,
+            probe,
+            batch_size,
+            skip,
+            dev,
+            progress,
+        )
     except BaseException:
         if root is not None and skip == 0:
             _discard_empty(root, made_root)  # nothing half-written: no bank without a shard
@@ -1072,9 +1115,23 @@ def _discard_empty(root: Path, made_root: bool) -> None:
 
 
 def _extract_into(
-    model, data, names, root, manifest, fit, pool, dtype, shard_size, fingerprint, total, probe,
-    batch_size, skip, dev, progress,
-) -> ActivationBank:  # fmt: skip
+    model,
+    data,
+    names,
+    root,
+    manifest,
+    fit,
+    pool,
+    dtype,
+    shard_size,
+    fingerprint,
+    total,
+    probe,
+    batch_size,
+    skip,
+    dev,
+    progress,
+) -> ActivationBank:
 
     writer: _ShardWriter | None = _ShardWriter(root, manifest) if manifest else None
     collector = _MemoryCollector(total)
@@ -1092,8 +1149,9 @@ def _extract_into(
                 arrays = _collect(rec.activations, names, out, y, n, seen, b, pool, dtype)
                 if root is not None:
                     if writer is None:
-                        manifest = _start_manifest(root, names, pool, dtype, shard_size,
-                                                   fingerprint, total, arrays, probe)
+                        manifest = _start_manifest(
+                            root, names, pool, dtype, shard_size, fingerprint, total, arrays, probe
+                        )
                         writer = _ShardWriter(root, manifest)
                     writer.add({k: v.numpy() for k, v in arrays.items()})
                 else:
@@ -1133,7 +1191,7 @@ class _MemoryCollector:
             for k, v in arrays.items():
                 if k not in self.full:
                     self.full[k] = torch.empty((self.total, *v.shape[1:]), dtype=v.dtype)
-                self.full[k][at:at + n] = v
+                self.full[k][at : at + n] = v
             return
         if self.total is not None:  # more samples than announced: switch to a list
             self.parts = {k: [t[:at]] for k, t in self.full.items()}
@@ -1184,8 +1242,13 @@ def _collect(acts, names, out, y, n, start, batch, pool, dtype) -> dict[str, tor
             )
         pooled = _pool(a, pool)
         stored = pooled.to(dtype)
-        _check_finite(stored, f"layer {name!r}", batch, start,
-                      source=pooled if dtype != pooled.dtype else None)
+        _check_finite(
+            stored,
+            f"layer {name!r}",
+            batch,
+            start,
+            source=pooled if dtype != pooled.dtype else None,
+        )
         arrays[f"act{i}"] = stored.cpu().contiguous()
     logits = out.detach().flatten(1).float() if out.dim() > 1 else out.detach().float()[:, None]
     if logits.shape[0] != n:
@@ -1223,8 +1286,10 @@ def _open_for_resume(
     diffs = [f"{k} {manifest[k]!r} (asked {v!r})" for k, v in wanted.items() if manifest[k] != v]
     if shard_size is not None and manifest["shard_size"] != shard_size:
         diffs.append(f"shard_size {manifest['shard_size']} (asked {shard_size})")
-    if manifest.get("expected_samples") is not None and total is not None and (
-        manifest["expected_samples"] != total
+    if (
+        manifest.get("expected_samples") is not None
+        and total is not None
+        and (manifest["expected_samples"] != total)
     ):
         diffs.append(f"{manifest['expected_samples']} samples (the data has {total})")
     if not _same_model(manifest.get("model"), fingerprint):

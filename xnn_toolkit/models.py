@@ -46,8 +46,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_PREFIXES = {"timm": "timm", "torchvision": "torchvision", "tv": "torchvision",
-             "zoo": "zoo", "bundled": "bundled"}
+_PREFIXES = {
+    "timm": "timm",
+    "torchvision": "torchvision",
+    "tv": "torchvision",
+    "zoo": "zoo",
+    "bundled": "bundled",
+}
 
 
 @dataclass
@@ -238,8 +243,9 @@ def load_model(
     (0.485, 0.456, 0.406)
     """
     for arg, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):  # fmt: skip
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
             raise SpecError(f"{arg} must be a positive int or None, got {value!r}")
     if device is not None:
         from ._device import resolve_device
@@ -368,9 +374,7 @@ def _from_timm(name, pretrained, num_classes, in_chans, kwargs) -> LoadedModel:
 
     arch, _tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        raise SpecError(
-            f"timm has no model {arch!r}; " + close_matches(arch, timm.list_models())
-        )
+        raise SpecError(f"timm has no model {arch!r}; " + close_matches(arch, timm.list_models()))
     args = dict(kwargs)
     if num_classes is not None:
         args["num_classes"] = num_classes
@@ -378,7 +382,8 @@ def _from_timm(name, pretrained, num_classes, in_chans, kwargs) -> LoadedModel:
         args["in_chans"] = in_chans
     model = _construct(
         lambda: timm.create_model(name, pretrained=pretrained, **args),
-        f"timm model {name!r}", pretrained,
+        f"timm model {name!r}",
+        pretrained,
     )
     if not pretrained:
         _warn_random(f"timm:{name}")
@@ -439,7 +444,8 @@ def _from_torchvision(name, pretrained, num_classes, in_chans, kwargs) -> Loaded
     weights = "DEFAULT" if pretrained else None
     model = _construct(
         lambda: tvm.get_model(name, weights=weights, **args),
-        f"torchvision model {name!r}", pretrained,
+        f"torchvision model {name!r}",
+        pretrained,
     )
     if not pretrained:
         _warn_random(f"torchvision:{name}")
@@ -478,18 +484,24 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
     """Replace the first convolution by one with ``in_chans`` inputs (timm's adaptation)."""
     from timm.models import adapt_input_conv
 
-    found = next(
-        ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None
-    )
+    found = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     if found is None:
         raise SpecError(f"{type(model).__name__} has no Conv2d whose input channels to change")
     name, conv = found
     if conv.groups != 1:
         raise SpecError(f"cannot adapt the grouped first convolution {name!r} to {in_chans} inputs")
     new = nn.Conv2d(
-        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, 1, conv.bias is not None, conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        1,
+        conv.bias is not None,
+        conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(adapt_input_conv(in_chans, conv.weight.detach(), conv.in_channels))
@@ -551,8 +563,10 @@ def _from_bundled(name, num_classes, in_chans, kwargs) -> LoadedModel:
     model, card = _zoo().load_bundled(name)
     card = dict(card)
     k = card.get("num_classes", _last_linear_out(model))
-    for arg, value, have in (("num_classes", num_classes, k),
-                             ("in_chans", in_chans, _first_conv_channels(model))):
+    for arg, value, have in (
+        ("num_classes", num_classes, k),
+        ("in_chans", in_chans, _first_conv_channels(model)),
+    ):
         if value is not None and have is not None and value != have:
             raise SpecError(
                 f"the bundled model {name!r} has {arg}={have}, not {value}; omit {arg} or "
@@ -632,14 +646,16 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
         )
     raw_args = card.get("arch_kwargs", card.get("kwargs", {})) or {}
     if not isinstance(raw_args, dict):
-        raise AssetError(f"the card {card_path} needs 'arch_kwargs' as a JSON object, got "
-                         f"{raw_args!r}")  # fmt: skip
+        raise AssetError(
+            f"the card {card_path} needs 'arch_kwargs' as a JSON object, got {raw_args!r}"
+        )
     names = card.get("class_names")
     if names is not None and (
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
     ):
-        raise AssetError(f"the card {card_path} needs 'class_names' as a list of strings or "
-                         f"null, got {names!r}")  # fmt: skip
+        raise AssetError(
+            f"the card {card_path} needs 'class_names' as a list of strings or null, got {names!r}"
+        )
     args = dict(raw_args)
     args.update(kwargs)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
@@ -664,21 +680,28 @@ def _from_file(path, pretrained, num_classes, in_chans, trust_pickle, kwargs) ->
     try:
         base = _load(arch, False, k_arg, c_arg, False, args)
     except SpecError as exc:
-        raise SpecError(f"the card {card_path} names an architecture that cannot be built "
-                        f"({arch!r}): {exc}") from None  # fmt: skip
+        raise SpecError(
+            f"the card {card_path} names an architecture that cannot be built ({arch!r}): {exc}"
+        ) from None
     except (TypeError, ValueError) as exc:
-        raise AssetError(f"the card {card_path} describes an architecture that cannot be "
-                         f"built ({arch!r}, {args}): {exc}") from None  # fmt: skip
+        raise AssetError(
+            f"the card {card_path} describes an architecture that cannot be "
+            f"built ({arch!r}, {args}): {exc}"
+        ) from None
     state = _read_state_dict(path, is_safetensors)
     _load_state(base.model, state, path)
     prep = _preprocessing_from_card(card, base.preprocessing, str(card_path))
     k = card.get("num_classes", base.num_classes)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise AssetError(f"the card {card_path} needs 'num_classes' as a positive int, got "
-                         f"{k!r}")  # fmt: skip
+        raise AssetError(f"the card {card_path} needs 'num_classes' as a positive int, got {k!r}")
     return LoadedModel(
-        base.model, prep, str(path), str(card.get("name", path.stem)), k,
-        list(names) if names else base.class_names, card,
+        base.model,
+        prep,
+        str(path),
+        str(card.get("name", path.stem)),
+        k,
+        list(names) if names else base.class_names,
+        card,
     )
 
 
@@ -782,8 +805,11 @@ def _load_state(
     ]
     if missing or unexpected or wrong:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape (file vs model)", wrong)):
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape (file vs model)", wrong),
+        ):
             if items:
                 more = f" and {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")

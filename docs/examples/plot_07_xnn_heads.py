@@ -22,8 +22,9 @@ lm = xt.load_model("bundled:vgg_synth")
 data = SyntheticParts(400, seed=SyntheticParts.TRAIN_SEED)
 images, parts = data.render_batch(range(400))
 x = lm.preprocessing.normalize(images)
-bank = xt.extract(lm.model, torch.utils.data.TensorDataset(x, parts.labels), ["fc6"],
-                  progress=False)  # fmt: skip
+bank = xt.extract(
+    lm.model, torch.utils.data.TensorDataset(x, parts.labels), ["fc6"], progress=False
+)
 c = int(parts.labels[0])  # explain the class of the first image
 heads = XNN(
     n_features=5,

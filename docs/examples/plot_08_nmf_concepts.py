@@ -19,8 +19,9 @@ lm = xt.load_model("bundled:vgg_synth")
 images, parts = SyntheticParts(64, seed=SyntheticParts.TEST_SEED).render_batch(range(64))
 x = lm.preprocessing.normalize(images)
 layer = xt.default_read_layer(lm.model)
-bank = xt.extract(lm.model, torch.utils.data.TensorDataset(x, parts.labels), [layer],
-                  progress=False)  # fmt: skip
+bank = xt.extract(
+    lm.model, torch.utils.data.TensorDataset(x, parts.labels), [layer], progress=False
+)
 nmf = NMFConcepts(rank=4, random_state=0).fit(bank, layer=layer)
 scores = nmf.transform(bank, layer=layer)  # N x r x h x w concept maps
 print("concept maps", tuple(scores.shape), "reconstruction error", nmf.reconstruction_err_)

@@ -22,10 +22,12 @@ rows = []
 for method in ("cmwp", "mwp", "gradcam", "saliency"):
     maps = explain(lm.model, x, parts.labels, method=method).heatmap
     rows.append(
-        (method,
-         float(pointing_game(maps, parts).float().mean()),
-         float(energy_pointing_game(maps, parts).mean()))
-    )  # fmt: skip
+        (
+            method,
+            float(pointing_game(maps, parts).float().mean()),
+            float(energy_pointing_game(maps, parts).mean()),
+        )
+    )
 
 print(f"{'method':10s} {'pointing':>9s} {'energy':>7s}")
 for method, pg, epg in rows:
@@ -35,6 +37,9 @@ for method, pg, epg in rows:
 # The same table as a figure.
 fig, ax = plt.subplots(figsize=(5, 2.2))
 ax.axis("off")
-ax.table(cellText=[[m, f"{pg:.3f}", f"{e:.3f}"] for m, pg, e in rows],
-         colLabels=["method", "pointing game", "energy pointing"], loc="center")  # fmt: skip
+ax.table(
+    cellText=[[m, f"{pg:.3f}", f"{e:.3f}"] for m, pg, e in rows],
+    colLabels=["method", "pointing game", "energy pointing"],
+    loc="center",
+)
 plt.show()

@@ -32,9 +32,12 @@ scorecam = explain(model, x, y, method="scorecam", batch_size=64).heatmap  # 4 x
 # %%
 # A Quantus metric on c-MWP.
 sparseness = quantus.Sparseness(disable_warnings=True)(
-    model=model, x_batch=x.numpy(), y_batch=y.numpy(),
-    explain_func=quantus_explain_func("cmwp"), device="cpu",
-)  # fmt: skip
+    model=model,
+    x_batch=x.numpy(),
+    y_batch=y.numpy(),
+    explain_func=quantus_explain_func("cmwp"),
+    device="cpu",
+)
 print("Quantus Sparseness of c-MWP per image:", [round(float(s), 3) for s in sparseness])
 
 # %%

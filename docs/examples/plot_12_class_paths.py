@@ -16,8 +16,9 @@ from xnn_toolkit.heads import ClassPaths
 from xnn_toolkit.viz import path_mask_figure, path_similarity_figure
 
 lm = xt.load_model("bundled:vgg_synth")
-data = load_dataset("synthetic", split="train", n=240, annotations=False,
-                    preprocessing=lm.preprocessing)  # fmt: skip
+data = load_dataset(
+    "synthetic", split="train", n=240, annotations=False, preprocessing=lm.preprocessing
+)
 paths = ClassPaths(epochs=2, batch_size=32, random_state=0).fit(lm.model, data)
 
 # %%

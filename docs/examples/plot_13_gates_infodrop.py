@@ -19,8 +19,9 @@ from xnn_toolkit.heads import ClassSpecificGates, InformationDropout
 from xnn_toolkit.viz import gate_matrix_figure, information_heatmap_figure
 
 lm = xt.load_model("bundled:vgg_synth")
-data = load_dataset("synthetic", split="train", n=240, annotations=False,
-                    preprocessing=lm.preprocessing)  # fmt: skip
+data = load_dataset(
+    "synthetic", split="train", n=240, annotations=False, preprocessing=lm.preprocessing
+)
 gates = ClassSpecificGates(epochs=3, warmup=1, batch_size=32, random_state=0).fit(lm.model, data)
 fig = gate_matrix_figure(gates.gates_, class_names=lm.class_names, title="gate matrix G")
 plt.show()

@@ -24,8 +24,20 @@ from xnn_toolkit.errors import InputError, LayerNotFoundError, SpecError, XnnErr
 
 def test_registry_lists_every_method():
     names = available_methods()
-    for n in ["mwp", "cmwp", "cam", "gradcam", "gradcam++", "gradmap", "activmap", "saliency",
-              "input_x_gradient", "integrated_gradients", "guided_backprop", "occlusion"]:
+    for n in [
+        "mwp",
+        "cmwp",
+        "cam",
+        "gradcam",
+        "gradcam++",
+        "gradmap",
+        "activmap",
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "guided_backprop",
+        "occlusion",
+    ]:
         assert n in names
     assert get_method("Grad-CAM").name == "gradcam"
 
@@ -137,8 +149,13 @@ def test_layers_not_between_input_and_target():
 def test_models_whose_output_is_not_a_tensor():
     for method in ["mwp", "gradcam", "saliency", "cam"]:
         with pytest.raises(XnnError, match="not a tensor"):
-            explain(_DictModel(), torch.rand(1, 3, 8, 8), 0, method=method, layer=None
-                    if method in ("saliency", "cam") else "c")
+            explain(
+                _DictModel(),
+                torch.rand(1, 3, 8, 8),
+                0,
+                method=method,
+                layer=None if method in ("saliency", "cam") else "c",
+            )
 
 
 def test_head_must_be_a_module():

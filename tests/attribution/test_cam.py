@@ -84,9 +84,9 @@ def test_cam_is_the_class_weighted_sum_of_the_last_maps(resnet):
         resnet(x)
     h.remove()
     a, w = grabbed["a"], resnet.fc.weight.detach()
-    ref = torch.stack([
-        sum(w[c, k] * a[n, k] for k in range(a.shape[1])) for n, c in enumerate([6, 0])
-    ])
+    ref = torch.stack(
+        [sum(w[c, k] * a[n, k] for k in range(a.shape[1])) for n, c in enumerate([6, 0])]
+    )
     res = CAM(resnet).attribute(x, [6, 0])
     torch.testing.assert_close(res.raw, ref, rtol=1e-5, atol=1e-5)
     assert res.metadata.layer == "fc.input_map"

@@ -56,7 +56,9 @@ def test_activmap_is_the_upsampled_filter_map():
     torch.testing.assert_close(res.mask, ref > thr[[0, 3, 2]].view(3, 1, 1))
     small = ActivMap(net, layer="2").attribute(x, Channel("2", 1))
     up = torch.nn.functional.interpolate(
-        torch.nn.functional.max_pool2d(a, 2)[:, 1:2], size=(16, 16), mode="bilinear",
+        torch.nn.functional.max_pool2d(a, 2)[:, 1:2],
+        size=(16, 16),
+        mode="bilinear",
         align_corners=False,
     )[:, 0]
     torch.testing.assert_close(small.heatmap, up)

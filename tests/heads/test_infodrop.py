@@ -53,8 +53,9 @@ def test_noise_is_reparametrised_log_normal():
     n = torch.randn(f.shape, generator=torch.Generator().manual_seed(7))
     assert torch.allclose(z, f * torch.exp(0.4 * n))
     z.sum().backward()
-    assert torch.allclose(alpha.grad, (f * n * torch.exp(0.4 * n)).sum((2, 3), keepdim=True),
-                          rtol=1e-4)  # fmt: skip
+    assert torch.allclose(
+        alpha.grad, (f * n * torch.exp(0.4 * n)).sum((2, 3), keepdim=True), rtol=1e-4
+    )
     # log(z / f) / α is standard normal
     big = torch.ones(200_000)
     e = torch.log(log_normal_noise(big, torch.tensor(0.5), torch.Generator().manual_seed(0)))
@@ -95,9 +96,12 @@ def test_kl_log_normal_matches_gaussian_kl():
     ref = kl_divergence(Normal(torch.log(f), alpha), Normal(mu.expand(6, 4), sigma.expand(6, 4)))
     assert torch.allclose(got, ref, atol=1e-5)
     i, j = 2, 3
-    lit = (float(alpha[i, j]) ** 2 + (math.log(float(f[i, j])) - float(mu[j])) ** 2) / (
-        2 * float(sigma[j]) ** 2
-    ) + math.log(float(sigma[j]) / float(alpha[i, j])) - 0.5
+    lit = (
+        (float(alpha[i, j]) ** 2 + (math.log(float(f[i, j])) - float(mu[j])) ** 2)
+        / (2 * float(sigma[j]) ** 2)
+        + math.log(float(sigma[j]) / float(alpha[i, j]))
+        - 0.5
+    )
     assert got[i, j].item() == pytest.approx(lit, rel=1e-5)
     with pytest.raises(InputError, match="strictly positive"):
         kl_log_normal(alpha, f - 10, mu, sigma)
@@ -226,8 +230,9 @@ def test_log_normal_prior_on_positive_layer_and_tc():
     assert torch.allclose(idr.prior_mu_["1"], lf.mean(0), atol=1e-5)
     assert torch.allclose(idr.prior_sigma_["1"], lf.std(0, unbiased=False), atol=1e-5)
     kl = idr.kl(net, x, y)["1"]
-    ref = kl_log_normal(idr.alphas_["1"][y], torch.exp(lf), idr.prior_mu_["1"],
-                        idr.prior_sigma_["1"])  # fmt: skip
+    ref = kl_log_normal(
+        idr.alphas_["1"][y], torch.exp(lf), idr.prior_mu_["1"], idr.prior_sigma_["1"]
+    )
     assert torch.allclose(kl, ref, atol=1e-5)
     tc = idr.total_correlation(net, (x, y))["1"]
     # literal: -1/2 log det(Σ0^-1 Σ) of the log-activations' covariance

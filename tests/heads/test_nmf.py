@@ -163,8 +163,15 @@ def _sk_steps(X, W0, H0, solver, n):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         W, H, _ = non_negative_factorization(
-            X, W=W0.copy(), H=H0.copy(), n_components=W0.shape[1], init="custom",
-            solver=solver, max_iter=n, tol=0.0, random_state=0,
+            X,
+            W=W0.copy(),
+            H=H0.copy(),
+            n_components=W0.shape[1],
+            init="custom",
+            solver=solver,
+            max_iter=n,
+            tol=0.0,
+            random_state=0,
         )
     return W, H
 
@@ -195,8 +202,13 @@ def test_fit_full_without_extrapolation_is_sklearn_cd(acts):
     n = 5
     # After iteration k the solver holds (M_k, S_{k-1}); stop at k = n + 1 to compare S_n.
     res = solvers.fit_full(
-        X, torch.from_numpy(W0.copy()), torch.from_numpy(H0.copy()),
-        max_iter=n + 1, tol=0.0, extrapolate=False, inner=1,
+        X,
+        torch.from_numpy(W0.copy()),
+        torch.from_numpy(H0.copy()),
+        max_iter=n + 1,
+        tol=0.0,
+        extrapolate=False,
+        inner=1,
     )
     W, H = _sk_steps(X.numpy(), W0, H0, "cd", n)
     np.testing.assert_allclose(res.S.numpy(), H, rtol=1e-9, atol=1e-12)
@@ -709,8 +721,11 @@ def test_concept_heatmap_through_attribution_engine():
     nmf = NMFConcepts(3).fit(a, layer="mix")
     before = _model_state(model)
     att = attribution.explain(
-        model, x[:2], attribution.HeadOutput("mix", nmf.as_target_module(pool=True), 1),
-        method="mwp", layer="mix",
+        model,
+        x[:2],
+        attribution.HeadOutput("mix", nmf.as_target_module(pool=True), 1),
+        method="mwp",
+        layer="mix",
     )
     s = nmf.as_target_module()(a[:2])[:, 1]
     expected = s / s.sum(dim=(1, 2), keepdim=True)

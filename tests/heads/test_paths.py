@@ -46,9 +46,14 @@ def planted_net(w: float = 4.0) -> nn.Sequential:
     """Class ``c`` is detected by channels ``cM .. cM+M-1`` at both ReLU layers, and logit ``c``
     reads only those channels (hand-set weights)."""
     net = nn.Sequential(
-        nn.Conv2d(K, K * M, 1), nn.ReLU(), nn.Conv2d(K * M, K * M, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(K * M, K),
-    )  # fmt: skip
+        nn.Conv2d(K, K * M, 1),
+        nn.ReLU(),
+        nn.Conv2d(K * M, K * M, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(K * M, K),
+    )
     with torch.no_grad():
         net[0].weight.zero_()
         net[0].bias.fill_(-0.35)
@@ -105,14 +110,22 @@ def test_paper_objective_literal():
             for a, m in zip(pre, row_masks):
                 vals = a[b].reshape(a.shape[1], -1)
                 n_e = vals.numel()
-                kl = sum(
-                    (float(vals[c, e]) * float(m[k, c])) ** 2
-                    for c in range(vals.shape[0]) for e in range(vals.shape[1])
-                ) / n_e  # fmt: skip
-                rec = sum(
-                    (float(vals[c, e]) - float(m[k, c]) * float(vals[c, e])) ** 2
-                    for c in range(vals.shape[0]) for e in range(vals.shape[1])
-                ) / n_e  # fmt: skip
+                kl = (
+                    sum(
+                        (float(vals[c, e]) * float(m[k, c])) ** 2
+                        for c in range(vals.shape[0])
+                        for e in range(vals.shape[1])
+                    )
+                    / n_e
+                )
+                rec = (
+                    sum(
+                        (float(vals[c, e]) - float(m[k, c]) * float(vals[c, e])) ** 2
+                        for c in range(vals.shape[0])
+                        for e in range(vals.shape[1])
+                    )
+                    / n_e
+                )
                 tot += beta * kl + rec
             z = [float(v) for v in logits[b]]
             p = math.exp(z[int(labels[b])]) / sum(math.exp(v) for v in z)
@@ -124,8 +137,9 @@ def test_paper_objective_literal():
 def test_code_objective_literal():
     pre, row_masks, rows, labels, logits, r = _rand_problem(1)
     g = torch.Generator().manual_seed(5)
-    post = [a * m[rows].reshape(m[rows].shape + (1,) * (a.dim() - 2)) for a, m in
-            zip(pre, row_masks)]  # fmt: skip
+    post = [
+        a * m[rows].reshape(m[rows].shape + (1,) * (a.dim() - 2)) for a, m in zip(pre, row_masks)
+    ]
     original = [a + 0.3 * torch.randn(a.shape, generator=g) for a in pre]
     correct = torch.tensor([True, False, True, True, False, True, True])
     beta = 1.3
@@ -319,18 +333,32 @@ def test_auto_placement_families():
     vgg = vgg_small(channels=(8, 8, 16, 16))
     # [conv relu pool] [conv relu pool] [conv relu conv relu pool] [conv relu conv relu pool]
     assert auto_layers(vgg, x) == [
-        "features.2", "features.5", "features.7", "features.10", "features.12", "features.15",
-    ]  # fmt: skip
+        "features.2",
+        "features.5",
+        "features.7",
+        "features.10",
+        "features.12",
+        "features.15",
+    ]
     res = resnet_small(channels=(8, 8, 16, 16), layers=(2, 1, 1, 1))
-    assert auto_layers(res, x) == ["act1", "layer1.0", "layer1.1", "layer2.0", "layer3.0",
-                                   "layer4.0"]  # fmt: skip
+    assert auto_layers(res, x) == [
+        "act1",
+        "layer1.0",
+        "layer1.1",
+        "layer2.0",
+        "layer3.0",
+        "layer4.0",
+    ]
     tv = torchvision.models.resnet18(num_classes=3)
     assert auto_layers(tv, x)[:3] == ["maxpool", "layer1.0", "layer1.1"]
-    dense = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
-                                        num_classes=5)  # fmt: skip
+    dense = torchvision.models.DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5
+    )
     assert auto_layers(dense, x) == [
-        "features.denseblock1", "features.transition1", "features.denseblock2",
-    ]  # fmt: skip
+        "features.denseblock1",
+        "features.transition1",
+        "features.denseblock2",
+    ]
     assert auto_layers(planted_net(), torch.rand(1, K, 8, 8)) == ["1", "3"]
 
 
@@ -377,8 +405,9 @@ def test_placement_errors():
 def test_planted_paths_are_recovered(objective, optimizer, beta):
     net = planted_net()
     x, y = planted_data()
-    cp = ClassPaths(objective=objective, optimizer=optimizer, beta=beta, epochs=20,
-                    batch_size=16).fit(net, (x, y))  # fmt: skip
+    cp = ClassPaths(
+        objective=objective, optimizer=optimizer, beta=beta, epochs=20, batch_size=16
+    ).fit(net, (x, y))
     truth = planted_truth()
     assert cp.layers_ == ["1", "3"]
     for name in cp.layers_:
@@ -448,10 +477,13 @@ def _snapshot(model):
         "flags": [p.requires_grad for p in model.parameters()],
         "grads": [p.grad for p in model.parameters()],
         "hooks": [
-            (list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()),
-             list(m._backward_hooks.items()))
+            (
+                list(m._forward_hooks.items()),
+                list(m._forward_pre_hooks.items()),
+                list(m._backward_hooks.items()),
+            )
             for m in model.modules()
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -464,10 +496,13 @@ def _assert_same(model, snap):
     assert [p.requires_grad for p in model.parameters()] == snap["flags"]
     assert all(p.grad is g for p, g in zip(model.parameters(), snap["grads"]))
     hooks = [
-        (list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()),
-         list(m._backward_hooks.items()))
+        (
+            list(m._forward_hooks.items()),
+            list(m._forward_pre_hooks.items()),
+            list(m._backward_hooks.items()),
+        )
         for m in model.modules()
-    ]  # fmt: skip
+    ]
     assert hooks == snap["hooks"]
 
 
@@ -577,8 +612,7 @@ def test_path_figures(tmp_path):
     assert len([ax for ax in fig.axes if ax.images]) == 2
     fig2 = path_similarity_figure(torch.eye(4), class_names=list("wxyz"))
     assert fig2.axes[0].images[0].get_array().shape == (4, 4)
-    hr = HitRates(["a", "b"], torch.tensor([0.3, 0.8]), torch.tensor([0.1, 0.05]),
-                  torch.rand(8, 2))  # fmt: skip
+    hr = HitRates(["a", "b"], torch.tensor([0.3, 0.8]), torch.tensor([0.1, 0.05]), torch.rand(8, 2))
     fig3 = hit_rate_figure(hr)
     lines = [ln for ln in fig3.axes[0].get_lines() if ln.get_linestyle() == "--"]
     assert lines and lines[0].get_ydata()[0] == pytest.approx(0.25)

@@ -99,9 +99,15 @@ def test_batched_losses_equal_per_head_losses():
     y = logits[:, m.classes_]
     grouped = m._losses(mod, zz, y, idx, pos, 3.0)["total"]
     for h in range(4):
-        e = torch.relu(F.linear(torch.relu(F.linear(zz[idx[h], 0], mod.encoder[0].weight[h],
-                                                    mod.encoder[0].bias[h])),
-                                mod.encoder[1].weight[h], mod.encoder[1].bias[h]))
+        e = torch.relu(
+            F.linear(
+                torch.relu(
+                    F.linear(zz[idx[h], 0], mod.encoder[0].weight[h], mod.encoder[0].bias[h])
+                ),
+                mod.encoder[1].weight[h],
+                mod.encoder[1].bias[h],
+            )
+        )
         yb = e @ mod.v[h]
         d1 = torch.relu(F.linear(e, mod.decoder[0].weight[h], mod.decoder[0].bias[h]))
         rec = F.linear(d1, mod.decoder[1].weight[h], mod.decoder[1].bias[h])
@@ -120,8 +126,14 @@ def test_gradients_reach_every_part():
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=1)
     m.fit(z, logits, labels)
     idx = torch.randint(0, len(z), (4, 32))
-    loss = m._losses(m.module_, (z / m.scale_).unsqueeze(1), logits[:, m.classes_], idx,
-                     torch.zeros(4, 32, dtype=torch.bool), 1.0)["total"].sum()
+    loss = m._losses(
+        m.module_,
+        (z / m.scale_).unsqueeze(1),
+        logits[:, m.classes_],
+        idx,
+        torch.zeros(4, 32, dtype=torch.bool),
+        1.0,
+    )["total"].sum()
     loss.backward()
     parts = {
         "encoder": m.module_.encoder[0].weight.grad,
@@ -138,8 +150,17 @@ def test_gradients_reach_every_part():
 @pytest.mark.parametrize("kind", ["srae", "nn", "sae"])
 def test_faithful_kinds_fit_a_low_rank_problem(kind):
     z, logits, labels = _problem()
-    m = XNN(n_features=3, kind=kind, hidden=(32,), n_positive=60, n_negative=600,
-            max_epochs=150, patience=30, lr=3e-3, random_state=0)
+    m = XNN(
+        n_features=3,
+        kind=kind,
+        hidden=(32,),
+        n_positive=60,
+        n_negative=600,
+        max_epochs=150,
+        patience=30,
+        lr=3e-3,
+        random_state=0,
+    )
     m.fit(z, logits, labels)
     err = (m.predict(z) - logits[:, m.classes_]).abs().mean()
     spread = logits.abs().mean()
@@ -172,7 +193,8 @@ def test_conv_variant_shapes_and_target_module():
     logits = z.mean((2, 3)) @ torch.randn(8, 3, generator=g)
     labels = torch.arange(600) % 3
     m = XNN(n_features=2, hidden=(6,), n_positive=30, n_negative=200, max_epochs=3).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     assert m.spatial_ == (3, 3)
     assert m.transform(z).shape == (600, 3, 2)
     c = int(m.classes_[1])
@@ -183,16 +205,19 @@ def test_conv_variant_shapes_and_target_module():
 def test_target_module_matches_transform_fc():
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8, 4), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     for i, c in enumerate(m.classes_.tolist()):
-        torch.testing.assert_close(m.as_target_module(c)(z), m.transform(z)[:, i],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            m.as_target_module(c)(z), m.transform(z)[:, i], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_save_load_round_trip(tmp_path):
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     m.save(tmp_path / "head")
     back = XNN.load(tmp_path / "head")
     torch.testing.assert_close(back.predict(z), m.predict(z))
@@ -213,13 +238,21 @@ def test_heads_trained_in_blocks_equal_heads_trained_together():
     # block running as long as the whole group: heads are independent, so training them
     # 1, 3 or all 4 at a time must give the same weights.
     z, logits, labels = _problem()
-    kw = dict(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=4,
-              patience=10, batch_size=10_000)  # fmt: skip
+    kw = dict(
+        n_features=2,
+        hidden=(8,),
+        n_positive=40,
+        n_negative=200,
+        max_epochs=4,
+        patience=10,
+        batch_size=10_000,
+    )
     together = XNN(heads_per_step=None, **kw).fit(z, logits, labels)
     for k in (1, 3):
         blocks = XNN(heads_per_step=k, **kw).fit(z, logits, labels)
-        for (name, a), (_, b) in zip(together.module_.named_parameters(),
-                                     blocks.module_.named_parameters()):  # fmt: skip
+        for (name, a), (_, b) in zip(
+            together.module_.named_parameters(), blocks.module_.named_parameters()
+        ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name}, k={k}")
         torch.testing.assert_close(blocks.best_epoch_, together.best_epoch_)
         assert {tuple(h["heads"]) for h in blocks.history_} == {
@@ -240,8 +273,15 @@ def test_auto_heads_per_step_blocks_by_weight_size_on_cpu():
     from xnn_toolkit.heads.xnn import _GroupedXNN
 
     est = XNN()
-    mod = _GroupedXNN(50, 256, (800, 100), 5, decoder=True, relu_x=True,
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+    mod = _GroupedXNN(
+        50,
+        256,
+        (800, 100),
+        5,
+        decoder=True,
+        relu_x=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert est._heads_per_step(50, mod, torch.device("cpu")) == (8 << 20) // (256 * 800 * 4)
     assert est._heads_per_step(50, mod, torch.device("meta")) == 50
     assert XNN(heads_per_step=None)._heads_per_step(50, mod, torch.device("cpu")) == 50
@@ -263,8 +303,10 @@ def test_lasso_matches_sklearn_at_chosen_alpha():
     for h in range(len(m.classes_)):
         w = np.where(tr_pos[h].numpy(), m._w(tr_pos), 1.0)
         ref = Lasso(alpha=float(m.alpha_[h]), max_iter=20000, tol=1e-8).fit(
-            z[tr[h]].double().numpy(), logits[tr[h], m.classes_[h]].double().numpy(),
-            sample_weight=w)
+            z[tr[h]].double().numpy(),
+            logits[tr[h], m.classes_[h]].double().numpy(),
+            sample_weight=w,
+        )
         nz = np.flatnonzero(ref.coef_)
         sel = m.selected_[h][m.selected_[h] >= 0].numpy()
         assert set(nz) == set(sel)
@@ -283,8 +325,9 @@ def test_predictor_init_gives_every_head_both_signs():
     from xnn_toolkit.heads.xnn import _GroupedXNN
 
     for n in (2, 3, 5):
-        mod = _GroupedXNN(64, 8, (6,), n, decoder=False, relu_x=True,
-                          generator=torch.Generator().manual_seed(n))
+        mod = _GroupedXNN(
+            64, 8, (6,), n, decoder=False, relu_x=True, generator=torch.Generator().manual_seed(n)
+        )
         v = mod.v.detach()
         assert ((v > 0).any(1) & (v < 0).any(1)).all(), n
 
@@ -294,9 +337,11 @@ def test_every_x_feature_starts_active_on_its_heads_training_rows():
 
     z, logits, labels = _problem()
     m = XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300, max_epochs=0).fit(
-        z, logits, labels)
-    tr, _, _, _ = _split_head_indices(labels, m.classes_.tolist(), 40, 300, 0.1,
-                                      torch.Generator().manual_seed(0))
+        z, logits, labels
+    )
+    tr, _, _, _ = _split_head_indices(
+        labels, m.classes_.tolist(), 40, 300, 0.1, torch.Generator().manual_seed(0)
+    )
     e = m.transform(z)  # N x C x n, the initial weights (no epoch run)
     for h in range(len(m.classes_)):
         assert (e[tr[h], h] > 0).all(), h  # every feature on every training row
@@ -306,8 +351,11 @@ def test_every_x_feature_starts_active_on_its_heads_training_rows():
     orig = X._start_active
     try:
         X._start_active = lambda *a: None
-        e0 = XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300,
-                 max_epochs=0).fit(z, logits, labels).transform(z)
+        e0 = (
+            XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300, max_epochs=0)
+            .fit(z, logits, labels)
+            .transform(z)
+        )
     finally:
         X._start_active = orig
     assert not all(bool((e0[tr[h], h] > 0).all()) for h in range(len(m.classes_)))
@@ -317,7 +365,8 @@ def test_fit_leaves_the_global_rng_alone():
     z, logits, labels = _problem()
     before = torch.get_rng_state()
     XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -341,7 +390,8 @@ def test_errors():
     with pytest.raises(InputError, match="logits"):
         XNN(n_features=2).fit(z)
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=1).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     with pytest.raises(InputError, match="D = 24"):
         m.transform(torch.zeros(3, 5))
 
@@ -407,8 +457,9 @@ def test_non_finite_input(where):
     data = _bank(z, logits, labels) if where == "bank" else z
     for cls in (XNN, LassoXNN):
         with pytest.raises(InputError, match=match):
-            cls(n_features=2).fit(data, None if where == "bank" else logits,
-                                  None if where == "bank" else labels)
+            cls(n_features=2).fit(
+                data, None if where == "bank" else logits, None if where == "bank" else labels
+            )
 
 
 def test_fewer_positives_or_negatives_than_asked():
@@ -416,14 +467,18 @@ def test_fewer_positives_or_negatives_than_asked():
     short = labels.clone()
     short[(labels == 1).nonzero().flatten()[40:]] = 0  # class 1 keeps 40 examples
     for cls in (XNN, LassoXNN):
-        with pytest.raises(InputError, match=r"n_positive=50 but some classes have fewer "
-                           r"examples: \{1: 40\}; lower n_positive"):
+        with pytest.raises(
+            InputError,
+            match=r"n_positive=50 but some classes have fewer "
+            r"examples: \{1: 40\}; lower n_positive",
+        ):
             cls(n_features=2, n_positive=50).fit(z, logits, short)
     with pytest.raises(InputError, match="leaves no positive for validation"):
         XNN(n_features=2, n_positive=4, val_fraction=0.1).fit(z, logits, labels)
     with pytest.warns(UserWarning, match="asked for 5000 negatives per class but only 900"):
         m = XNN(n_features=2, hidden=(8,), n_positive=20, n_negative=5000, max_epochs=1).fit(
-            z, logits, labels)
+            z, logits, labels
+        )
     assert m.history_
 
 
@@ -437,17 +492,23 @@ def test_xfeature_figure_of_a_fitted_head(tmp_path):
     from xnn_toolkit.viz import save_figure, xnn_figure
 
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(3, 6, 3, padding=1), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(4),
-        flat=nn.Flatten(), fc=nn.Sequential(nn.Linear(96, 16), nn.ReLU()),
-        classifier=nn.Linear(16, 3),
-    )).eval()  # fmt: skip
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 6, 3, padding=1),
+            relu=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(4),
+            flat=nn.Flatten(),
+            fc=nn.Sequential(nn.Linear(96, 16), nn.ReLU()),
+            classifier=nn.Linear(16, 3),
+        )
+    ).eval()
     x = torch.rand(90, 3, 12, 12)
     with torch.no_grad():
         z, logits = model[:5](x), model(x)
     labels = torch.arange(90) % 3
     head = XNN(n_features=3, hidden=(8,), n_positive=20, n_negative=50, max_epochs=3).fit(
-        z, logits, labels)
+        z, logits, labels
+    )
     pick = torch.tensor([0, 1, 2])
     maps = xfeature_heatmaps(model, x[pick], labels[pick], head, "fc", "conv")
     ones = class_heatmaps(model, x[pick], labels[pick], "cmwp", "conv")
@@ -458,7 +519,8 @@ def test_xfeature_figure_of_a_fitted_head(tmp_path):
         axes = fig.axes[i * (n + 2) : (i + 1) * (n + 2)]
         order = torch.argsort(contrib[i], descending=True)
         want = ["image", "1-heatmap"] + [
-            f"#{int(k) + 1}: {float(contrib[i, k]) + 0.0:.3g}" for k in order]
+            f"#{int(k) + 1}: {float(contrib[i, k]) + 0.0:.3g}" for k in order
+        ]
         assert [ax.get_title() for ax in axes] == want
         assert axes[0].get_ylabel() == "abc"[i]
         # each x-feature panel shows that x-feature's heatmap (scaled by its maximum)
@@ -468,7 +530,8 @@ def test_xfeature_figure_of_a_fitted_head(tmp_path):
             top = maps[i, k].max()
             ref = maps[i, k] / top if top > 0 else torch.zeros_like(maps[i, k])
             torch.testing.assert_close(
-                torch.as_tensor(shown[1].get_array().data, dtype=torch.float32), ref)
+                torch.as_tensor(shown[1].get_array().data, dtype=torch.float32), ref
+            )
     paths = save_figure(fig, tmp_path / "xnn", formats=("png", "svg", "pdf"))
     assert [open(p, "rb").read(4) for p in paths][0] == b"\x89PNG"
     assert b"<svg" in open(paths[1], "rb").read(4000) and open(paths[2], "rb").read(4) == b"%PDF"

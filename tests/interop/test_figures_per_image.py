@@ -11,9 +11,29 @@ from xnn_toolkit.report.export import figure_report
 
 def test_per_image_overlays(tmp_path):
     def run(out, alpha, cmap):
-        main(["figures", "--model", "bundled:vgg_synth", "--methods", "cmwp,gradcam", "--n", "2",
-              "--per-image", "--cmap", cmap, "--alpha", str(alpha), "--formats", "png",
-              "--dpi", "40", "--out", str(out), "--no-progress"])  # fmt: skip
+        main(
+            [
+                "figures",
+                "--model",
+                "bundled:vgg_synth",
+                "--methods",
+                "cmwp,gradcam",
+                "--n",
+                "2",
+                "--per-image",
+                "--cmap",
+                cmap,
+                "--alpha",
+                str(alpha),
+                "--formats",
+                "png",
+                "--dpi",
+                "40",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
         return sorted(p.name for p in (out / "figures").iterdir())
 
     names = run(tmp_path / "a", 0.0, "viridis")

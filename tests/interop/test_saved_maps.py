@@ -13,11 +13,25 @@ from xnn_toolkit.metrics.localization import pointing_game
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "run"
-    main([
-        "score", "--model", "bundled:vgg_synth", "--methods", "cmwp,layercam",
-        "--metrics", "pointing_game,quantus:Sparseness", "--n", "8", "--batch-size", "4",
-        "--save-maps", "--out", str(out), "--no-progress",
-    ])  # fmt: skip
+    main(
+        [
+            "score",
+            "--model",
+            "bundled:vgg_synth",
+            "--methods",
+            "cmwp,layercam",
+            "--metrics",
+            "pointing_game,quantus:Sparseness",
+            "--n",
+            "8",
+            "--batch-size",
+            "4",
+            "--save-maps",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     return out
 
 
@@ -107,9 +121,25 @@ def test_resume_writes_the_missing_shard_only(tmp_path):
     import json
 
     out = tmp_path / "run"
-    args = ["score", "--model", "bundled:vgg_synth", "--methods", "gradcam", "--metrics", "iou",
-            "--n", "4", "--batch-size", "2", "--shard-size", "2", "--save-maps", "--out",
-            str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        "bundled:vgg_synth",
+        "--methods",
+        "gradcam",
+        "--metrics",
+        "iou",
+        "--n",
+        "4",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--save-maps",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     main(args)
     before = xnn_toolkit.load_maps(out)
     # an interrupted run: shard 1 never finished (its table shard and maps are absent)

@@ -210,12 +210,15 @@ def test_filter_localization_breaks_apn_ties_by_iou():
     # hand case: 4 images, two per class; no IoU reaches 0.5, so AP50 is 0 for both classes
     # and filter 0 localizes class 1 better (IoU 0.4 vs 0.1); filter 1 ties in APn at 0.5
     # (one hit each) and has the higher IoU on class 0; filter 2 ties in both: the first class
-    ious = torch.tensor([
-        [0.1, 0.9, 0.2],
-        [0.1, 0.1, 0.2],
-        [0.4, 0.6, 0.2],
-        [0.4, 0.0, 0.2],
-    ], dtype=torch.float64)  # fmt: skip
+    ious = torch.tensor(
+        [
+            [0.1, 0.9, 0.2],
+            [0.1, 0.1, 0.2],
+            [0.4, 0.6, 0.2],
+            [0.4, 0.0, 0.2],
+        ],
+        dtype=torch.float64,
+    )
     labels = torch.tensor([0, 0, 1, 1])
     res = filter_localization(ious, labels, num_classes=2, min_iou=0.5)
     assert res.best_class.tolist() == [1, 0, 0]

@@ -20,13 +20,23 @@ from xnn_toolkit.data import Normalized, SyntheticParts
 from xnn_toolkit.report import ScoringConfig, score_dataset
 
 METRICS = (
-    "pointing_game", "energy_pointing_game", "iou", "ap50", "voronoi_locality",
-    "mask_locality", "deletion",
-)  # fmt: skip
+    "pointing_game",
+    "energy_pointing_game",
+    "iou",
+    "ap50",
+    "voronoi_locality",
+    "mask_locality",
+    "deletion",
+)
 CONFIG = ScoringConfig(
-    methods=("cmwp", "gradcam"), metrics=METRICS, layer="4", batch_size=2, shard_size=2,
-    steps=3, seed=3,
-)  # fmt: skip
+    methods=("cmwp", "gradcam"),
+    metrics=METRICS,
+    layer="4",
+    batch_size=2,
+    shard_size=2,
+    steps=3,
+    seed=3,
+)
 N_IMAGES = 12
 
 
@@ -34,10 +44,15 @@ def tiny_model() -> nn.Module:
     """Two conv blocks and a linear classifier; the same weights in every process."""
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 10),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.4)

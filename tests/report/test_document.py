@@ -89,8 +89,9 @@ def test_folder_mode_links_and_drawing_once(tmp_path, monkeypatch):
     fig = r.figures()[0]
     calls = []
     real = fig.figure.savefig
-    monkeypatch.setattr(fig.figure, "savefig", lambda *a, **k: calls.append(k["format"]) or
-                        real(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        fig.figure, "savefig", lambda *a, **k: calls.append(k["format"]) or real(*a, **k)
+    )
     r.render_figures()
     index = r.write(tmp_path / "rep")
     assert calls == ["png", "svg", "pdf"]  # drawn once, before the write

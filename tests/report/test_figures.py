@@ -35,8 +35,13 @@ def test_save_all_formats(tmp_path):
 
 def test_annotated_samples_and_errors():
     kp = torch.tensor([[[2.0, 3.0], [5.0, 5.0]]])
-    fig = annotated_samples(torch.rand(1, 3, 8, 8), kp, torch.tensor([[True, False]]),
-                            torch.tensor([[1.0, 1.0, 6.0, 6.0]]), part_names=["beak", "tail"])
+    fig = annotated_samples(
+        torch.rand(1, 3, 8, 8),
+        kp,
+        torch.tensor([[True, False]]),
+        torch.tensor([[1.0, 1.0, 6.0, 6.0]]),
+        part_names=["beak", "tail"],
+    )
     lines = fig.axes[0].get_lines()
     assert len(lines) == 1  # only the visible keypoint is drawn
     assert tuple(lines[0].get_xydata()[0]) == (2.0, 3.0)

@@ -36,8 +36,9 @@ class Wrapped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        net = vgg_small(10, channels=(8, 16, 16, 16), convs_per_block=(1, 1, 1, 1), fc=(32, 32),
-                        pool_size=2)  # fmt: skip
+        net = vgg_small(
+            10, channels=(8, 16, 16, 16), convs_per_block=(1, 1, 1, 1), fc=(32, 32), pool_size=2
+        )
         self.add_module(EVIL, net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,17 +50,27 @@ def _snapshot(model: nn.Module) -> dict:
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": [[len(getattr(m, d)) for d in HOOK_DICTS if hasattr(m, d)]
-                  for m in model.modules()],  # fmt: skip
+        "hooks": [
+            [len(getattr(m, d)) for d in HOOK_DICTS if hasattr(m, d)] for m in model.modules()
+        ],
     }
 
 
 def _config(model: nn.Module, **kw) -> ExplainConfig:
     base = dict(
-        model=model, image_size=32, fc_layer=f"{EVIL}.fc6", conv_layer=f"{EVIL}.features.8",
-        class_names=CLASSES, n_train=200, n_test=60, heatmap_images=20, xnn_epochs=2,
-        z_units=2, nmf_rank=3, progress=False,
-    )  # fmt: skip
+        model=model,
+        image_size=32,
+        fc_layer=f"{EVIL}.fc6",
+        conv_layer=f"{EVIL}.features.8",
+        class_names=CLASSES,
+        n_train=200,
+        n_test=60,
+        heatmap_images=20,
+        xnn_epochs=2,
+        z_units=2,
+        nmf_rank=3,
+        progress=False,
+    )
     base.update(kw)
     return ExplainConfig.quick(**base)
 
@@ -84,13 +95,28 @@ def test_every_section_is_filled(built):
     out = built["out"]
     page = open(built["index"], encoding="utf-8").read()
     titles = re.findall(r"<h2>(.*?)</h2>", page)
-    assert titles == ["Model", "Activations", "XNN explanation heads", "x-feature heatmaps",
-                      "Heatmap methods on class logits", "NMF concepts", "Class paths",
-                      "Class-specific gates", "Run"]  # fmt: skip
+    assert titles == [
+        "Model",
+        "Activations",
+        "XNN explanation heads",
+        "x-feature heatmaps",
+        "Heatmap methods on class logits",
+        "NMF concepts",
+        "Class paths",
+        "Class-specific gates",
+        "Run",
+    ]
     # Table 3.1: metrics down, methods across, Z and 1-heatmap only where defined
     t31 = {r["metric"]: r for r in _csv(out, "table_3_1")}
-    assert list(t31) == ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %", "O1",
-                         "O2", "locality"]  # fmt: skip
+    assert list(t31) == [
+        "F_reg train",
+        "F_reg test",
+        "F_cls train %",
+        "F_cls test %",
+        "O1",
+        "O2",
+        "locality",
+    ]
     for kind in ("SRAE", "NN"):
         for metric in t31:
             assert math.isfinite(float(t31[metric][kind])), (metric, kind)
@@ -101,9 +127,17 @@ def test_every_section_is_filled(built):
     # one XNN row per class present among the heatmap images, per kind
     assert {r["method"] for r in _csv(out, "localization")} == {"cmwp", "gradcam"}
     assert len(_csv(out, "class_accuracy")) == 10
-    for name in ("xnn_faithfulness", "nmf_faithfulness", "nmf_importance", "path_layers",
-                 "path_misclassification", "gates", "gate_localization", "timings",
-                 "activations"):  # fmt: skip
+    for name in (
+        "xnn_faithfulness",
+        "nmf_faithfulness",
+        "nmf_importance",
+        "path_layers",
+        "path_misclassification",
+        "gates",
+        "gate_localization",
+        "timings",
+        "activations",
+    ):
         assert _csv(out, name), name
     assert len(_csv(out, "nmf_importance")) == 3
     (nmf_row,) = _csv(out, "nmf_faithfulness")
@@ -111,10 +145,21 @@ def test_every_section_is_filled(built):
         assert 0 <= float(nmf_row[key]) <= 1, (key, nmf_row[key])
     assert 0 <= float(nmf_row["prediction agreement %"]) <= 100
     figures = {f for f in os.listdir(out / "figures")}
-    for name in ("samples", "xnn_explanations_srae", "xnn_explanations_nn", "methods",
-                 "nmf_concepts", "nmf_top_images", "path_masks", "path_similarity",
-                 "path_hit_rate", "gate_matrix", "gate_filters_class0", "gate_filters_class1"):
-        assert f"{name}.png" in figures, name  # fmt: skip
+    for name in (
+        "samples",
+        "xnn_explanations_srae",
+        "xnn_explanations_nn",
+        "methods",
+        "nmf_concepts",
+        "nmf_top_images",
+        "path_masks",
+        "path_similarity",
+        "path_hit_rate",
+        "gate_matrix",
+        "gate_filters_class0",
+        "gate_filters_class1",
+    ):
+        assert f"{name}.png" in figures, name
         assert (out / "figures" / f"{name}.png").stat().st_size > 2000
         assert f"src='figures/{name}.png'" in page
     stages = {r["stage"]: float(r["seconds"]) for r in _csv(out, "timings")}
@@ -204,21 +249,33 @@ window.addEventListener("load", function () {
 });
 </script>"""
 
-_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium(args: list[str], cwd) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(dir=cwd) as profile:
         return subprocess.run(
             ["chromium", *_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (`make test` installs it with "
-                    "apt-get where it can); the browser check needs it")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (`make test` installs it with "
+    "apt-get where it can); the browser check needs it",
+)
 def test_report_opens_in_headless_chromium(built, tmp_path):
     # a copy of the report with a probe script in front, next to the original's files
     site = tmp_path / "site"
@@ -226,15 +283,27 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
     page = (site / "index.html").read_text(encoding="utf-8")
     n_img = page.count("<img ")
     assert n_img >= 12
-    (site / "check.html").write_text(page.replace("<head>", "<head>" + _CHECK, 1),
-                                     encoding="utf-8")  # fmt: skip
-    res = _chromium(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000",
-                     "--dump-dom", (site / "check.html").as_uri()], tmp_path)  # fmt: skip
+    (site / "check.html").write_text(page.replace("<head>", "<head>" + _CHECK, 1), encoding="utf-8")
+    res = _chromium(
+        [
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            (site / "check.html").as_uri(),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     found = re.search(r'<pre id="xnn-check">(.*?)</pre>', res.stdout, re.S)
     assert found, "the probe did not run: " + res.stdout[-500:]
-    check = json.loads(found.group(1).replace("&lt;", "<").replace("&gt;", ">")
-                       .replace("&quot;", '"').replace("&amp;", "&"))  # fmt: skip
+    check = json.loads(
+        found.group(1)
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", '"')
+        .replace("&amp;", "&")
+    )
     assert len(check["images"]) == n_img
     broken = [im["src"] for im in check["images"] if not im["complete"] or im["width"] <= 0]
     assert broken == []
@@ -243,8 +312,15 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
     assert console == [], console  # the report has no scripts: any console output is a fault
     # a screenshot of the report itself, kept in the test's folder
     shot = tmp_path / "report.png"
-    res = _chromium(["--window-size=1280,4000", "--hide-scrollbars", f"--screenshot={shot}",
-                     (site / "index.html").as_uri()], tmp_path)  # fmt: skip
+    res = _chromium(
+        [
+            "--window-size=1280,4000",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            (site / "index.html").as_uri(),
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
@@ -268,8 +344,13 @@ def test_missing_train_split_fits_on_unscored_test_images(tmp_path, monkeypatch)
     text = " ".join(b.text for s in report.sections for b in s.blocks if hasattr(b, "text"))
     assert "fitted on test images 20 to 49, never scored" in text
     assert ("test", 50) in seen
-    shapes = {r["layer"]: r["shape"] for s in report.sections for b in s.blocks
-              if getattr(b, "name", "") == "activations" for r in b.rows}  # fmt: skip
+    shapes = {
+        r["layer"]: r["shape"]
+        for s in report.sections
+        for b in s.blocks
+        if getattr(b, "name", "") == "activations"
+        for r in b.rows
+    }
     assert shapes[f"{EVIL}.fc6"] == "20x32"
 
 

@@ -76,9 +76,11 @@ def _snapshot(model):
         {k: v.clone() for k, v in model.state_dict().items()},
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
-        [len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
-         for m in model.modules()],
-    )  # fmt: skip
+        [
+            len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+            for m in model.modules()
+        ],
+    )
 
 
 def test_tables_equal_the_metric_functions_on_the_same_heatmaps(reference):
@@ -86,7 +88,8 @@ def test_tables_equal_the_metric_functions_on_the_same_heatmaps(reference):
     model, ds = tiny_model(), dataset()
     rows = {(r["index"], r["method"]): r for r in res.per_image}
     assert len(res.per_image) == N_IMAGES * 2 and set(r["target"] for r in res.per_image) == {
-        "label"}
+        "label"
+    }
     names = ds.part_names
     for a in range(0, N_IMAGES, CONFIG.batch_size):
         idx = list(range(a, a + CONFIG.batch_size))
@@ -105,8 +108,11 @@ def test_tables_equal_the_metric_functions_on_the_same_heatmaps(reference):
             msk = mask_part_probabilities(maps, parts)
             for j, i in enumerate(idx):
                 r = rows[(i, method)]
-                assert (r["label"], r["class"], r["prediction"]) == (int(y[j]), int(y[j]),
-                                                                     int(pred[j]))
+                assert (r["label"], r["class"], r["prediction"]) == (
+                    int(y[j]),
+                    int(y[j]),
+                    int(pred[j]),
+                )
                 for k, v in want.items():
                     assert r[k] == pytest.approx(float(v[j]), abs=1e-6), (k, i, method)
                 for p, name in enumerate([*names, "context"]):
@@ -135,8 +141,7 @@ def test_tables_equal_the_metric_functions_on_the_same_heatmaps(reference):
     assert json.loads((out / "aggregate.json").read_text()) == res.aggregate
     assert json.loads((out / "per_image.json").read_text()) == res.per_image
     lines = (out / "per_image.csv").read_text().splitlines()
-    assert lines[0].split(",")[:6] == ["index", "label", "prediction", "target", "class",
-                                       "method"]  # fmt: skip
+    assert lines[0].split(",")[:6] == ["index", "label", "prediction", "target", "class", "method"]
     assert len(lines) == 1 + N_IMAGES * 2
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["seed"] == 3 and m["dataset"]["scored"] == N_IMAGES
@@ -166,28 +171,38 @@ def test_head_targets_and_the_model_is_left_unchanged():
 
     head = Head()
     fixed = nn.Linear(8, 2)
-    cfg = ScoringConfig(methods=("cmwp",), metrics=("energy_pointing_game",), layer="4",
-                        target=None, batch_size=4)  # fmt: skip
-    res = score_dataset(model, ds, cfg, progress=False, heads={
-        "xf1": ClassHeadTarget("6", head, 1), "unit0": HeadOutput("6", fixed, 0)})
+    cfg = ScoringConfig(
+        methods=("cmwp",), metrics=("energy_pointing_game",), layer="4", target=None, batch_size=4
+    )
+    res = score_dataset(
+        model,
+        ds,
+        cfg,
+        progress=False,
+        heads={"xf1": ClassHeadTarget("6", head, 1), "unit0": HeadOutput("6", fixed, 0)},
+    )
     assert _snapshot(model)[1:] == before[1:]
-    assert all(torch.equal(a, b) for a, b in zip(_snapshot(model)[0].values(),
-                                                 before[0].values()))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(model)[0].values(), before[0].values()))
     x, y, parts = _batch(ds, range(4))
     got = {(r["target"], r["index"]): r for r in res.per_image}
     for i in range(4):
         c = int(y[i])
-        m = explain(model, x[i:i + 1], HeadOutput("6", head.mods[c], 1), "cmwp", "4").heatmap
-        want = energy_pointing_game(m, parts.object_mask[i:i + 1])
+        m = explain(model, x[i : i + 1], HeadOutput("6", head.mods[c], 1), "cmwp", "4").heatmap
+        want = energy_pointing_game(m, parts.object_mask[i : i + 1])
         assert got[("xf1", i)]["energy_pointing_game"] == pytest.approx(float(want[0]), abs=1e-6)
         assert got[("xf1", i)]["class"] == c and got[("unit0", i)]["class"] == -1
     m = explain(model, x, HeadOutput("6", fixed, 0), "cmwp", "4").heatmap
     want = energy_pointing_game(m, parts.object_mask)
     assert [got[("unit0", i)]["energy_pointing_game"] for i in range(4)] == pytest.approx(
-        want.tolist(), abs=1e-6)
+        want.tolist(), abs=1e-6
+    )
     with pytest.raises(InputError, match="'deletion'.*plain head output"):
-        score_dataset(model, ds, ScoringConfig(methods=("cmwp",), metrics=("deletion",),
-                                               target=None), heads={"u": HeadOutput("6", fixed, 0)})
+        score_dataset(
+            model,
+            ds,
+            ScoringConfig(methods=("cmwp",), metrics=("deletion",), target=None),
+            heads={"u": HeadOutput("6", fixed, 0)},
+        )
 
 
 def _wait_for_shards(manifest: Path, proc: subprocess.Popen, at_least: int, timeout: float):
@@ -210,8 +225,9 @@ def test_resumes_after_sigkill_with_identical_tables(reference, tmp_path):
     out = tmp_path / "run"
     # 0.25 s per image: one shard (2 images) takes over half a second, so the kill lands
     # between the second shard and the end of the run
-    proc = subprocess.Popen([sys.executable, str(JOB), str(out), "0.25"], env=_env(),
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(JOB), str(out), "0.25"], env=_env(), stderr=subprocess.PIPE
+    )
     try:
         _wait_for_shards(out / "manifest.json", proc, 2, timeout=120)
     finally:
@@ -223,8 +239,13 @@ def test_resumes_after_sigkill_with_identical_tables(reference, tmp_path):
     assert not (out / "per_image.csv").exists()
     kept = {k: (out / "shards" / f"s{k:05d}.json") for k in done}
     stamps = {k: (p.stat().st_mtime_ns, p.read_bytes()) for k, p in kept.items()}
-    subprocess.run([sys.executable, str(JOB), str(out)], env=_env(), check=True, timeout=300,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(JOB), str(out)],
+        env=_env(),
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     for name in TABLES:
         assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
     # the finished shards were kept, not recomputed
@@ -242,8 +263,18 @@ def test_torchrun_two_processes_give_the_single_process_tables(reference, tmp_pa
     ref_out, ref = reference
     out = tmp_path / "dist"
     dump = tmp_path / "dump"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(JOB), str(out), "0", str(dump)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(JOB),
+        str(out),
+        "0",
+        str(dump),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in TABLES:
@@ -257,14 +288,17 @@ def test_torchrun_two_processes_give_the_single_process_tables(reference, tmp_pa
 
 def test_unknown_names_list_the_valid_ones():
     model, ds = tiny_model(), dataset(n=2)
-    with pytest.raises(SpecError, match="unknown attribution method 'cmwpp'.*Valid methods:.*"
-                       "cmwp.*gradcam"):  # fmt: skip
+    with pytest.raises(
+        SpecError, match="unknown attribution method 'cmwpp'.*Valid methods:.*cmwp.*gradcam"
+    ):
         score_dataset(model, ds, ScoringConfig(methods=("cmwpp",)), progress=False)
-    with pytest.raises(SpecError, match="unknown metric 'pointng'.*pointing_game.*Valid "
-                       "metrics:.*voronoi_locality"):  # fmt: skip
+    with pytest.raises(
+        SpecError, match="unknown metric 'pointng'.*pointing_game.*Valid metrics:.*voronoi_locality"
+    ):
         score_dataset(model, ds, ScoringConfig(metrics=("pointng",)), progress=False)
     assert {"pointing_game", "iou", "ap50", "deletion", "voronoi_locality"} <= set(
-        available_metrics())
+        available_metrics()
+    )
     with pytest.raises(InputError, match="batch_size"):
         score_dataset(model, ds, ScoringConfig(batch_size=0), progress=False)
 
@@ -285,14 +319,18 @@ class _Plain(torch.utils.data.Dataset):
 def test_missing_ground_truth_and_empty_data_are_clear_errors():
     model = tiny_model()
     cfg = ScoringConfig(methods=("gradcam",), metrics=("deletion", "voronoi_locality"))
-    with pytest.raises(InputError, match="'voronoi_locality' needs part keypoints.*"
-                       "SyntheticParts.*_Plain has no ground truth.*deletion, insertion"):
+    with pytest.raises(
+        InputError,
+        match="'voronoi_locality' needs part keypoints.*"
+        "SyntheticParts.*_Plain has no ground truth.*deletion, insertion",
+    ):
         score_dataset(model, _Plain(3), cfg, progress=False)
     with pytest.raises(InputError, match="empty"):
         score_dataset(model, _Plain(0), cfg, progress=False)
     # without metrics named, the ones the data supports: deletion and insertion here
-    res = score_dataset(model, _Plain(2), ScoringConfig(methods=("gradcam",), steps=2),
-                        progress=False)  # fmt: skip
+    res = score_dataset(
+        model, _Plain(2), ScoringConfig(methods=("gradcam",), steps=2), progress=False
+    )
     assert res.manifest["metrics"] == ["deletion", "insertion"]
     assert {r["metric"] for r in res.aggregate} == {"deletion", "insertion"}
 
@@ -329,15 +367,32 @@ def test_cli_score(tmp_path, capsys):
     from xnn_toolkit.cli import main
 
     out = tmp_path / "s"
-    args = ["score", "--model", "bundled:vgg_fmnist", "--dataset", "fashion-mnist", "--n", "4",
-            "--batch-size", "2", "--methods", "gradcam", "--steps", "2", "--out", str(out),
-            "--no-progress"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        "bundled:vgg_fmnist",
+        "--dataset",
+        "fashion-mnist",
+        "--n",
+        "4",
+        "--batch-size",
+        "2",
+        "--methods",
+        "gradcam",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "deletion" in text and "gradcam" in text
     agg = json.loads((out / "aggregate.json").read_text())
     assert {(r["method"], r["metric"], r["n"]) for r in agg} == {
-        ("gradcam", "deletion", 4), ("gradcam", "insertion", 4)}
+        ("gradcam", "deletion", 4),
+        ("gradcam", "insertion", 4),
+    }
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0

@@ -47,9 +47,12 @@ SETTINGS = dict(
     database=None,
     deadline=None,
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                           HealthCheck.data_too_large],
-)  # fmt: skip
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 def _examples(n: int):
@@ -80,10 +83,19 @@ def _state(model: nn.Module | None):
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
         [p.grad for p in model.parameters()],
-        [tuple(len(getattr(m, d)) for d in ("_forward_hooks", "_forward_pre_hooks",
-                                            "_backward_hooks", "_backward_pre_hooks"))
-         for m in model.modules()],
-    )  # fmt: skip
+        [
+            tuple(
+                len(getattr(m, d))
+                for d in (
+                    "_forward_hooks",
+                    "_forward_pre_hooks",
+                    "_backward_hooks",
+                    "_backward_pre_hooks",
+                )
+            )
+            for m in model.modules()
+        ],
+    )
 
 
 def _same_state(a, b) -> bool:
@@ -93,9 +105,11 @@ def _same_state(a, b) -> bool:
     return (
         [k for k, _ in sa] == [k for k, _ in sb]
         and all(torch.equal(x, y) for (_, x), (_, y) in zip(sa, sb))
-        and ma == mb and ra == rb and ha == hb
+        and ma == mb
+        and ra == rb
+        and ha == hb
         and all(x is y for x, y in zip(ga, gb))
-    )  # fmt: skip
+    )
 
 
 def _nonfinite(obj, depth: int = 0) -> bool:
@@ -153,14 +167,12 @@ def check(entry: str, call, *, names, model=None, finite=True, folder=None, nan_
 # --------------------------------------------------------------------------- strategies
 
 # weighted towards well-formed values, so that about half the cases reach a result
-DTYPES = [torch.float32] * 6 + [torch.float64, torch.float16, torch.int64, torch.uint8,
-                                torch.bool]  # fmt: skip
+DTYPES = [torch.float32] * 6 + [torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool]
 SPECIALS = [None] * 9 + [float("nan"), float("inf"), float("-inf")]
 
 
 @st.composite
-def tensors(draw, dims=(0, 1, 2, 3, 4, 5), max_side=9, chans=(1, 2, 3, 4), lead=None,
-            nonneg=False):  # fmt: skip
+def tensors(draw, dims=(0, 1, 2, 3, 4, 5), max_side=9, chans=(1, 2, 3, 4), lead=None, nonneg=False):
     """A tensor of a generated shape, dtype and value range, maybe one NaN / Inf.
 
     Returns ``(tensor, finite)``.
@@ -237,25 +249,58 @@ def vgg():
 # --------------------------------------------------------------------------- load_model
 
 SPECS = st.one_of(
-    st.sampled_from(["bundled:vgg_synth", "bundled:nope", "zoo:vgg_small", "zoo:vgg_smal",
-                     "timm:", "timm:resnet10x", "tv:nothing", "banana:x", "", ":", "bundled:",
-                     "/no/such/file.safetensors", "weights.pt", "zoo:resnet_small"]),
+    st.sampled_from(
+        [
+            "bundled:vgg_synth",
+            "bundled:nope",
+            "zoo:vgg_small",
+            "zoo:vgg_smal",
+            "timm:",
+            "timm:resnet10x",
+            "tv:nothing",
+            "banana:x",
+            "",
+            ":",
+            "bundled:",
+            "/no/such/file.safetensors",
+            "weights.pt",
+            "zoo:resnet_small",
+        ]
+    ),
     st.text(max_size=12),
-)  # fmt: skip
+)
 
 
 @_examples(60)
-@given(spec=SPECS,
-       num_classes=st.one_of(st.none(), st.integers(-2, 12), st.just("ten"), st.just(2.5)),
-       device=st.one_of(st.none(), st.sampled_from(["cpu", "banana", "cuda:0", "cuda:9",
-                                                     "mps", "cpu:0", ""])))  # fmt: skip
+@given(
+    spec=SPECS,
+    num_classes=st.one_of(st.none(), st.integers(-2, 12), st.just("ten"), st.just(2.5)),
+    device=st.one_of(
+        st.none(), st.sampled_from(["cpu", "banana", "cuda:0", "cuda:9", "mps", "cpu:0", ""])
+    ),
+)
 def test_load_model_specs(spec, num_classes, device):
     if device and device.startswith(("cuda", "mps")) and torch.cuda.is_available():
         device = "banana"
-    check("load_model(spec)",
-          lambda: load_model(spec, num_classes=num_classes, device=device),
-          names=["spec", "num_classes", "device", "bundled", "zoo", "timm", "torchvision",
-                 "architecture", "weights", "model", "card", "file", "prefix"])  # fmt: skip
+    check(
+        "load_model(spec)",
+        lambda: load_model(spec, num_classes=num_classes, device=device),
+        names=[
+            "spec",
+            "num_classes",
+            "device",
+            "bundled",
+            "zoo",
+            "timm",
+            "torchvision",
+            "architecture",
+            "weights",
+            "model",
+            "card",
+            "file",
+            "prefix",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -267,16 +312,30 @@ def weights_file(tmp_path_factory):
     return path
 
 
-CARD_EDITS = st.sampled_from([
-    ("arch", None), ("arch", "zoo:nope"), ("arch", 3), ("num_classes", 7), ("num_classes", "x"),
-    ("mean", [0.5]), ("std", [0, 0, 0]), ("input_size", [3]), ("class_names", 5),
-    ("weights_sha256", "0" * 64), ("arch_kwargs", "junk"), ("interpolation", None),
-])  # fmt: skip
+CARD_EDITS = st.sampled_from(
+    [
+        ("arch", None),
+        ("arch", "zoo:nope"),
+        ("arch", 3),
+        ("num_classes", 7),
+        ("num_classes", "x"),
+        ("mean", [0.5]),
+        ("std", [0, 0, 0]),
+        ("input_size", [3]),
+        ("class_names", 5),
+        ("weights_sha256", "0" * 64),
+        ("arch_kwargs", "junk"),
+        ("interpolation", None),
+    ]
+)
 
 
 @_examples(50)
-@given(kind=st.sampled_from(["truncate", "flip", "card", "no-card", "garbage-card"]),
-       where=st.floats(0, 1), edit=CARD_EDITS)  # fmt: skip
+@given(
+    kind=st.sampled_from(["truncate", "flip", "card", "no-card", "garbage-card"]),
+    where=st.floats(0, 1),
+    edit=CARD_EDITS,
+)
 def test_load_model_corrupted_files(weights_file, tmp_path_factory, kind, where, edit):
     folder = tmp_path_factory.mktemp("corrupt")
     path = folder / "w.safetensors"
@@ -297,8 +356,11 @@ def test_load_model_corrupted_files(weights_file, tmp_path_factory, kind, where,
         (folder / "w.json").unlink()
     else:
         (folder / "w.json").write_text("{not json")
-    res = check("load_model(file)", lambda: load_model(path),
-                names=["w.safetensors", "w.json", "card", "weights"])  # fmt: skip
+    res = check(
+        "load_model(file)",
+        lambda: load_model(path),
+        names=["w.safetensors", "w.json", "card", "weights"],
+    )
     if kind in ("truncate", "flip"):
         assert isinstance(res, XnnError), "damaged weights loaded without complaint"
 
@@ -323,18 +385,45 @@ def test_extract(net, tmp_path_factory, x, layer, labels, on_disk, batch):
         data = list(zip(x, y)) if isinstance(y, torch.Tensor) and len(y) == len(x) else (x, y)
         if isinstance(data, list):
             data = _ListDataset(data)
-    res = check("extract", lambda: extract(
-        net, data, layer, path=None if folder is None else folder / "b",
-        batch_size=batch, progress=False), model=net, finite=finite, folder=folder,
-        names=["data", "layer", "batch_size", "labels", "images", "inputs", "input", "tensor",
-               "batch", "channel", "dataset", "empty"])  # fmt: skip
+    res = check(
+        "extract",
+        lambda: extract(
+            net,
+            data,
+            layer,
+            path=None if folder is None else folder / "b",
+            batch_size=batch,
+            progress=False,
+        ),
+        model=net,
+        finite=finite,
+        folder=folder,
+        names=[
+            "data",
+            "layer",
+            "batch_size",
+            "labels",
+            "images",
+            "inputs",
+            "input",
+            "tensor",
+            "batch",
+            "channel",
+            "dataset",
+            "empty",
+        ],
+    )
     if isinstance(res, ActivationBank):
         assert not _nonfinite(res.activations(res.layers[0])) or not finite
     # the same case repaired (float, finite, 3 channels, a real layer) must give the result a
     # hand-run forward gives
     good = _repair(x)
-    bank = check("extract (repaired)", lambda: extract(net, good, "relu", batch_size=2,
-                 progress=False), model=net, names=[])  # fmt: skip
+    bank = check(
+        "extract (repaired)",
+        lambda: extract(net, good, "relu", batch_size=2, progress=False),
+        model=net,
+        names=[],
+    )
     with torch.no_grad():
         want = net.relu(net.conv(good))
     torch.testing.assert_close(bank.activations("relu"), want)
@@ -362,9 +451,15 @@ class _ListDataset(Dataset):
 # --------------------------------------------------------------------------- attribution
 
 METHODS = _canonical_methods()
-TARGETS = st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(-2, 6), st.none(),
-                    st.just(2.5), st.just("cat"),
-                    st.lists(st.integers(-1, 5), max_size=4))  # fmt: skip
+TARGETS = st.one_of(
+    st.integers(0, 3),
+    st.integers(0, 3),
+    st.integers(-2, 6),
+    st.none(),
+    st.just(2.5),
+    st.just("cat"),
+    st.lists(st.integers(-1, 5), max_size=4),
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -376,10 +471,13 @@ TARGETS = st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(-2, 6), st
 )
 def test_attribution_methods(net, method, x, target, layer):
     x, finite = x
-    res = check(f"attribute:{method}",
-                lambda: get_method(method)(net, layer=layer).attribute(x, target),
-                model=net, finite=finite,
-                names=["inputs", "target", "layer", "class", "channel", "model"])  # fmt: skip
+    res = check(
+        f"attribute:{method}",
+        lambda: get_method(method)(net, layer=layer).attribute(x, target),
+        model=net,
+        finite=finite,
+        names=["inputs", "target", "layer", "class", "channel", "model"],
+    )
     if not isinstance(res, XnnError):
         assert res.heatmap.shape[0] == x.shape[0]
     # repaired (well-formed batch, class 0, the method's own or a conv read layer): a finite
@@ -387,9 +485,12 @@ def test_attribution_methods(net, method, x, target, layer):
     good = _repair(x)
     errors = []
     for read in (None, "relu"):
-        got = check(f"attribute:{method} (repaired)",
-                    lambda r=read: get_method(method)(net, layer=r).attribute(good, 0),
-                    model=net, names=["layer", "None", "input"])  # fmt: skip
+        got = check(
+            f"attribute:{method} (repaired)",
+            lambda r=read: get_method(method)(net, layer=r).attribute(good, 0),
+            model=net,
+            names=["layer", "None", "input"],
+        )
         if not isinstance(got, XnnError):
             assert got.heatmap.shape[0] == good.shape[0]
             break
@@ -406,10 +507,14 @@ def head_data(draw):
     n = draw(st.sampled_from([0, 3, 40, 40, 40]))
     z, z_ok = draw(tensors(dims=(2, 2, 2, 4, 1, 3), lead=st.just(n), max_side=6, nonneg=True))
     good = tensors(dims=(2,), lead=st.just(n), max_side=4)
-    logits, l_ok = draw(st.one_of(
-        good, good, good,
-        st.sampled_from([("abc", True), (None, True)]),
-    ))  # fmt: skip
+    logits, l_ok = draw(
+        st.one_of(
+            good,
+            good,
+            good,
+            st.sampled_from([("abc", True), (None, True)]),
+        )
+    )
     labels = draw(st.one_of(st.none(), st.none(), labels_for(n)))
     return z, logits, labels, z_ok and l_ok
 
@@ -437,8 +542,15 @@ HEAD_NAMES = [
 @given(data=head_data(), n_features=st.sampled_from([1, 2, 0, 50, "2"]))
 def test_xnn_fit_and_transform(data, n_features):
     z, logits, labels, finite = data
-    head = XNN(n_features=n_features, hidden=(4,), n_positive=4, n_negative=8, max_epochs=1,
-               batch_size=16, val_fraction=0.25)  # fmt: skip
+    head = XNN(
+        n_features=n_features,
+        hidden=(4,),
+        n_positive=4,
+        n_negative=8,
+        max_epochs=1,
+        batch_size=16,
+        val_fraction=0.25,
+    )
     res = check("XNN.fit", lambda: head.fit(z, logits, labels), finite=finite, names=HEAD_NAMES)
     if not isinstance(res, XnnError):
         check("XNN.transform", lambda: head.transform(z), finite=finite, names=HEAD_NAMES)
@@ -454,8 +566,15 @@ def test_xnn_fit_and_transform(data, n_features):
         good = _rand40()
     w = torch.randn(good.shape[1], 3, generator=torch.Generator().manual_seed(0))
     balanced = torch.nn.functional.one_hot(torch.arange(40) % 3, 3).float() * 10
-    ok = XNN(n_features=2, hidden=(4,), n_positive=4, n_negative=8, max_epochs=1,
-             batch_size=16, val_fraction=0.25)  # fmt: skip
+    ok = XNN(
+        n_features=2,
+        hidden=(4,),
+        n_positive=4,
+        n_negative=8,
+        max_epochs=1,
+        batch_size=16,
+        val_fraction=0.25,
+    )
     check("XNN.fit (repaired)", lambda: ok.fit(good, balanced + 0.1 * good @ w), names=[])
     out = check("XNN.transform (repaired)", lambda: ok.transform(good), names=[])
     assert out.shape[0] == len(good)
@@ -470,11 +589,19 @@ def _rand40() -> torch.Tensor:
 def test_nmf_fit_and_transform(data, rank):
     z, _, labels, finite = data
     head = NMFConcepts(rank=rank, max_iter=5)
-    res = check("NMFConcepts.fit", lambda: head.fit(z, labels), finite=finite,
-                names=HEAD_NAMES + ["rank", "negative"])  # fmt: skip
+    res = check(
+        "NMFConcepts.fit",
+        lambda: head.fit(z, labels),
+        finite=finite,
+        names=HEAD_NAMES + ["rank", "negative"],
+    )
     if not isinstance(res, XnnError):
-        check("NMFConcepts.transform", lambda: head.transform(z), finite=finite,
-              names=HEAD_NAMES + ["rank"])  # fmt: skip
+        check(
+            "NMFConcepts.transform",
+            lambda: head.transform(z),
+            finite=finite,
+            names=HEAD_NAMES + ["rank"],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -483,19 +610,34 @@ def saved_heads(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     z = torch.rand(40, 6, generator=g)
     logits = z @ torch.randn(6, 3, generator=g)
-    XNN(n_features=2, hidden=(4,), n_positive=5, n_negative=10, val_fraction=0.2,
-        max_epochs=1).fit(
-        z, logits).save(folder / "xnn")  # fmt: skip
+    XNN(n_features=2, hidden=(4,), n_positive=5, n_negative=10, val_fraction=0.2, max_epochs=1).fit(
+        z, logits
+    ).save(folder / "xnn")
     NMFConcepts(rank=2, max_iter=20).fit(z).save(folder / "nmf.safetensors")
     return folder
 
 
 @_examples(60)
-@given(head=st.sampled_from(["xnn", "nmf"]), kind=st.sampled_from(["truncate", "flip",
-       "json-junk", "json-key", "missing"]), where=st.floats(0, 1),
-       key=st.sampled_from(["kind", "n_features", "hidden", "classes_", "n_inputs_", "scale_",
-                            "spatial_", "type", "params", "x_activation"]),
-       value=st.sampled_from(["junk", -1, None, [1, "a"], 1e300, {}]))  # fmt: skip
+@given(
+    head=st.sampled_from(["xnn", "nmf"]),
+    kind=st.sampled_from(["truncate", "flip", "json-junk", "json-key", "missing"]),
+    where=st.floats(0, 1),
+    key=st.sampled_from(
+        [
+            "kind",
+            "n_features",
+            "hidden",
+            "classes_",
+            "n_inputs_",
+            "scale_",
+            "spatial_",
+            "type",
+            "params",
+            "x_activation",
+        ]
+    ),
+    value=st.sampled_from(["junk", -1, None, [1, "a"], 1e300, {}]),
+)
 def test_head_load_corruptions(saved_heads, tmp_path_factory, head, kind, where, key, value):
     folder = tmp_path_factory.mktemp("load")
     for f in saved_heads.iterdir():
@@ -567,9 +709,26 @@ def test_model_heads(net, tmp_path_factory, head, x, labels, kind, edit):
     y = labels.draw(st.one_of(st.just(torch.arange(n) % 4), labels_for(n)))
     make, fit = MODEL_HEADS[head]
     h = make()
-    res = check(f"{head}.fit", lambda: fit(h, net, x, y), model=net, finite=finite,
-                names=["data", "labels", "images", "inputs", "class", "layer", "batch",
-                       "channel", "examples", "samples", "dataset", "min_images"])  # fmt: skip
+    res = check(
+        f"{head}.fit",
+        lambda: fit(h, net, x, y),
+        model=net,
+        finite=finite,
+        names=[
+            "data",
+            "labels",
+            "images",
+            "inputs",
+            "class",
+            "layer",
+            "batch",
+            "channel",
+            "examples",
+            "samples",
+            "dataset",
+            "min_images",
+        ],
+    )
     if isinstance(res, XnnError):
         return
     if head == "ClassSpecificGates":
@@ -605,8 +764,9 @@ def test_model_heads(net, tmp_path_factory, head, x, labels, kind, edit):
 def maps_and_masks(draw):
     maps, ok = draw(tensors(dims=(2, 3, 3, 3, 4), max_side=8))
     shape = tuple(maps.shape) if maps.dim() == 3 else None
-    mask_shape = draw(st.one_of(st.just(shape), st.lists(st.integers(0, 8), min_size=2,
-                                                          max_size=4).map(tuple)))  # fmt: skip
+    mask_shape = draw(
+        st.one_of(st.just(shape), st.lists(st.integers(0, 8), min_size=2, max_size=4).map(tuple))
+    )
     if mask_shape is None:
         mask_shape = (2, 4, 4)
     g = torch.Generator().manual_seed(draw(st.integers(0, 99)))
@@ -655,14 +815,25 @@ METRIC_NAMES = [
 @given(case=maps_and_masks())
 def test_metrics(metric, case):
     maps, masks, finite = case
-    check(f"metric:{metric}", lambda: METRICS[metric](maps, masks), finite=finite,
-          names=METRIC_NAMES)  # fmt: skip
+    check(
+        f"metric:{metric}", lambda: METRICS[metric](maps, masks), finite=finite, names=METRIC_NAMES
+    )
 
 
 @_examples(40)
-@given(acts=tensors(dims=(1, 2, 2, 3), max_side=30), labels=st.data(),
-       which=st.sampled_from(["f_reg", "f_cls", "gaussian_total_correlation",
-                              "mutual_information_score", "entropy_split"]))  # fmt: skip
+@given(
+    acts=tensors(dims=(1, 2, 2, 3), max_side=30),
+    labels=st.data(),
+    which=st.sampled_from(
+        [
+            "f_reg",
+            "f_cls",
+            "gaussian_total_correlation",
+            "mutual_information_score",
+            "entropy_split",
+        ]
+    ),
+)
 def test_feature_metrics(acts, labels, which):
     a, finite = acts
     n = int(a.shape[0]) if a.dim() else 0
@@ -674,24 +845,35 @@ def test_feature_metrics(acts, labels, which):
         "mutual_information_score": lambda: M.mutual_information_score(a, y),
         "entropy_split": lambda: M.entropy_split(a, y),
     }
-    check(f"metric:{which}", calls[which], finite=finite,
-          names=METRIC_NAMES + ["activations", "labels", "y_bar", "y_hat", "logits",
-                                "example", "samples", "classes"])  # fmt: skip
+    check(
+        f"metric:{which}",
+        calls[which],
+        finite=finite,
+        names=METRIC_NAMES
+        + ["activations", "labels", "y_bar", "y_hat", "logits", "example", "samples", "classes"],
+    )
 
 
 @pytest.mark.parametrize("curve", ["deletion_curve", "insertion_curve"])
 @_examples(16)
-@given(x=tensors(dims=(4,) * 5 + (3,), max_side=8, chans=(3, 3, 3, 1)),
-       maps=tensors(dims=(3,) * 5 + (2, 4), max_side=8), target=TARGETS,
-       steps=st.sampled_from([4, 4, 0, -1, 1000]))  # fmt: skip
+@given(
+    x=tensors(dims=(4,) * 5 + (3,), max_side=8, chans=(3, 3, 3, 1)),
+    maps=tensors(dims=(3,) * 5 + (2, 4), max_side=8),
+    target=TARGETS,
+    steps=st.sampled_from([4, 4, 0, -1, 1000]),
+)
 def test_curves(net, curve, x, maps, target, steps):
     (x, x_ok), (m, m_ok) = x, maps
     if x.dim() == 4 and m.dim() == 3 and m.shape[0] == x.shape[0]:
         # maps of the images' size (the other shapes stay as generated), so results are reached
         m = m[:, :1, :1].expand(-1, x.shape[2], x.shape[3]).contiguous()
-    check(f"metric:{curve}", lambda: getattr(M, curve)(net, x, m, target, steps=steps),
-          model=net, finite=x_ok and m_ok,
-          names=METRIC_NAMES + ["inputs", "target", "steps", "model"])  # fmt: skip
+    check(
+        f"metric:{curve}",
+        lambda: getattr(M, curve)(net, x, m, target, steps=steps),
+        model=net,
+        finite=x_ok and m_ok,
+        names=METRIC_NAMES + ["inputs", "target", "steps", "model"],
+    )
 
 
 # --------------------------------------------------------------------------- score_dataset
@@ -729,25 +911,51 @@ class _Mutated(Dataset):
 
 
 @_examples(32)
-@given(defect=st.sampled_from(["none", "none", "none", "nan", "grey", "255", "float-label",
-                               "big-label",
-                               "uint8"]),
-       at=st.integers(0, 3), space=st.sampled_from(["raw"] * 4 + [None, "normalized", "junk"]),
-       methods=st.sampled_from([("gradcam",), ("gradcam",), ("nope",), ()]),
-       batch=st.sampled_from([2, 2, 2, 0, -1, "2"]), on_disk=st.booleans())  # fmt: skip
+@given(
+    defect=st.sampled_from(
+        ["none", "none", "none", "nan", "grey", "255", "float-label", "big-label", "uint8"]
+    ),
+    at=st.integers(0, 3),
+    space=st.sampled_from(["raw"] * 4 + [None, "normalized", "junk"]),
+    methods=st.sampled_from([("gradcam",), ("gradcam",), ("nope",), ()]),
+    batch=st.sampled_from([2, 2, 2, 0, -1, "2"]),
+    on_disk=st.booleans(),
+)
 def test_score_dataset(vgg, tmp_path_factory, defect, at, space, methods, batch, on_disk):
     base = load_dataset("synthetic", n=4, size=32)
     ds = _Mutated(base, defect, at, space)
     folder = tmp_path_factory.mktemp("score") if on_disk else None
-    cfg = lambda: ScoringConfig(methods=methods, metrics=("pointing_game",),  # noqa: E731
-                                batch_size=batch, steps=2)  # fmt: skip
-    res = check("score_dataset", lambda: score_dataset(
-        vgg, ds, cfg(), out=None if folder is None else folder / "run", progress=False),
-        model=vgg.model, folder=folder, nan_ok=True,
-        names=["dataset", "image", "label", "method", "batch_size", "config", "metric",
-               "channel", "methods"])  # fmt: skip
+    cfg = lambda: ScoringConfig(  # noqa: E731
+        methods=methods,
+        metrics=("pointing_game",),
+        batch_size=batch,
+        steps=2,
+    )
+    res = check(
+        "score_dataset",
+        lambda: score_dataset(
+            vgg, ds, cfg(), out=None if folder is None else folder / "run", progress=False
+        ),
+        model=vgg.model,
+        folder=folder,
+        nan_ok=True,
+        names=[
+            "dataset",
+            "image",
+            "label",
+            "method",
+            "batch_size",
+            "config",
+            "metric",
+            "channel",
+            "methods",
+        ],
+    )
     if defect in ("nan", "grey", "255", "float-label", "big-label", "uint8") or space in (
-        None, "normalized", "junk"):  # fmt: skip
+        None,
+        "normalized",
+        "junk",
+    ):
         assert isinstance(res, XnnError), f"{defect} / {space} scored without complaint"
 
 
@@ -773,18 +981,49 @@ CLI_VALUES = st.sampled_from(
 
 
 @_examples(60)
-@given(command=st.sampled_from(["extract", "score", "data", "models", "nope"]),
-       options=st.lists(st.tuples(st.sampled_from(["--n", "--layer", "--device", "--model",
-                                                   "--dataset", "--methods", "--batch-size",
-                                                   "--seed", "--steps", "--threads", "--x"]),
-                                  CLI_VALUES), max_size=4))  # fmt: skip
+@given(
+    command=st.sampled_from(["extract", "score", "data", "models", "nope"]),
+    options=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "--n",
+                    "--layer",
+                    "--device",
+                    "--model",
+                    "--dataset",
+                    "--methods",
+                    "--batch-size",
+                    "--seed",
+                    "--steps",
+                    "--threads",
+                    "--x",
+                ]
+            ),
+            CLI_VALUES,
+        ),
+        max_size=4,
+    ),
+)
 def test_cli(tmp_path_factory, capsys, command, options):
     folder = tmp_path_factory.mktemp("cli")
     argv = [command, "--out", str(folder / "out")] if command != "models" else [command]
-    base = {"extract": ["--model", "bundled:vgg_synth", "--layer", "fc6", "--n", "2"],
-            "score": ["--model", "bundled:vgg_synth", "--n", "2", "--methods", "gradcam",
-                      "--metrics", "pointing_game", "--steps", "2"],
-            "data": ["--n", "2"]}.get(command, [])  # fmt: skip
+    base = {
+        "extract": ["--model", "bundled:vgg_synth", "--layer", "fc6", "--n", "2"],
+        "score": [
+            "--model",
+            "bundled:vgg_synth",
+            "--n",
+            "2",
+            "--methods",
+            "gradcam",
+            "--metrics",
+            "pointing_game",
+            "--steps",
+            "2",
+        ],
+        "data": ["--n", "2"],
+    }.get(command, [])
     argv += base
     for k, v in options:
         argv += [k, v]

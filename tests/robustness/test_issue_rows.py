@@ -41,9 +41,12 @@ def _one_thread():
 def _tiny(in_chans: int = 3, k: int = 4) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(in_chans, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(in_chans, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(4, k),
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 # --------------------------------------------------------------- preprocessing and fit
@@ -79,8 +82,11 @@ def test_batches_that_contradict_the_image_space_are_refused(vgg):
     with pytest.raises(InputError, match=r"dataset \(images 0..3\).*never normalised.*'raw'"):
         score_dataset(vgg, _Undeclared(raw), CFG, progress=False)
     # normalised twice
-    twice = Normalized(normed := Normalized(raw, vgg.preprocessing.mean, vgg.preprocessing.std),
-                       vgg.preprocessing.mean, vgg.preprocessing.std)  # fmt: skip
+    twice = Normalized(
+        normed := Normalized(raw, vgg.preprocessing.mean, vgg.preprocessing.std),
+        vgg.preprocessing.mean,
+        vgg.preprocessing.std,
+    )
     with pytest.raises(InputError, match="normalised twice"):
         score_dataset(vgg, twice, CFG, progress=False)
     # declared raw but normalised
@@ -94,8 +100,18 @@ def test_batches_that_contradict_the_image_space_are_refused(vgg):
 
 def test_grey_dataset_for_colour_model_is_refused_then_class_names_are_shown(capsys, tmp_path):
     out = tmp_path / "s"
-    args = ["score", "--model", "bundled:vgg_synth", "--dataset", "fashion-mnist", "--n", "4",
-            "--out", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "score",
+        "--model",
+        "bundled:vgg_synth",
+        "--dataset",
+        "fashion-mnist",
+        "--n",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "1-channel" in err and "--grey-to-rgb" in err
@@ -154,8 +170,20 @@ def test_file_spec_weights_are_checked_against_the_cards_hash(tmp_path):
 
 def test_extract_failing_at_the_door_leaves_no_folder(tmp_path, capsys):
     out = tmp_path / "D"
-    rc = main(["extract", "--model", "bundled:vgg_synth", "--layer", "fc66", "--n", "4",
-               "--out", str(out), "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "extract",
+            "--model",
+            "bundled:vgg_synth",
+            "--layer",
+            "fc66",
+            "--n",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "fc66" in capsys.readouterr().err
     assert not out.exists()
 
@@ -195,8 +223,7 @@ def test_files_get_the_users_umask(vgg, tmp_path):
     try:
         bank = tmp_path / "bank"
         extract(_tiny(), torch.rand(4, 3, 8, 8), ["0"], path=bank, progress=False)
-        score_dataset(vgg, load_dataset("synthetic", n=4), CFG, out=tmp_path / "s",
-                      progress=False)  # fmt: skip
+        score_dataset(vgg, load_dataset("synthetic", n=4), CFG, out=tmp_path / "s", progress=False)
         files = [*bank.iterdir(), *(tmp_path / "s").rglob("*.json")]
         assert files
         for f in files:
@@ -282,8 +309,19 @@ def test_extract_converts_float64_and_refuses_grey_unless_asked():
 def test_cli_device_errors_are_one_line(device, capsys, tmp_path):
     if device == "cuda:0" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    rc = main(["extract", "--model", "bundled:vgg_synth", "--layer", "fc6", "--device", device,
-               "--out", str(tmp_path / "x")])  # fmt: skip
+    rc = main(
+        [
+            "extract",
+            "--model",
+            "bundled:vgg_synth",
+            "--layer",
+            "fc6",
+            "--device",
+            device,
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--device" in err and device in err and "cpu" in err
     assert len(err.strip().splitlines()) == 1

@@ -282,8 +282,11 @@ def _check_inputs(inputs: object, model: nn.Module | None = None) -> torch.Tenso
         check_input(inputs, in_chans=chans)
     except InputError as exc:
         raise InputError(f"inputs: {exc}") from None
-    param = next((p for p in model.parameters() if p.is_floating_point()), None) if (
-        model is not None) else None  # fmt: skip
+    param = (
+        next((p for p in model.parameters() if p.is_floating_point()), None)
+        if (model is not None)
+        else None
+    )
     if param is not None:
         if inputs.device != param.device:
             raise InputError(

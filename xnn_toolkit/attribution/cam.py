@@ -59,9 +59,7 @@ class _GradientCAM(AttributionMethod):
         grads = _backward_to_read(fwd, target.weights(fwd.top).detach())
         alpha = self._weights(acts, grads)  # N x K
         cam = torch.einsum("nk,nkhw->nhw", alpha, acts).clamp(min=0)
-        info = AttributionInfo(
-            method=self.name, layer=str(fwd.read_name), target=target.describe()
-        )
+        info = AttributionInfo(method=self.name, layer=str(fwd.read_name), target=target.describe())
         return Attribution(cam, _upsample(cam, tuple(x.shape[-2:])), info)
 
 
@@ -241,9 +239,10 @@ class CAM(AttributionMethod):
         if not trace.linears:
             raise SpecError(f"CAM needs a final linear layer, but {model} has none; {hint}")
         feat, weight, lin_out = trace.linears[-1]
-        if not (lin_out is out or (lin_out.numel() == out.numel() and torch.equal(
-            lin_out.reshape(out.shape), out
-        ))):
+        if not (
+            lin_out is out
+            or (lin_out.numel() == out.numel() and torch.equal(lin_out.reshape(out.shape), out))
+        ):
             raise SpecError(
                 f"CAM needs the logits to be the output of the last linear layer, but {model} "
                 f"transforms them further; {hint}"
@@ -257,9 +256,12 @@ class CAM(AttributionMethod):
                 flat, inp.mean((2, 3)), rtol=1e-4, atol=1e-6
             ):
                 fc = next(
-                    (name for name, m in self.model.named_modules()
-                     if isinstance(getattr(m, "weight", None), torch.Tensor)
-                     and m.weight.data_ptr() == weight.data_ptr()),
+                    (
+                        name
+                        for name, m in self.model.named_modules()
+                        if isinstance(getattr(m, "weight", None), torch.Tensor)
+                        and m.weight.data_ptr() == weight.data_ptr()
+                    ),
                     "linear",
                 )
                 return inp.detach(), weight, f"{fc}.input_map"

@@ -146,10 +146,17 @@ class GuidedBackprop(_CaptumMethod):
         if not any(isinstance(m, nn.ReLU) for m in self.model.modules()):
             info = out.metadata
             out.metadata = AttributionInfo(
-                info.method, info.layer, info.target, info.rules,
-                info.fallbacks + ("no nn.ReLU modules: Captum's guided ReLU gradient not "
-                                  "applied (functional activations keep the plain gradient)",),
-                info.batchnorm, info.params,
+                info.method,
+                info.layer,
+                info.target,
+                info.rules,
+                info.fallbacks
+                + (
+                    "no nn.ReLU modules: Captum's guided ReLU gradient not "
+                    "applied (functional activations keep the plain gradient)",
+                ),
+                info.batchnorm,
+                info.params,
             )
         return out
 
@@ -189,5 +196,8 @@ class Occlusion(_CaptumMethod):
         c, h, w = x.shape[1:]
         win = self.window or max(1, min(h, w) // 8)
         stride = self.stride or max(1, win // 2)
-        return {"sliding_window_shapes": (c, win, win), "strides": (c, stride, stride),
-                **self.kwargs}
+        return {
+            "sliding_window_shapes": (c, win, win),
+            "strides": (c, stride, stride),
+            **self.kwargs,
+        }

@@ -51,9 +51,7 @@ def _filter_target(target: object, n: int, layer: LayerSpec) -> Target:
     if isinstance(target, Target):
         tgt = target
     elif target is None:
-        raise InputError(
-            "target: a filter map needs the filter index (an int or one per image)"
-        )
+        raise InputError("target: a filter map needs the filter index (an int or one per image)")
     else:
         tgt = as_target(target, n)
         if not isinstance(tgt, Class) or tgt.index is None:
@@ -178,9 +176,7 @@ class ActivMap(AttributionMethod):
             )
         idx = _per_image(target.channel, acts.shape[0], "the filter index")
         if int(idx.max()) >= acts.shape[1] or int(idx.min()) < 0:
-            raise InputError(
-                f"filter index out of range: the layer has {acts.shape[1]} filters"
-            )
+            raise InputError(f"filter index out of range: the layer has {acts.shape[1]} filters")
         raw = acts[torch.arange(acts.shape[0]), idx.to(acts.device)]
         heat = _upsample(raw, tuple(x.shape[-2:]))
         mask = None

@@ -91,9 +91,11 @@ def load_dataset(
     if kind == "synthetic":
         default_seed = SyntheticParts.TRAIN_SEED if split == "train" else SyntheticParts.TEST_SEED
         ds: Dataset = SyntheticParts(
-            n or 1000, size=size or 64, seed=default_seed if seed is None else seed,
+            n or 1000,
+            size=size or 64,
+            seed=default_seed if seed is None else seed,
             return_annotations=annotations,
-        )  # fmt: skip
+        )
     elif kind in ("fashion-mnist", "fashion_mnist", "fmnist"):
         ds = FashionMNIST(rest or None, split=split)
     elif kind == "cub" and rest:

@@ -57,8 +57,11 @@ _HEAD = (0.44, -0.27, 0.21)  # centre u, v and radius
 _FOREHEAD_DEG = (10.0, 65.0)
 _CROWN_DEG = (65.0, 150.0)
 _NAPE_DEG = (150.0, 240.0)  # the throat takes the rest
-_EYE = (_HEAD[0] + 0.42 * _HEAD[2] * math.cos(math.radians(10)),
-        _HEAD[1] - 0.42 * _HEAD[2] * math.sin(math.radians(10)), 0.055)  # fmt: skip
+_EYE = (
+    _HEAD[0] + 0.42 * _HEAD[2] * math.cos(math.radians(10)),
+    _HEAD[1] - 0.42 * _HEAD[2] * math.sin(math.radians(10)),
+    0.055,
+)
 _BEAK_BASE = (0.63, -0.245)
 _BEAK_DOWN_DEG = 8.0  # the beak points this much below +u
 _TAIL_BASE = (-0.40, -0.05)
@@ -85,12 +88,28 @@ OBJECT_HALF_EXTENT = (0.80, 0.49)
 # Layers in painter's order (a later layer hides an earlier one).
 LAYER_NAMES = (
     "background",
-    "distractor0", "distractor1", "distractor2",
-    "far wing", "far wing mark", "far leg", "near leg", "tail",
-    "belly", "back", "breast", "near wing", "near wing mark",
-    "throat", "nape", "crown", "forehead", "beak", "near eye",
-    "occluder0", "occluder1",
-)  # fmt: skip
+    "distractor0",
+    "distractor1",
+    "distractor2",
+    "far wing",
+    "far wing mark",
+    "far leg",
+    "near leg",
+    "tail",
+    "belly",
+    "back",
+    "breast",
+    "near wing",
+    "near wing mark",
+    "throat",
+    "nape",
+    "crown",
+    "forehead",
+    "beak",
+    "near eye",
+    "occluder0",
+    "occluder1",
+)
 LAYER = {name: k for k, name in enumerate(LAYER_NAMES)}
 NUM_LAYERS = len(LAYER_NAMES)
 NUM_DISTRACTORS = 3
@@ -98,22 +117,45 @@ NUM_OCCLUDERS = 2
 
 # Colour slot (see _species.COLOUR_SLOTS) of each bird layer.
 BIRD_LAYER_SLOTS = {
-    "far wing": "wing", "far wing mark": "wing_mark", "far leg": "leg", "near leg": "leg",
-    "tail": "tail", "belly": "belly", "back": "back", "breast": "breast",
-    "near wing": "wing", "near wing mark": "wing_mark", "throat": "throat", "nape": "nape",
-    "crown": "crown", "forehead": "forehead", "beak": "beak", "near eye": "eye",
-}  # fmt: skip
+    "far wing": "wing",
+    "far wing mark": "wing_mark",
+    "far leg": "leg",
+    "near leg": "leg",
+    "tail": "tail",
+    "belly": "belly",
+    "back": "back",
+    "breast": "breast",
+    "near wing": "wing",
+    "near wing mark": "wing_mark",
+    "throat": "throat",
+    "nape": "nape",
+    "crown": "crown",
+    "forehead": "forehead",
+    "beak": "beak",
+    "near eye": "eye",
+}
 
 # Part of each bird layer; sided ones are right when the bird is not mirrored and "near".
 _LAYER_PART = {
-    "tail": "tail", "belly": "belly", "back": "back", "breast": "breast", "throat": "throat",
-    "nape": "nape", "crown": "crown", "forehead": "forehead", "beak": "beak",
-}  # fmt: skip
+    "tail": "tail",
+    "belly": "belly",
+    "back": "back",
+    "breast": "breast",
+    "throat": "throat",
+    "nape": "nape",
+    "crown": "crown",
+    "forehead": "forehead",
+    "beak": "beak",
+}
 _SIDED_LAYER = {
-    "far wing": ("far", "wing"), "far wing mark": ("far", "wing"), "far leg": ("far", "leg"),
-    "near leg": ("near", "leg"), "near wing": ("near", "wing"),
-    "near wing mark": ("near", "wing"), "near eye": ("near", "eye"),
-}  # fmt: skip
+    "far wing": ("far", "wing"),
+    "far wing mark": ("far", "wing"),
+    "far leg": ("far", "leg"),
+    "near leg": ("near", "leg"),
+    "near wing": ("near", "wing"),
+    "near wing mark": ("near", "wing"),
+    "near eye": ("near", "eye"),
+}
 
 # Distractor shapes in their unit square [-1, 1]^2.
 DISTRACTOR_SHAPES = ("ellipse", "box", "triangle")
@@ -165,9 +207,14 @@ class Templates:
     def to(self, device: torch.device) -> Templates:
         """The same templates on ``device``."""
         return Templates(
-            self.birds.to(device), self.res, self.u0, self.v0,
-            self.keypoints.to(device), self.shapes.to(device), self.shape_res,
-        )  # fmt: skip
+            self.birds.to(device),
+            self.res,
+            self.u0,
+            self.v0,
+            self.keypoints.to(device),
+            self.shapes.to(device),
+            self.shape_res,
+        )
 
 
 @dataclass
@@ -434,8 +481,9 @@ def make_templates(shapes: list[BirdShape], res: float, shape_res: int) -> Templ
     )
     shape_maps[:, [0, -1], :] = 0
     shape_maps[:, :, [0, -1]] = 0
-    return Templates(birds, float(res), _FRAME_U[0], _FRAME_V[0], keypoints, shape_maps,
-                     float(shape_res))  # fmt: skip
+    return Templates(
+        birds, float(res), _FRAME_U[0], _FRAME_V[0], keypoints, shape_maps, float(shape_res)
+    )
 
 
 # ------------------------------------------------------------------------------ drawing

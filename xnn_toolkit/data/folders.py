@@ -280,6 +280,7 @@ class CUBFolder(Dataset):
     AssetError
         Missing or malformed files, or ids that do not match across files.
     """
+
     #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
     image_space = "raw"
 
@@ -338,11 +339,13 @@ class CUBFolder(Dataset):
         train: dict[int, bool] = {}
         if split != "all":
             p = r / "train_test_split.txt"
-            for i, (v,) in _id_map(p, _read_table(p, 2, "<image_id> <is_training_image>"),
-                                   ids).items():
+            for i, (v,) in _id_map(
+                p, _read_table(p, 2, "<image_id> <is_training_image>"), ids
+            ).items():
                 if v.strip() not in ("0", "1"):
-                    raise AssetError(f"{p}: image {i} has is_training_image {v.strip()!r}, "
-                                     "expected 0 or 1")
+                    raise AssetError(
+                        f"{p}: image {i} has is_training_image {v.strip()!r}, expected 0 or 1"
+                    )
                 train[i] = v.strip() == "1"
 
         self.part_names: list[str] = []
@@ -382,16 +385,19 @@ class CUBFolder(Dataset):
             if i not in known:
                 raise AssetError(f"{p}: image id {i} is not in images.txt")
             if not 1 <= k <= n_parts:
-                raise AssetError(f"{p}: part id {k} of image {i} is not in parts/parts.txt "
-                                 f"(1..{n_parts})")
+                raise AssetError(
+                    f"{p}: part id {k} of image {i} is not in parts/parts.txt (1..{n_parts})"
+                )
             if not np.isnan(locs[i][k - 1, 0]):
                 raise AssetError(f"{p}: part {k} of image {i} appears twice")
             locs[i][k - 1] = [_float(p, row[2]), _float(p, row[3]), _float(p, row[4])]
         for i, a in locs.items():
             if np.isnan(a[:, 0]).any():
                 missing = [int(k) + 1 for k in np.flatnonzero(np.isnan(a[:, 0]))]
-                raise AssetError(f"{p}: image {i} lacks rows for part ids {missing[:5]}; "
-                                 f"every image needs all {n_parts} parts")
+                raise AssetError(
+                    f"{p}: image {i} lacks rows for part ids {missing[:5]}; "
+                    f"every image needs all {n_parts} parts"
+                )
         return locs
 
     def __len__(self) -> int:
@@ -433,25 +439,40 @@ class CUBFolder(Dataset):
             path = (self.seg_dir / rec.name).with_suffix(".png")
             seg = torch.from_numpy(_load_gray(path)).float()
             if tuple(seg.shape) != (h, w):
-                raise AssetError(f"segmentation {path} is {tuple(seg.shape)}, its image is "
-                                 f"{(h, w)}; expected the same size")
+                raise AssetError(
+                    f"segmentation {path} is {tuple(seg.shape)}, its image is "
+                    f"{(h, w)}; expected the same size"
+                )
             if self.size is not None:  # resize the soft mask, then threshold
-                seg = F.interpolate(seg[None, None], size=self.size, mode="bilinear",
-                                    align_corners=False, antialias=True)[0, 0]
+                seg = F.interpolate(
+                    seg[None, None],
+                    size=self.size,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )[0, 0]
             obj = seg > self.seg_threshold * 255.0
         part = None
         if self.part_dir is not None:
             path = (self.part_dir / rec.name).with_suffix(".png")
             part = torch.from_numpy(_load_gray(path))
             if tuple(part.shape) != (h, w):
-                raise AssetError(f"part segmentation {path} is {tuple(part.shape)}, its image "
-                                 f"is {(h, w)}; expected the same size")
+                raise AssetError(
+                    f"part segmentation {path} is {tuple(part.shape)}, its image "
+                    f"is {(h, w)}; expected the same size"
+                )
             if int(part.max()) > len(self.part_names) or int(part.min()) < 0:
-                raise AssetError(f"part segmentation {path} has label {int(part.max())}; "
-                                 f"parts/parts.txt has ids 1..{len(self.part_names)}")
+                raise AssetError(
+                    f"part segmentation {path} has label {int(part.max())}; "
+                    f"parts/parts.txt has ids 1..{len(self.part_names)}"
+                )
             part = _resize_nearest(part, self.size)
         return PartAnnotation(
-            label=rec.label, keypoints=kp, visible=visible, bbox=bbox, part_mask=part,
+            label=rec.label,
+            keypoints=kp,
+            visible=visible,
+            bbox=bbox,
+            part_mask=part,
             object_mask=obj,
         )
 
@@ -468,8 +489,10 @@ class CUBFolder(Dataset):
         return img, label, self._annotation(index, hw)
 
     def __repr__(self) -> str:
-        return (f"CUBFolder(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
-                f"classes={len(self.classes)}, parts={len(self.part_names)})")
+        return (
+            f"CUBFolder(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+            f"classes={len(self.classes)}, parts={len(self.part_names)})"
+        )
 
 
 # ---------------------------------------------------------------------------- image + mask
@@ -536,6 +559,7 @@ class MaskFolder(Dataset):
         Missing folders, images without masks (``missing="error"``), duplicate stems, masks of
         another size than their image, or part labels above ``len(part_names)``.
     """
+
     #: images are float in [0, 1], not normalised (see :mod:`xnn_toolkit.datafit`)
     image_space = "raw"
 
@@ -630,7 +654,11 @@ class MaskFolder(Dataset):
             kp = torch.zeros(0, 2)
             visible = torch.zeros(0, dtype=torch.bool)
         return PartAnnotation(
-            label=label, keypoints=kp, visible=visible, bbox=_mask_box(obj), part_mask=part,
+            label=label,
+            keypoints=kp,
+            visible=visible,
+            bbox=_mask_box(obj),
+            part_mask=part,
             object_mask=obj,
         )
 
@@ -647,5 +675,4 @@ class MaskFolder(Dataset):
         return img, label, self._annotation(mask_path, label, hw)
 
     def __repr__(self) -> str:
-        return (f"MaskFolder(images_dir={str(self.images_dir)!r}, kind={self.kind!r}, "
-                f"n={len(self)})")
+        return f"MaskFolder(images_dir={str(self.images_dir)!r}, kind={self.kind!r}, n={len(self)})"

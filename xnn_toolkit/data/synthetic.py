@@ -182,9 +182,12 @@ class SyntheticParts(Dataset):
             raise InputError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = int(seed)
         self.num_classes = _check_int(
-            "num_classes", num_classes, 2, len(SPECIES),
+            "num_classes",
+            num_classes,
+            2,
+            len(SPECIES),
             f"the catalogue has {len(SPECIES)} species",
-        )  # fmt: skip
+        )
         self.clutter = bool(clutter)
         self.occlusion = bool(occlusion)
         self.distractors = bool(distractors)
@@ -198,9 +201,10 @@ class SyntheticParts(Dataset):
         # looked up per image.
         shapes = [
             _render.BirdShape(
-                BEAK_SHAPES[s.beak_shape], TAIL_SHAPES[s.tail_shape],
+                BEAK_SHAPES[s.beak_shape],
+                TAIL_SHAPES[s.tail_shape],
                 WING_PATTERNS.index(s.wing_pattern),
-            )  # fmt: skip
+            )
             for s in self._species
         ]
         distinct = list(dict.fromkeys(shapes))

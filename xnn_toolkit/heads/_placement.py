@@ -115,9 +115,7 @@ def _resnet_layers(model: nn.Module, example: torch.Tensor) -> list[str] | None:
 
 def _densenet_layers(model: nn.Module) -> list[str] | None:
     out = [
-        n
-        for n, _ in model.named_modules()
-        if re.fullmatch(r"(.*\.)?(denseblock|transition)\d+", n)
+        n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?(denseblock|transition)\d+", n)
     ]
     return out or None
 

@@ -537,8 +537,7 @@ class _Source:
         for batch in self.iterable:
             if not isinstance(batch, tuple | list) or len(batch) < 2:
                 raise InputError(
-                    "every batch must be (images, labels, ...); got "
-                    f"{type(batch).__name__}"
+                    f"every batch must be (images, labels, ...); got {type(batch).__name__}"
                 )
             x, y = batch[0], as_labels(batch[1]).reshape(-1)
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or y.shape[0] != x.shape[0]:
@@ -582,9 +581,7 @@ class _Extracted:
     n_logits: int = -1  # number of the network's outputs (-1: not N x C logits)
 
 
-def _extract(
-    network: nn.Module, layer: str, source: _Source, device: torch.device
-) -> _Extracted:
+def _extract(network: nn.Module, layer: str, source: _Source, device: torch.device) -> _Extracted:
     """Pooled activations of ``layer`` (and the network's predictions) over all the data."""
     feats, labels, preds = [], [], []
     n_logits = -1
@@ -794,11 +791,32 @@ class ClassSpecificGates:
 
     # ---------------------------------------------------------------- parameters
     _PARAM_KEYS = (
-        "layer", "recipe", "finetune", "objective", "lambda1", "lambda2", "g", "num_classes",
-        "epochs", "warmup", "csg_every", "csg_ratio", "batch_size", "lr", "lr_gates",
-        "lr_backbone", "lr_milestones", "lr_gamma", "init", "head_init", "mi_estimator",
-        "mi_bins", "random_state", "device", "verbose",
-    )  # fmt: skip
+        "layer",
+        "recipe",
+        "finetune",
+        "objective",
+        "lambda1",
+        "lambda2",
+        "g",
+        "num_classes",
+        "epochs",
+        "warmup",
+        "csg_every",
+        "csg_ratio",
+        "batch_size",
+        "lr",
+        "lr_gates",
+        "lr_backbone",
+        "lr_milestones",
+        "lr_gamma",
+        "init",
+        "head_init",
+        "mi_estimator",
+        "mi_bins",
+        "random_state",
+        "device",
+        "verbose",
+    )
 
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as given to ``__init__``."""
@@ -850,8 +868,9 @@ class ClassSpecificGates:
         if not (isinstance(self.lr_gamma, int | float) and 0 < self.lr_gamma <= 1):
             raise InputError(f"lr_gamma must lie in (0, 1], got {self.lr_gamma!r}")
         if any(not 0 <= float(m) <= 1 for m in self.lr_milestones):
-            raise InputError(f"lr_milestones are fractions of epochs in [0, 1], got "
-                             f"{list(self.lr_milestones)}")  # fmt: skip
+            raise InputError(
+                f"lr_milestones are fractions of epochs in [0, 1], got {list(self.lr_milestones)}"
+            )
         if self.recipe == "frozen" and self.finetune:
             raise InputError(
                 "finetune= names blocks to train, which only recipe='finetune' does; "
@@ -962,9 +981,18 @@ class ClassSpecificGates:
                 self._train_frozen(ext, head, gates, g, opt_head, opt_gates, gen, history)
             else:
                 self._train_finetune(
-                    network, layer, source, head, gates, g, c,
-                    (opt_head, opt_gates, opt_net), device, gen, history,
-                )  # fmt: skip
+                    network,
+                    layer,
+                    source,
+                    head,
+                    gates,
+                    g,
+                    c,
+                    (opt_head, opt_gates, opt_net),
+                    device,
+                    gen,
+                    history,
+                )
                 network.eval()
                 for p in network.parameters():
                     p.requires_grad_(False)
@@ -1007,8 +1035,7 @@ class ClassSpecificGates:
             return int(self.num_classes)
         if n_out < 2:
             raise InputError(
-                f"the model's output is not N x C logits (got {n_out} outputs); pass "
-                "num_classes="
+                f"the model's output is not N x C logits (got {n_out} outputs); pass num_classes="
             )
         return n_out
 
@@ -1046,9 +1073,10 @@ class ClassSpecificGates:
                 return [layer]
             before = list(dict.fromkeys(order[:t_layer]))
             convs = [
-                i for i, n in enumerate(before)
+                i
+                for i, n in enumerate(before)
                 if any(isinstance(m, nn.Conv2d) for m in modules[n].modules())
-            ]  # fmt: skip
+            ]
             if not convs:
                 raise InputError(
                     f"no convolution runs before the gated layer {layer!r}; pass finetune= "
@@ -1056,9 +1084,8 @@ class ClassSpecificGates:
                 )
             first = before[convs[-1]]
             rest = [
-                n for n in before[convs[-1] + 1 :]
-                if trainable(n) and not n.startswith(first + ".")
-            ]  # fmt: skip
+                n for n in before[convs[-1] + 1 :] if trainable(n) and not n.startswith(first + ".")
+            ]
             return [first, *rest]
         names = [resolve_layer(model, s)[0] for s in self.finetune]
         for name in names:
@@ -1287,10 +1314,11 @@ class ClassSpecificGates:
         self._check_fitted(need_network=True)
         images = _check_images(images)
         ext = _extract(
-            self.network_, self.layer_,
+            self.network_,
+            self.layer_,
             _Source(images, torch.zeros(len(images), dtype=torch.long), self.batch_size),
             self.device_,
-        )  # fmt: skip
+        )
         return ext.features
 
     def decision_function(
@@ -1360,9 +1388,13 @@ class ClassSpecificGates:
             density=l1_density(self.gates_),
             density_bounds=density_bounds(self.n_classes_, self.n_filters_, self.g_),
             mutual_information=mutual_information_score(
-                ext.features, y, self.n_classes_, bins=self.mi_bins,
-                estimator=self.mi_estimator, random_state=self.random_state,
-            ),  # fmt: skip
+                ext.features,
+                y,
+                self.n_classes_,
+                bins=self.mi_bins,
+                estimator=self.mi_estimator,
+                random_state=self.random_state,
+            ),
             s_tp=s_tp,
             s_fn=s_fn,
         )
@@ -1370,8 +1402,9 @@ class ClassSpecificGates:
     def score(self, data: Any, labels: Any = None) -> float:
         """STD-path accuracy on a dataset (scikit-learn's ``score``)."""
         self._check_fitted(need_network=True)
-        ext = _extract(self.network_, self.layer_, _Source(data, labels, self.batch_size),
-                       self.device_)  # fmt: skip
+        ext = _extract(
+            self.network_, self.layer_, _Source(data, labels, self.batch_size), self.device_
+        )
         _check_label_range(ext.labels, self.n_classes_)
         with torch.no_grad():
             return float((self.head_(ext.features).argmax(1) == ext.labels).float().mean())
@@ -1496,9 +1529,10 @@ class ClassSpecificGates:
             if meta["finetune_"]:
                 network = copy.deepcopy(model).to(dev).eval()
                 state = {
-                    key[len("network."):]: v for key, v in tensors.items()
+                    key[len("network.") :]: v
+                    for key, v in tensors.items()
                     if key.startswith("network.")
-                }  # fmt: skip
+                }
                 try:
                     missing = network.load_state_dict(state, strict=False)
                 except RuntimeError as exc:

@@ -200,9 +200,11 @@ def kl_log_normal(
         )
     mu = torch.as_tensor(mu, dtype=activation.dtype, device=activation.device)
     sigma = torch.as_tensor(sigma, dtype=activation.dtype, device=activation.device)
-    return (alpha**2 + (torch.log(activation) - mu) ** 2) / (2 * sigma**2) + torch.log(
-        sigma / alpha
-    ) - 0.5
+    return (
+        (alpha**2 + (torch.log(activation) - mu) ** 2) / (2 * sigma**2)
+        + torch.log(sigma / alpha)
+        - 0.5
+    )
 
 
 def information_heatmap(kl: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -225,9 +227,7 @@ def information_heatmap(kl: torch.Tensor, size: tuple[int, int] | None = None) -
         raise InputError(f"kl must be B x C x H x W, got shape {tuple(kl.shape)}")
     m = kl.sum(1)
     if size is not None and tuple(size) != tuple(m.shape[-2:]):
-        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[
-            :, 0
-        ]
+        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     return m - m.flatten(1).min(1).values[:, None, None]
 
 
@@ -407,9 +407,7 @@ class InformationDropout:
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise InputError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if isinstance(self.layers, str) and self.layers != "auto":
-            raise InputError(
-                f"layers must be 'auto' or a list of layer names, got {self.layers!r}"
-            )
+            raise InputError(f"layers must be 'auto' or a list of layer names, got {self.layers!r}")
 
     def _init_logit(self) -> float:
         p = (self.init_alpha - self.alpha_min) / self.alpha_max
@@ -510,10 +508,11 @@ class InformationDropout:
         heads: dict[str, nn.Module] = {}
         if self.mode == "class":
             logits = {
-                n: torch.full((n_rows, shapes[n][1]), self._init_logit(), device=dev,
-                              requires_grad=True)
+                n: torch.full(
+                    (n_rows, shapes[n][1]), self._init_logit(), device=dev, requires_grad=True
+                )
                 for n in names
-            }  # fmt: skip
+            }
             row_opt = _RowOptimizer(list(logits.values()), "adam", self.lr)
         else:
             for n in names:
@@ -770,9 +769,19 @@ class InformationDropout:
             else [x if isinstance(x, str | int) else str(x) for x in self.layers]
         )
         keys = [
-            "prior", "mode", "beta", "alpha_max", "alpha_min", "init_alpha", "shifted", "lr",
-            "epochs", "batch_size", "min_images", "random_state",
-        ]  # fmt: skip
+            "prior",
+            "mode",
+            "beta",
+            "alpha_max",
+            "alpha_min",
+            "init_alpha",
+            "shifted",
+            "lr",
+            "epochs",
+            "batch_size",
+            "min_images",
+            "random_state",
+        ]
         out = {k: getattr(self, k) for k in keys}
         out["layers"] = layers
         out["classes"] = None if self.classes is None else [int(c) for c in self.classes]
@@ -832,12 +841,12 @@ class InformationDropout:
                 self.heads_ = {}
                 for n in self.layers_:
                     w = tensors[f"heads/{n}/weight"]
-                    head = nn.Conv2d(w.shape[1], w.shape[0], 1) if w.dim() == 4 else nn.Linear(
-                        w.shape[1], w.shape[0]
+                    head = (
+                        nn.Conv2d(w.shape[1], w.shape[0], 1)
+                        if w.dim() == 4
+                        else nn.Linear(w.shape[1], w.shape[0])
                     )
-                    head.load_state_dict(
-                        {"weight": w, "bias": tensors[f"heads/{n}/bias"]}
-                    )
+                    head.load_state_dict({"weight": w, "bias": tensors[f"heads/{n}/bias"]})
                     self.heads_[n] = head.eval().requires_grad_(False)
         except KeyError as exc:
             raise AssetError(f"{path}.safetensors lacks {exc}; the files do not match") from exc

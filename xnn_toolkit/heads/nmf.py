@@ -431,9 +431,7 @@ class NMFConcepts(BaseEstimator):
                 f"{what}; use more images or a smaller rank"
             )
 
-    def _initial(
-        self, Xm: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _initial(self, Xm: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.init == "random":
             return _solvers.random_init(Xm, self.rank, generator=gen)
         return _solvers.nndsvd_init(Xm, self.rank, self.init, generator=gen)
@@ -483,9 +481,7 @@ class NMFConcepts(BaseEstimator):
         mass = torch.zeros(self.rank, dtype=torch.float64, device=device)
         G = res.M.T @ res.M
         for Xb in blocks():
-            Sb = _solvers.nnls_project(
-                res.M, Xb, max_sweeps=self.transform_max_iter, tol=_NNLS_TOL
-            )
+            Sb = _solvers.nnls_project(res.M, Xb, max_sweeps=self.transform_max_iter, tol=_NNLS_TOL)
             xb2 = _solvers.sq_norm(Xb)
             err2 += 2.0 * _solvers.objective(xb2, Sb, res.M.T @ Xb, G, Sb @ Sb.T)
             xx += xb2
@@ -693,8 +689,14 @@ class NMFConcepts(BaseEstimator):
             raise TypeError(f"attrs must be a JSON object, got {type(attrs).__name__}")
         for k, v in attrs.items():
             # only what _state writes: a file must not replace methods, settings or tensors
-            if k not in ("reconstruction_err_", "relative_err_", "n_iter_", "layer_",
-                         "spatial_", "n_channels_"):  # fmt: skip
+            if k not in (
+                "reconstruction_err_",
+                "relative_err_",
+                "n_iter_",
+                "layer_",
+                "spatial_",
+                "n_channels_",
+            ):
                 raise ValueError(f"unexpected attribute {k!r}")
             setattr(self, k, v)
 
@@ -924,9 +926,7 @@ class PerClassNMF(BaseEstimator):
             )
         return [(i, labels == c) for i, c in enumerate(self.classes_.tolist())]
 
-    def transform(
-        self, X: object, y: object = None, *, layer: str | None = None
-    ) -> torch.Tensor:
+    def transform(self, X: object, y: object = None, *, layer: str | None = None) -> torch.Tensor:
         """Scores of each example under its own class's basis.
 
         Parameters
@@ -1010,9 +1010,7 @@ class PerClassNMF(BaseEstimator):
             estimators = []
             for i, a in enumerate(attrs):
                 est = clone(template)
-                est._restore(
-                    {k: tensors[f"class.{i}.{k}"] for k in ("components", "shift")}, a
-                )
+                est._restore({k: tensors[f"class.{i}.{k}"] for k in ("components", "shift")}, a)
                 estimators.append(est)
         except KeyError as exc:
             raise AssetError(f"{os.fspath(path)!r} is missing {exc} for a PerClassNMF") from exc

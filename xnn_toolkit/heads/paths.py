@@ -391,9 +391,7 @@ def hit_rate(
     hi = m.flatten(1).max(1).values[:, None, None]
     m = (m - lo) / (hi - lo).clamp_min(1e-12)
     if size is not None and tuple(size) != tuple(m.shape[-2:]):
-        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[
-            :, 0
-        ]
+        m = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     h, w = m.shape[-2:]
     k = max(1, math.ceil(top * h * w))
     idx = m.flatten(1).topk(k, dim=1).indices
@@ -632,9 +630,12 @@ def _raw_batches(
     elif _is_dataset(data):
         seed = int(torch.randint(2**62, (1,), generator=gen))
         loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed), collate_fn=_collate_pairs,
-        )  # fmt: skip
+            data,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=_collate_pairs,
+        )
         yield from loader
     else:
         try:
@@ -1070,14 +1071,22 @@ class ClassPaths:
             return paper_objective(
                 [run.pre[n] for n in names],
                 [mus[n][rows] for n in names],
-                logits, y, rows, n_rows, float(self.beta),
-            )  # fmt: skip
+                logits,
+                y,
+                rows,
+                n_rows,
+                float(self.beta),
+            )
         return code_objective(
             [run.post[n] for n in names],
             original,
             [mus[n] for n in names],
-            logits, y, rows, correct, float(self.beta),
-        )  # fmt: skip
+            logits,
+            y,
+            rows,
+            correct,
+            float(self.beta),
+        )
 
     # ---------------------------------------------------------------- inference
     def _check_fitted(self) -> None:
@@ -1183,9 +1192,7 @@ class ClassPaths:
             dev = _model_device(model, None)
             run.mode, run.rows = "mask", rows.to(dev)
             model(images.to(dev))
-            return {
-                n: run.post[n].sum(1).cpu() for n in self.layers_ if run.post[n].dim() == 4
-            }
+            return {n: run.post[n].sum(1).cpu() for n in self.layers_ if run.post[n].dim() == 4}
 
     def hit_rates(
         self,
@@ -1269,8 +1276,9 @@ class ClassPaths:
         dev = _model_device(model, None)
         if _is_pair(data):
             x, y = _check_pair(data)
-            batches: Iterator = ((x[s : s + batch_size], y[s : s + batch_size])
-                                 for s in range(0, len(x), batch_size))  # fmt: skip
+            batches: Iterator = (
+                (x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(x), batch_size)
+            )
         elif _is_dataset(data):
             loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
             batches = (_split_batch(b) for b in loader)

@@ -202,8 +202,7 @@ class _GroupedXNN(nn.Module):
         super().__init__()
         sizes = [d_in, *hidden, n]
         self.encoder = nn.ModuleList(
-            _GroupedLinear(groups, a, b, generator=generator)
-            for a, b in zip(sizes[:-1], sizes[1:])
+            _GroupedLinear(groups, a, b, generator=generator) for a, b in zip(sizes[:-1], sizes[1:])
         )
         self.relu_x = relu_x
         self.v = nn.Parameter(_predictor_init(groups, n, generator))
@@ -245,9 +244,14 @@ def _head_block(module: _GroupedXNN, a: int, b: int) -> _GroupedXNN:
     enc = module.encoder
     sizes = [enc[0].weight.shape[2], *(layer.weight.shape[1] for layer in enc)]
     block = _GroupedXNN(
-        b - a, sizes[0], sizes[1:-1], sizes[-1], decoder=module.decoder is not None,
-        relu_x=module.relu_x, generator=torch.Generator().manual_seed(0),
-    ).to(module.v.device)  # fmt: skip
+        b - a,
+        sizes[0],
+        sizes[1:-1],
+        sizes[-1],
+        decoder=module.decoder is not None,
+        relu_x=module.relu_x,
+        generator=torch.Generator().manual_seed(0),
+    ).to(module.v.device)
     with torch.no_grad():
         for (_, part), (_, full) in zip(block.named_parameters(), module.named_parameters()):
             part.copy_(full[a:b])
@@ -322,8 +326,9 @@ def _float_tensor(v: object, arg: str) -> torch.Tensor:
     try:
         t = torch.as_tensor(v)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{arg} must be a numeric Tensor or array, got {type(v).__name__}: "
-                         f"{exc}") from None  # fmt: skip
+        raise InputError(
+            f"{arg} must be a numeric Tensor or array, got {type(v).__name__}: {exc}"
+        ) from None
     if t.is_complex() or t.dtype == torch.bool:
         raise InputError(f"{arg} must be real numbers, got dtype {t.dtype}")
     return t.float()
@@ -362,9 +367,7 @@ def _as_data(
     if len(z) == 0:
         raise InputError("no examples: the activations are empty")
     if logits.dim() != 2 or len(logits) != len(z):
-        raise InputError(
-            f"logits must be N x K with N = {len(z)}, got shape {tuple(logits.shape)}"
-        )
+        raise InputError(f"logits must be N x K with N = {len(z)}, got shape {tuple(logits.shape)}")
     if not torch.isfinite(z).all():
         raise InputError("the activations hold NaN or inf values; check the model and the data")
     if not torch.isfinite(logits).all():
@@ -597,21 +600,21 @@ class XNN(_HeadsBase):
             raise InputError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.x_activation not in ("relu", "linear"):
             raise InputError(f"x_activation must be 'relu' or 'linear', got {self.x_activation!r}")
-        for name, low in (("n_features", 1), ("batch_size", 1), ("max_epochs", 0),
-                          ("patience", 0)):  # fmt: skip
+        for name, low in (("n_features", 1), ("batch_size", 1), ("max_epochs", 0), ("patience", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise InputError(f"{name} must be an int >= {low}, got {v!r}")
-        for name in ("q", "beta", "eta", "val_fraction", "lr", "weight_decay",
-                     "positive_weight"):  # fmt: skip
+        for name in ("q", "beta", "eta", "val_fraction", "lr", "weight_decay", "positive_weight"):
             v = getattr(self, name)
             if name == "positive_weight" and v == "balanced":
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise InputError(f"{name} must be a finite number, got {v!r}")
         hidden = self.hidden
-        if not isinstance(hidden, Sequence) or isinstance(hidden, str) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden
+        if (
+            not isinstance(hidden, Sequence)
+            or isinstance(hidden, str)
+            or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
         ):
             raise InputError(f"hidden must be a sequence of positive ints, got {hidden!r}")
         if d is not None and not 1 <= self.n_features < d:
@@ -714,9 +717,17 @@ class XNN(_HeadsBase):
             sub = module if (a, b) == (0, g) else _head_block(module, a, b)
             sel = slice(a, b)
             best[sel], best_epoch[sel], hist = self._train_block(
-                sub, z_all, y_all[:, sel], tr_idx[sel], tr_pos[sel], va_idx[sel],
-                va_pos[sel], w_pos, gen, device,
-            )  # fmt: skip
+                sub,
+                z_all,
+                y_all[:, sel],
+                tr_idx[sel],
+                tr_pos[sel],
+                va_idx[sel],
+                va_pos[sel],
+                w_pos,
+                gen,
+                device,
+            )
             if sub is not module:
                 with torch.no_grad():
                     for (_, full), part in zip(module.named_parameters(), sub.parameters()):
@@ -933,11 +944,27 @@ class XNN(_HeadsBase):
     def get_params(self) -> dict:
         """Hyperparameters as given to ``__init__`` (JSON-serialisable)."""
         keys = [
-            "n_features", "kind", "hidden", "beta", "q", "eta", "classes", "n_positive",
-            "n_negative", "positive_weight", "val_fraction", "max_epochs", "patience",
-            "batch_size", "lr", "weight_decay", "x_activation", "random_state", "layer",
+            "n_features",
+            "kind",
+            "hidden",
+            "beta",
+            "q",
+            "eta",
+            "classes",
+            "n_positive",
+            "n_negative",
+            "positive_weight",
+            "val_fraction",
+            "max_epochs",
+            "patience",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "x_activation",
+            "random_state",
+            "layer",
             "heads_per_step",
-        ]  # fmt: skip
+        ]
         out = {k: getattr(self, k) for k in keys}
         out["hidden"] = list(out["hidden"])
         out["classes"] = None if out["classes"] is None else list(out["classes"])

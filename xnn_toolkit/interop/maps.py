@@ -41,8 +41,10 @@ def write_manifest(folder: Path, header: dict[str, Any], num_shards: int) -> Non
         m = _SHARD.match(f.name)
         if m and int(m.group(1)) >= num_shards:
             f.unlink()
-    atomic_write_text(folder / "manifest.json", json.dumps(
-        {"format": "xnn-maps/1", "num_shards": num_shards, **header}, indent=1))  # fmt: skip
+    atomic_write_text(
+        folder / "manifest.json",
+        json.dumps({"format": "xnn-maps/1", "num_shards": num_shards, **header}, indent=1),
+    )
 
 
 def write_shard(folder: Path, k: int, maps: dict[str, torch.Tensor], rows: dict[str, Any]) -> None:
@@ -152,11 +154,12 @@ def load_maps(
                 maps.append(t[j])
                 records.append(rec)
     keep = [
-        i for i, r in enumerate(records)
+        i
+        for i, r in enumerate(records)
         if (method is None or r["method"] == method)
         and (image is None or r["index"] == image)
         and (cls is None or r["class"] == cls or r.get("class_name") == cls)
-    ]  # fmt: skip
+    ]
     if not maps:
         what = "read-layer maps (at_layer=True)" if at_layer else "maps"
         raise InputError(f"no {what} in {os.fspath(folder)!r}")

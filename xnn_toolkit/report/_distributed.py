@@ -58,8 +58,11 @@ class Group:
             self.backend = str(dist.get_backend())
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.backend == "nccl":
-            self._dev = device if device.type == "cuda" else torch.device(
-                "cuda", torch.cuda.current_device())
+            self._dev = (
+                device
+                if device.type == "cuda"
+                else torch.device("cuda", torch.cuda.current_device())
+            )
         else:
             self._dev = torch.device("cpu")
 

@@ -65,8 +65,12 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow(["" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float)
-                    else r[c] for c in columns])  # fmt: skip
+        w.writerow(
+            [
+                "" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float) else r[c]
+                for c in columns
+            ]
+        )
     return buf.getvalue()
 
 
@@ -193,8 +197,7 @@ class RunFolder:
         for key, want in self.header.items():
             have = manifest.get(key)
             if key == "model":  # the same weights, however the model was passed in
-                same = isinstance(have, dict) and _same_model(have.get("weights"),
-                                                              want["weights"])
+                same = isinstance(have, dict) and _same_model(have.get("weights"), want["weights"])
             else:
                 same = have == want
             if not same:
@@ -250,20 +253,29 @@ class RunFolder:
 
     def start_run(self, info: dict[str, Any]) -> None:
         """Record one invocation (how it runs, not what it computes) in ``runs``."""
-        self.manifest["runs"].append({**info, "shards": [], "shard_seconds": [],
-                                      "seconds": 0.0})  # fmt: skip
+        self.manifest["runs"].append({**info, "shards": [], "shard_seconds": [], "seconds": 0.0})
 
     def write_shards(self, shards: Mapping[int, tuple[int, int, torch.Tensor, float]]) -> None:
         """Write finished shards (index -> start, stop, values, seconds), then the manifest."""
         run = self.manifest["runs"][-1]
         for k, (start, stop, mat, seconds) in sorted(shards.items()):
-            body = {"format": FORMAT + "-shard", "shard": k, "start": start, "stop": stop,
-                    "values": mat.tolist()}  # fmt: skip
+            body = {
+                "format": FORMAT + "-shard",
+                "shard": k,
+                "start": start,
+                "stop": stop,
+                "values": mat.tolist(),
+            }
             text = json.dumps(body, allow_nan=True) + "\n"
             atomic_write_text(self.root / SHARDS / _shard_name(k), text)
             self.manifest["shards"].append(
-                {"shard": k, "start": start, "stop": stop, "rows": int(mat.shape[0]),
-                 "crc32": zlib.crc32(text.encode())}  # fmt: skip
+                {
+                    "shard": k,
+                    "start": start,
+                    "stop": stop,
+                    "rows": int(mat.shape[0]),
+                    "crc32": zlib.crc32(text.encode()),
+                }
             )
             run["shards"].append(k)
             run["shard_seconds"].append(round(seconds, 4))

@@ -221,7 +221,8 @@ class Report:
                     cols = b.header()
                     head = "".join(f"<th>{e(c)}</th>" for c in cols)
                     body = "".join(
-                        "<tr>" + "".join(f"<td>{e(_fmt(r.get(c, '')))}</td>" for c in cols)
+                        "<tr>"
+                        + "".join(f"<td>{e(_fmt(r.get(c, '')))}</td>" for c in cols)
                         + "</tr>"
                         for r in b.rows
                     )

@@ -26,8 +26,9 @@ __all__ = ["figure_report"]
 _TARGETS = ("label", "predicted")
 
 
-def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
-           n_features: int, dpi: int) -> list[str]:  # fmt: skip
+def _check(
+    methods: Sequence[str], formats: Sequence[str], n: int, n_train: int, n_features: int, dpi: int
+) -> list[str]:
     from ..viz.heatmaps import FORMATS
     from .heatmaps import class_method
 
@@ -39,8 +40,12 @@ def _check(methods: Sequence[str], formats: Sequence[str], n: int, n_train: int,
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"unknown figure formats {bad or list(formats)}; choose from {FORMATS}")
-    for what, v, lo in (("n", n, 1), ("n_train", n_train, 2), ("n_features", n_features, 1),
-                        ("dpi", dpi, 10)):
+    for what, v, lo in (
+        ("n", n, 1),
+        ("n_train", n_train, 2),
+        ("n_features", n_features, 1),
+        ("dpi", dpi, 10),
+    ):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise InputError(f"{what} must be an integer >= {lo}, got {v!r}")
     return names
@@ -67,13 +72,26 @@ def _per_image(
         for j, name in enumerate(names):
             fig = DisplayFigure(figsize=(3.2 if look["colorbar"] else 2.6, 2.6))
             ax = fig.add_subplot(1, 1, 1)
-            overlay(ax, raw[i], grid[i, j], cmap=look["cmap"], alpha=look["alpha"],
-                    title=f"{rows[i]} · {name}")  # fmt: skip
+            overlay(
+                ax,
+                raw[i],
+                grid[i, j],
+                cmap=look["cmap"],
+                alpha=look["alpha"],
+                title=f"{rows[i]} · {name}",
+            )
             if look["colorbar"]:
-                fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=look["cmap"]), ax=ax,
-                             fraction=0.046, pad=0.04)  # fmt: skip
-            s.add(ReportFigure(f"image{i:03d}_{name}", fig, caption=f"image {i}, {name}",
-                               formats=fmts, dpi=dpi))  # fmt: skip
+                fig.colorbar(
+                    ScalarMappable(Normalize(0, 1), cmap=look["cmap"]),
+                    ax=ax,
+                    fraction=0.046,
+                    pad=0.04,
+                )
+            s.add(
+                ReportFigure(
+                    f"image{i:03d}_{name}", fig, caption=f"image {i}, {name}", formats=fmts, dpi=dpi
+                )
+            )
 
 
 def _plain_preprocessing(pre: Any) -> dict[str, Any] | None:
@@ -118,17 +136,24 @@ def save_figure_maps(report: Report, folder: str | os.PathLike) -> None:
         order.append(key)
         maps[key] = held["maps"][:, j]
         reads_input = bool(getattr(get_method(name), "captum_name", ""))
-        groups[key] = [{**r, "method": name, "target": "figures",
-                        "layer": "input" if reads_input else held["layer"]}
-                       for r in held["records"]]  # fmt: skip
+        groups[key] = [
+            {
+                **r,
+                "method": name,
+                "target": "figures",
+                "layer": "input" if reads_input else held["layer"],
+            }
+            for r in held["records"]
+        ]
     folder = Path(folder)
     header = {**held["manifest"], "versions": {"xnn_toolkit": __version__}}
     write_manifest(folder, header, 1)
     write_shard(folder, 0, maps, {"order": order, "groups": groups})
 
 
-def _targets(target: int | str, labels: torch.Tensor, pred: torch.Tensor,
-             class_names: list[str]) -> tuple[torch.Tensor, str]:  # fmt: skip
+def _targets(
+    target: int | str, labels: torch.Tensor, pred: torch.Tensor, class_names: list[str]
+) -> tuple[torch.Tensor, str]:
     """One class per image from ``label``, ``predicted``, a class index or a class name."""
     if target == "label":
         return labels.clone(), "the true class"
@@ -248,13 +273,48 @@ def figure_report(
         )
     look = {"per_image": per_image, "cmap": cmap, "alpha": float(alpha), "colorbar": colorbar}
     with user_model(model):
-        return _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train,
-                        n_features, xnn_epochs, tuple(dict.fromkeys(formats)), dpi, device,
-                        seed, progress, look)  # fmt: skip
+        return _figures(
+            model,
+            dataset,
+            names,
+            target,
+            n,
+            split,
+            layer,
+            xnn,
+            fc_layer,
+            n_train,
+            n_features,
+            xnn_epochs,
+            tuple(dict.fromkeys(formats)),
+            dpi,
+            device,
+            seed,
+            progress,
+            look,
+        )
 
 
-def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_train, n_features,
-             xnn_epochs, fmts, dpi, device, seed, progress, look) -> Report:  # fmt: skip
+def _figures(
+    model,
+    dataset,
+    names,
+    target,
+    n,
+    split,
+    layer,
+    xnn,
+    fc_layer,
+    n_train,
+    n_features,
+    xnn_epochs,
+    fmts,
+    dpi,
+    device,
+    seed,
+    progress,
+    look,
+) -> Report:
     """The work of :func:`figure_report`, its arguments checked."""
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
@@ -289,9 +349,7 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     grid = torch.stack(maps, 1)
     # each row names the explained class and its probability; the image panel lists the
     # model's top predictions
-    rows = [
-        f"{class_names[int(c)]} ({float(probs[i, int(c)]):.0%})" for i, c in enumerate(classes)
-    ]
+    rows = [f"{class_names[int(c)]} ({float(probs[i, int(c)]):.0%})" for i, c in enumerate(classes)]
     titles = [
         [
             "\n".join(
@@ -304,33 +362,57 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
     ]
     report = Report(f"xnn figures: {spec} on {dataset}")
     s = report.section("Heatmaps")
-    s.add(Paragraph(
-        f"Heatmaps of {what} on the first {len(x)} {split} images of {dataset}, one column "
-        f"per method; layer-based methods read at {read}. Each map is scaled by its own "
-        "maximum (colour bar)."
-    ))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Heatmaps of {what} on the first {len(x)} {split} images of {dataset}, one column "
+            f"per method; layer-based methods read at {read}. Each map is scaled by its own "
+            "maximum (colour bar)."
+        )
+    )
     fig = heatmap_grid(raw, grid, titles=titles, row_labels=rows, cmap=look["cmap"])
     s.add(ReportFigure("heatmaps", fig, caption=", ".join(names), formats=fmts, dpi=dpi))
-    s.add(Table("images", [
-        {"image": i, "label": class_names[int(labels[i])] if int(labels[i]) >= 0 else "-",
-         "predicted": class_names[int(pred[i])],
-         "probability": round(float(probs[i, int(pred[i])]), 4),
-         "explained class": class_names[int(classes[i])],
-         "its probability": round(float(probs[i, int(classes[i])]), 4)}
-        for i in range(len(x))
-    ]))  # fmt: skip
+    s.add(
+        Table(
+            "images",
+            [
+                {
+                    "image": i,
+                    "label": class_names[int(labels[i])] if int(labels[i]) >= 0 else "-",
+                    "predicted": class_names[int(pred[i])],
+                    "probability": round(float(probs[i, int(pred[i])]), 4),
+                    "explained class": class_names[int(classes[i])],
+                    "its probability": round(float(probs[i, int(classes[i])]), 4),
+                }
+                for i in range(len(x))
+            ],
+        )
+    )
 
     if look["per_image"]:
         _per_image(report, raw, grid, names, rows, look, fmts, dpi)
     # the maps themselves, for save_figure_maps (xnn figures --save-maps)
     report.heatmaps = {
-        "maps": grid.detach().float().cpu(), "methods": list(names), "layer": read,
-        "records": [{"index": i, "label": int(labels[i]), "class": int(classes[i]),
-                     "class_name": class_names[int(classes[i])]} for i in range(len(x))],
-        "manifest": {"model": {"spec": spec}, "dataset": dataset, "split": split,
-                     "target": what, "class_names": class_names,
-                     "preprocessing": _plain_preprocessing(lm.preprocessing)},
-    }  # fmt: skip
+        "maps": grid.detach().float().cpu(),
+        "methods": list(names),
+        "layer": read,
+        "records": [
+            {
+                "index": i,
+                "label": int(labels[i]),
+                "class": int(classes[i]),
+                "class_name": class_names[int(classes[i])],
+            }
+            for i in range(len(x))
+        ],
+        "manifest": {
+            "model": {"spec": spec},
+            "dataset": dataset,
+            "split": split,
+            "target": what,
+            "class_names": class_names,
+            "preprocessing": _plain_preprocessing(lm.preprocessing),
+        },
+    }
 
     if xnn:
         from torch.utils.data import TensorDataset
@@ -349,13 +431,20 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
             raw_tr, y_tr = raw_all[start : start + n_train], y_all[start : start + n_train]
             if len(y_tr) < 2:
                 raise
-            fit_on = (f"{len(y_tr)} {other} images not shown here (the train split is not "
-                      "available)")  # fmt: skip
+            fit_on = f"{len(y_tr)} {other} images not shown here (the train split is not available)"
         x_tr = lm.preprocessing.normalize(raw_tr)
         bank_tr = extract(net, TensorDataset(x_tr, y_tr), [fc], progress=progress, device=device)
         bank = extract(net, TensorDataset(x, classes), [fc], progress=False, device=device)
-        head, _, _ = _fit_xnn("srae", bank_tr, fc, n_features=n_features, hidden=(256, 64),
-                              epochs=xnn_epochs, seed=seed, device=device)  # fmt: skip
+        head, _, _ = _fit_xnn(
+            "srae",
+            bank_tr,
+            fc,
+            n_features=n_features,
+            hidden=(256, 64),
+            epochs=xnn_epochs,
+            seed=seed,
+            device=device,
+        )
         known = {int(c) for c in head.classes_}
         keep = torch.tensor([int(c) in known for c in classes])
         if not bool(keep.any()):
@@ -365,24 +454,35 @@ def _figures(model, dataset, names, target, n, split, layer, xnn, fc_layer, n_tr
             )
         idx = keep.nonzero().flatten()
         cls = classes[idx]
-        one = grid[idx, names.index("cmwp")] if "cmwp" in names else class_heatmaps(
-            net, x[idx], cls, "cmwp", read)
+        one = (
+            grid[idx, names.index("cmwp")]
+            if "cmwp" in names
+            else class_heatmaps(net, x[idx], cls, "cmwp", read)
+        )
         feats = xfeature_heatmaps(net, x[idx], cls, head, fc, read)
         contrib = head.contributions(bank)[idx]
         pos = torch.stack([(head.classes_ == c).nonzero().flatten()[0] for c in cls])
         contrib = contrib[torch.arange(len(idx)), pos]
-        fig = xnn_figure(raw[idx], one, feats, contrib,
-                         labels=[class_names[int(c)] for c in cls])  # fmt: skip
+        fig = xnn_figure(raw[idx], one, feats, contrib, labels=[class_names[int(c)] for c in cls])
         s = report.section("XNN explanations")
-        s.add(Paragraph(
-            f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {fit_on}; "
-            f"per image ({what}): the image, the c-MWP 1-heatmap of the "
-            "class logit, then the x-features' c-MWP heatmaps sorted by their contribution "
-            "v_i E_i, written above them (Khorram 2020, Fig. 3.1 / 3.8)."
-        ))  # fmt: skip
+        s.add(
+            Paragraph(
+                f"An SRAE head with n = {n_features} x-features on {fc}, fitted on {fit_on}; "
+                f"per image ({what}): the image, the c-MWP 1-heatmap of the "
+                "class logit, then the x-features' c-MWP heatmaps sorted by their contribution "
+                "v_i E_i, written above them (Khorram 2020, Fig. 3.1 / 3.8)."
+            )
+        )
         s.add(ReportFigure("xnn_layout", fig, caption="XNN layout", formats=fmts, dpi=dpi))
     report.meta.update(
-        command="figures", model=spec, dataset=dataset, methods=names, target=str(target),
-        layer=read, xnn_layer=fc, n=len(x), formats=list(fmts),
-    )  # fmt: skip
+        command="figures",
+        model=spec,
+        dataset=dataset,
+        methods=names,
+        target=str(target),
+        layer=read,
+        xnn_layer=fc,
+        n=len(x),
+        formats=list(fmts),
+    )
     return report

@@ -98,10 +98,18 @@ def class_heatmaps(
     read = None if name in INPUT_METHODS else layer
     dev = next(model.parameters()).device
     out = [
-        explain(model, x[i : i + batch_size].to(dev), classes[i : i + batch_size], method=name,
-                layer=read).heatmap.detach().float().cpu()
+        explain(
+            model,
+            x[i : i + batch_size].to(dev),
+            classes[i : i + batch_size],
+            method=name,
+            layer=read,
+        )
+        .heatmap.detach()
+        .float()
+        .cpu()
         for i in range(0, x.shape[0], batch_size)
-    ]  # fmt: skip
+    ]
     return torch.cat(out)
 
 

@@ -77,18 +77,31 @@ def photo_sections(
     best = probs.topk(3, dim=1)
 
     s = report.section(f"A real model on real photos: {lm.spec}")
-    s.add(Paragraph(
-        f"The ImageNet classifier {lm.spec} ({type(net).__name__}, "
-        f"{sum(p.numel() for p in net.parameters()):,} parameters) on scikit-image's bundled "
-        f"photos ({', '.join(ds.names)}), resized and centre-cropped as its data "
-        "configuration says. Its three most probable classes per photo:"
-    ))  # fmt: skip
-    s.add(Table("photo_predictions", [
-        {"photo": ds.names[i], "ImageNet label": names[ds.labels[i]],
-         **{f"top {k + 1}": f"{names[int(best.indices[i, k])]} "
-                            f"({float(best.values[i, k]):.1%})" for k in range(3)}}
-        for i in range(len(ds))
-    ]))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"The ImageNet classifier {lm.spec} ({type(net).__name__}, "
+            f"{sum(p.numel() for p in net.parameters()):,} parameters) on scikit-image's bundled "
+            f"photos ({', '.join(ds.names)}), resized and centre-cropped as its data "
+            "configuration says. Its three most probable classes per photo:"
+        )
+    )
+    s.add(
+        Table(
+            "photo_predictions",
+            [
+                {
+                    "photo": ds.names[i],
+                    "ImageNet label": names[ds.labels[i]],
+                    **{
+                        f"top {k + 1}": f"{names[int(best.indices[i, k])]} "
+                        f"({float(best.values[i, k]):.1%})"
+                        for k in range(3)
+                    },
+                }
+                for i in range(len(ds))
+            ],
+        )
+    )
 
     rows, imgs, classes = [], [], []
     for i in range(len(ds)):
@@ -101,13 +114,15 @@ def photo_sections(
     cls = torch.tensor(classes)
     grid = torch.stack([class_heatmaps(net, x[idx], cls, m, None) for m in methods], 1)
     fig = heatmap_grid(raw[idx], grid, col_labels=["photo", *methods], row_labels=rows)
-    s.add(Paragraph(
-        f"Heatmaps of the {top} most probable classes of each photo (rows: class and its "
-        "probability), one column per method, each map scaled by its own maximum. "
-        "Excitation Backprop reads at the model's default layer (the stage output nearest "
-        "stride 16), Grad-CAM and Grad-CAM++ at the last conv stage; saliency is Captum's "
-        "gradient at the input."
-    ))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Heatmaps of the {top} most probable classes of each photo (rows: class and its "
+            "probability), one column per method, each map scaled by its own maximum. "
+            "Excitation Backprop reads at the model's default layer (the stage output nearest "
+            "stride 16), Grad-CAM and Grad-CAM++ at the last conv stage; saliency is Captum's "
+            "gradient at the input."
+        )
+    )
     s.add(ReportFigure("photo_heatmaps", fig, caption="real photos: heatmaps"))
 
     with record(net, [concept_layer]) as rec, torch.no_grad():
@@ -118,16 +133,21 @@ def photo_sections(
     overlay = concept_overlay(raw, scores)
     maps = concept_maps(scores, tuple(raw.shape[-2:]), normalize=True)  # N x r x H x W
     fig = heatmap_grid(
-        overlay, maps, col_labels=["all concepts", *[f"concept {k + 1}" for k in range(rank)]],
-        row_labels=list(ds.names), shared_scale=True,
-    )  # fmt: skip
-    s.add(Paragraph(
-        f"NMF concepts (rank {rank}) of the layer {concept_layer} "
-        f"({acts.shape[1]} channels at {acts.shape[-2]} x {acts.shape[-1]}) over the photos "
-        "and their mirror images, as Deep Feature Factorization shows them: first each pixel "
-        "in the colour of its strongest concept, then each concept's map (scaled by its "
-        "maximum over the photos). Relative reconstruction error "
-        f"{nmf.relative_err_:.3f}."
-    ))  # fmt: skip
+        overlay,
+        maps,
+        col_labels=["all concepts", *[f"concept {k + 1}" for k in range(rank)]],
+        row_labels=list(ds.names),
+        shared_scale=True,
+    )
+    s.add(
+        Paragraph(
+            f"NMF concepts (rank {rank}) of the layer {concept_layer} "
+            f"({acts.shape[1]} channels at {acts.shape[-2]} x {acts.shape[-1]}) over the photos "
+            "and their mirror images, as Deep Feature Factorization shows them: first each pixel "
+            "in the colour of its strongest concept, then each concept's map (scaled by its "
+            "maximum over the photos). Relative reconstruction error "
+            f"{nmf.relative_err_:.3f}."
+        )
+    )
     s.add(ReportFigure("photo_concepts", fig, caption="real photos: NMF concepts"))
     return report

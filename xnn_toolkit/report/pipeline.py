@@ -122,10 +122,20 @@ class ExplainConfig:
     def quick(cls, **kw: object) -> ExplainConfig:
         """Small sizes for smoke tests (about a minute on 2 cores)."""
         base = dict(
-            n_train=600, n_test=120, hidden=(32, 16), xnn_epochs=4, kinds=("srae", "nn"),
-            nmf_rank=4, path_epochs=1, path_images=600, gate_epochs=2, heatmap_images=40,
-            z_units=4, gallery_classes=2, methods=("cmwp", "gradcam"),
-        )  # fmt: skip
+            n_train=600,
+            n_test=120,
+            hidden=(32, 16),
+            xnn_epochs=4,
+            kinds=("srae", "nn"),
+            nmf_rank=4,
+            path_epochs=1,
+            path_images=600,
+            gate_epochs=2,
+            heatmap_images=40,
+            z_units=4,
+            gallery_classes=2,
+            methods=("cmwp", "gradcam"),
+        )
         base.update(kw)
         return cls(**base)  # type: ignore[arg-type]
 
@@ -143,8 +153,17 @@ class ExplainConfig:
         from ..viz.heatmaps import FORMATS
         from .heatmaps import class_method
 
-        for name in ("n_train", "n_test", "n_features", "xnn_epochs", "nmf_rank", "path_epochs",
-                     "path_images", "gate_epochs", "heatmap_images"):  # fmt: skip
+        for name in (
+            "n_train",
+            "n_test",
+            "n_features",
+            "xnn_epochs",
+            "nmf_rank",
+            "path_epochs",
+            "path_images",
+            "gate_epochs",
+            "heatmap_images",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
@@ -266,9 +285,16 @@ def _fc_layer(model: nn.Module, fc_layer: str | None) -> str:
 
 
 def _fit_xnn(
-    kind: str, bank: object, layer: str, *, n_features: int, hidden: tuple[int, ...],
-    epochs: int, seed: int, device: str,
-) -> tuple[object, int, int]:  # fmt: skip
+    kind: str,
+    bank: object,
+    layer: str,
+    *,
+    n_features: int,
+    hidden: tuple[int, ...],
+    epochs: int,
+    seed: int,
+    device: str,
+) -> tuple[object, int, int]:
     """Fit one XNN variant on a bank, every class at once; returns it with its sample sizes.
 
     Positives per class: 80 % of the rarest class's images (at most 200, the thesis's CUB
@@ -280,12 +306,26 @@ def _fit_xnn(
     n_pos = max(2, min(200, int(int(counts[counts > 0].min()) * 0.8)))
     n_neg = min(8000, len(bank) - int(counts.max()))
     if kind == "lasso":
-        head = LassoXNN(n_features=n_features, n_positive=n_pos, n_negative=n_neg,
-                        random_state=seed, layer=layer)  # fmt: skip
+        head = LassoXNN(
+            n_features=n_features,
+            n_positive=n_pos,
+            n_negative=n_neg,
+            random_state=seed,
+            layer=layer,
+        )
     else:
-        head = XNN(n_features=n_features, kind=kind, hidden=hidden, n_positive=n_pos,
-                   n_negative=n_neg, max_epochs=epochs, patience=8, random_state=seed,
-                   device=device, layer=layer)  # fmt: skip
+        head = XNN(
+            n_features=n_features,
+            kind=kind,
+            hidden=hidden,
+            n_positive=n_pos,
+            n_negative=n_neg,
+            max_epochs=epochs,
+            patience=8,
+            random_state=seed,
+            device=device,
+            layer=layer,
+        )
     return head.fit(bank), n_pos, n_neg
 
 
@@ -311,8 +351,10 @@ def _prepare(cfg: ExplainConfig) -> _Run:
         raw_train, y_train = raw_all[len(y_test) :], y_all[len(y_test) :]
         if len(y_train) < 2:
             raise
-        note = (f" The dataset has no train split here: the heads are fitted on test images "
-                f"{len(y_test)} to {len(y_test) + len(y_train) - 1}, never scored.")  # fmt: skip
+        note = (
+            f" The dataset has no train split here: the heads are fitted on test images "
+            f"{len(y_test)} to {len(y_test) + len(y_train) - 1}, never scored."
+        )
     from ..datafit import data_fit
 
     # the one door of every entry point: channels, classes and class names must fit
@@ -325,11 +367,21 @@ def _prepare(cfg: ExplainConfig) -> _Run:
     if len(class_names) < k:
         raise InputError(f"got {len(class_names)} class names for labels up to {k - 1}")
     return _Run(
-        cfg=cfg, model=model, loaded=lm, spec=spec, class_names=class_names,
-        x_train=fit.images(raw_train), y_train=y_train, x_test=fit.images(raw_test),
-        y_test=y_test, raw_test=raw_test, parts=parts, fc_layer=fc, conv_layer=conv,
+        cfg=cfg,
+        model=model,
+        loaded=lm,
+        spec=spec,
+        class_names=class_names,
+        x_train=fit.images(raw_train),
+        y_train=y_train,
+        x_test=fit.images(raw_test),
+        y_test=y_test,
+        raw_test=raw_test,
+        parts=parts,
+        fc_layer=fc,
+        conv_layer=conv,
         made=_Artifacts(train_note=note),
-    )  # fmt: skip
+    )
 
 
 def _logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -368,11 +420,14 @@ def _model_section(report: Report, run: _Run) -> None:
         sel = run.y_test == c
         if int(sel.sum()) == 0:
             continue
-        rows.append({
-            "class": name, "test images": int(sel.sum()),
-            "accuracy %": 100 * float((pred[sel] == c).float().mean()),
-            "predicted as": int((pred == c).sum()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "class": name,
+                "test images": int(sel.sum()),
+                "accuracy %": 100 * float((pred[sel] == c).float().mean()),
+                "predicted as": int((pred == c).sum()),
+            }
+        )
     s.add(Table("class_accuracy", rows, caption="Per-class accuracy on the test images"))
     n = min(16, len(run.raw_test))
     p = run.parts
@@ -382,8 +437,9 @@ def _model_section(report: Report, run: _Run) -> None:
         None if p is None else p.keypoints[:n],
         None if p is None else p.visible[:n],
         None if p is None else p.bbox[:n],
-        titles=titles, part_names=None if p is None else getattr(p, "part_names", None),
-    )  # fmt: skip
+        titles=titles,
+        part_names=None if p is None else getattr(p, "part_names", None),
+    )
     s.add(run.figure("samples", fig, "Test samples with their part keypoints and boxes"))
 
 
@@ -401,14 +457,22 @@ def _bank_section(report: Report, run: _Run) -> None:
         setattr(run.made, f"bank_{split}", extract(run.model, TensorDataset(x, y), layers, **kw))
     bank = run.made.bank_test
     s = report.section("Activations")
-    s.add(Paragraph(
-        f"Activations of {', '.join(layers)} for {len(run.x_train)} training and "
-        f"{len(run.x_test)} test images, extracted with forward hooks (the model is left "
-        "unchanged)." + run.made.train_note
-    ))  # fmt: skip
-    s.add(Table("activations", [
-        {"layer": name, "shape": "x".join(str(v) for v in bank.shape(name))} for name in layers
-    ]))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Activations of {', '.join(layers)} for {len(run.x_train)} training and "
+            f"{len(run.x_test)} test images, extracted with forward hooks (the model is left "
+            "unchanged)." + run.made.train_note
+        )
+    )
+    s.add(
+        Table(
+            "activations",
+            [
+                {"layer": name, "shape": "x".join(str(v) for v in bank.shape(name))}
+                for name in layers
+            ],
+        )
+    )
 
 
 # --------------------------------------------------------------------------------- XNN
@@ -423,9 +487,16 @@ def _xnn_section(report: Report, run: _Run) -> None:
     kinds = [k for k in XNN_KINDS if k in cfg.kinds]
     n_pos = n_neg = 0
     for kind in progress_bar(kinds, desc="XNN heads", disable=not cfg.progress, leave=False):
-        head, n_pos, n_neg = _fit_xnn(kind, tr, run.fc_layer, n_features=cfg.n_features,
-                                      hidden=tuple(cfg.hidden), epochs=cfg.xnn_epochs,
-                                      seed=cfg.seed, device=cfg.device)  # fmt: skip
+        head, n_pos, n_neg = _fit_xnn(
+            kind,
+            tr,
+            run.fc_layer,
+            n_features=cfg.n_features,
+            hidden=tuple(cfg.hidden),
+            epochs=cfg.xnn_epochs,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
         run.made.xnn_heads[kind] = head
         row = {"method": kind.upper()}
         for split, bank in (("train", tr), ("test", te)):
@@ -436,13 +507,15 @@ def _xnn_section(report: Report, run: _Run) -> None:
         rows.append(row)
     run.made.xnn_rows = rows
     s = report.section("XNN explanation heads")
-    s.add(Paragraph(
-        f"One-vs-all heads with n = {cfg.n_features} x-features on {run.fc_layer}, all classes "
-        f"trained together ({n_pos} positives and {n_neg} negatives per class, positives "
-        "up-weighted). Faithfulness as in the thesis (docs: methods/metrics): "
-        "F_reg = mean |ȳ − ŷ|, "
-        "F_cls = share of predictions unchanged when ŷ_c is replaced by ȳ_c."
-    ))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"One-vs-all heads with n = {cfg.n_features} x-features on {run.fc_layer}, all classes "
+            f"trained together ({n_pos} positives and {n_neg} negatives per class, positives "
+            "up-weighted). Faithfulness as in the thesis (docs: methods/metrics): "
+            "F_reg = mean |ȳ − ŷ|, "
+            "F_cls = share of predictions unchanged when ŷ_c is replaced by ȳ_c."
+        )
+    )
     s.add(Table("xnn_faithfulness", rows))
 
 
@@ -495,8 +568,9 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     m = min(cfg.heatmap_images, len(run.x_test))
     idx = torch.arange(m)
     labels = run.y_test[idx]
-    bar = progress_bar(total=len(run.made.xnn_heads) + 2, desc="heatmaps",
-                       disable=not cfg.progress, leave=False)  # fmt: skip
+    bar = progress_bar(
+        total=len(run.made.xnn_heads) + 2, desc="heatmaps", disable=not cfg.progress, leave=False
+    )
     one_maps = class_heatmaps(run.model, run.x_test[idx], labels, "cmwp", run.conv_layer)
     bar.update()
     sub = _sub_parts(run.parts, idx) if run.parts is not None else None
@@ -504,8 +578,9 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     maps_by_kind = {}
     dead_notes: list[str] = []
     for kind, head in run.made.xnn_heads.items():
-        maps = xfeature_heatmaps(run.model, run.x_test[idx], labels, head, run.fc_layer,
-                                 run.conv_layer)  # fmt: skip
+        maps = xfeature_heatmaps(
+            run.model, run.x_test[idx], labels, head, run.fc_layer, run.conv_layer
+        )
         maps_by_kind[kind] = maps
         o, constant = _orthogonality_per_class(maps, labels)
         if constant:
@@ -521,59 +596,86 @@ def _heatmap_section(report: Report, run: _Run) -> None:
     if sub is not None:
         if cfg.z_units > 0:
             z_maps, units = _z_heatmaps(run, idx)
-            rows["Z"] = {"method": "Z",
-                         "locality": float(locality(voronoi_part_probabilities(z_maps, sub)).mean)}
-            z_note = (f" Z: the {len(units)} most active of the "
-                      f"{run.made.bank_test.shape(run.fc_layer)[-1]} units of {run.fc_layer}.")
+            rows["Z"] = {
+                "method": "Z",
+                "locality": float(locality(voronoi_part_probabilities(z_maps, sub)).mean),
+            }
+            z_note = (
+                f" Z: the {len(units)} most active of the "
+                f"{run.made.bank_test.shape(run.fc_layer)[-1]} units of {run.fc_layer}."
+            )
         rows["1-heatmap"] = {
             "method": "1-heatmap",
             "locality": float(locality(voronoi_part_probabilities(one_maps[:, None], sub)).mean),
-        }  # fmt: skip
+        }
     bar.update()
     bar.close()
-    metrics = ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %", "O1", "O2",
-               "locality"]  # fmt: skip
+    metrics = ["F_reg train", "F_reg test", "F_cls train %", "F_cls test %", "O1", "O2", "locality"]
     table = [{"metric": k, **{name: r[k] for name, r in rows.items() if k in r}} for k in metrics]
     table = [t for t in table if len(t) > 1]
     s = report.section("x-feature heatmaps")
-    s.add(Paragraph(
-        f"Contrastive Excitation Backprop (c-MWP) of every x-feature, read at {run.conv_layer}, "
-        f"on {m} test images (each image explained by its own class's head); the 1-heatmap "
-        "is the c-MWP of the class logit. Orthogonality O1 = ||P||_F − √n and O2 = −log det "
-        "P over the heatmaps of each head, averaged over heads (0 is best); Voronoi locality "
-        "= entropy of the part histogram (lower is more local; docs: methods/metrics)." + z_note
-        + ("" if sub is not None else " The data has no part keypoints: no locality.")
-        + ("" if not dead_notes else
-           " x-features whose heatmaps are constant (all zero) on their class's images count "
-           "as uncorrelated in O1 / O2; their number over heads: " + ", ".join(dead_notes) + ".")
-    ))  # fmt: skip
-    s.add(Table("table_3_1", table, columns=["metric", *rows],
-                caption="XNN metrics per method, in the manner of the thesis's Table 3.1"))
+    s.add(
+        Paragraph(
+            f"Contrastive Excitation Backprop (c-MWP) of every x-feature, "
+            f"read at {run.conv_layer}, "
+            f"on {m} test images (each image explained by its own class's head); the 1-heatmap "
+            "is the c-MWP of the class logit. Orthogonality O1 = ||P||_F − √n and O2 = −log det "
+            "P over the heatmaps of each head, averaged over heads (0 is best); Voronoi locality "
+            "= entropy of the part histogram (lower is more local; docs: methods/metrics)."
+            + z_note
+            + ("" if sub is not None else " The data has no part keypoints: no locality.")
+            + (
+                ""
+                if not dead_notes
+                else " x-features whose heatmaps are constant (all zero) on their class's "
+                "images count "
+                "as uncorrelated in O1 / O2; their number over heads: "
+                + ", ".join(dead_notes)
+                + "."
+            )
+        )
+    )
+    s.add(
+        Table(
+            "table_3_1",
+            table,
+            columns=["metric", *rows],
+            caption="XNN metrics per method, in the manner of the thesis's Table 3.1",
+        )
+    )
     pick = torch.stack([(labels == c).nonzero().flatten()[0] for c in labels.unique()])
     for kind, head in run.made.xnn_heads.items():
         contrib = head.contributions(run.made.bank_test)[idx[pick]]
         cls_pos = torch.stack([(head.classes_ == labels[i]).nonzero().flatten()[0] for i in pick])
         contrib = contrib[torch.arange(len(pick)), cls_pos]
         fig = xnn_figure(
-            run.raw_test[idx[pick]], one_maps[pick], maps_by_kind[kind][pick], contrib,
+            run.raw_test[idx[pick]],
+            one_maps[pick],
+            maps_by_kind[kind][pick],
+            contrib,
             labels=[run.class_names[int(labels[i])] for i in pick],
-        )  # fmt: skip
-        s.add(run.figure(
-            f"xnn_explanations_{kind}", fig,
-            f"{kind.upper()}: one test image per class; the image, its 1-heatmap, then the "
-            "x-features sorted by their contribution v_i E_i (written above each heatmap)",
-        ))  # fmt: skip
+        )
+        s.add(
+            run.figure(
+                f"xnn_explanations_{kind}",
+                fig,
+                f"{kind.upper()}: one test image per class; the image, its 1-heatmap, then the "
+                "x-features sorted by their contribution v_i E_i (written above each heatmap)",
+            )
+        )
 
 
 def _sub_parts(parts: object, idx: torch.Tensor) -> object:
     from ..data import PartBatch
 
     return PartBatch(
-        labels=parts.labels[idx], keypoints=parts.keypoints[idx], visible=parts.visible[idx],
+        labels=parts.labels[idx],
+        keypoints=parts.keypoints[idx],
+        visible=parts.visible[idx],
         bbox=parts.bbox[idx],
         part_mask=None if parts.part_mask is None else parts.part_mask[idx],
         object_mask=None if parts.object_mask is None else parts.object_mask[idx],
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------ localization
@@ -600,30 +702,38 @@ def _localization_section(report: Report, run: _Run) -> None:
         maps = class_heatmaps(run.model, run.x_test[:m], labels, name, run.conv_layer)
         seconds = time.perf_counter() - t
         loc = class_localization(iou(top_pixels(maps, 0.3), masks), labels, len(run.class_names))
-        rows.append({
-            "method": name,
-            f"pointing game % (tolerance {tol:.1f} px)": 100 * float(
-                pointing_game(maps, masks, tolerance=tol).float().mean()),
-            "pointing game % (15 px)": 100 * float(pointing_game(maps, masks).float().mean()),
-            "energy pointing %": 100 * float(energy_pointing_game(maps, masks).mean()),
-            "IoU top 30 %": float(loc.iou),
-            "AP50 %": 100 * float(loc.ap),
-            "ms / image": round(1000 * seconds / m, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                f"pointing game % (tolerance {tol:.1f} px)": 100
+                * float(pointing_game(maps, masks, tolerance=tol).float().mean()),
+                "pointing game % (15 px)": 100 * float(pointing_game(maps, masks).float().mean()),
+                "energy pointing %": 100 * float(energy_pointing_game(maps, masks).mean()),
+                "IoU top 30 %": float(loc.iou),
+                "AP50 %": 100 * float(loc.ap),
+                "ms / image": round(1000 * seconds / m, 2),
+            }
+        )
         shown.append(maps[:8])
     area = 100 * float(masks.float().mean())
-    s.add(Paragraph(
-        f"Heatmaps of the true class's logit on {m} test images, scored against the object "
-        f"mask (it covers {area:.1f} % of the pixels: the energy pointing game's chance "
-        f"level). Pointing game: the maximum within the tolerance of the mask (15 px at 224 "
-        f"px, i.e. {tol:.1f} px here, and the literal 15 px); IoU and AP50 of the top 30 % "
-        "of pixels (Liang et al. 2020 App. H)."
-    ))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Heatmaps of the true class's logit on {m} test images, scored against the object "
+            f"mask (it covers {area:.1f} % of the pixels: the energy pointing game's chance "
+            f"level). Pointing game: the maximum within the tolerance of the mask (15 px at 224 "
+            f"px, i.e. {tol:.1f} px here, and the literal 15 px); IoU and AP50 of the top 30 % "
+            "of pixels (Liang et al. 2020 App. H)."
+        )
+    )
     s.add(Table("localization", rows))
     n = min(8, m)
     grid = torch.stack([mp[:n] for mp in shown], 1)
-    fig = heatmap_grid(run.raw_test[:n], grid, col_labels=["image", *[r["method"] for r in rows]],
-                       row_labels=[run.class_names[int(c)] for c in labels[:n]])  # fmt: skip
+    fig = heatmap_grid(
+        run.raw_test[:n],
+        grid,
+        col_labels=["image", *[r["method"] for r in rows]],
+        row_labels=[run.class_names[int(c)] for c in labels[:n]],
+    )
     s.add(run.figure("methods", fig, "The class logit's heatmap by each method"))
 
 
@@ -649,35 +759,48 @@ def _nmf_section(report: Report, run: _Run) -> None:
     test_acts = run.made.bank_test.activations(run.conv_layer)
     scores = nmf.transform(test_acts)
     faith = nmf_faithfulness(run.model, run.x_test, nmf, layer=run.conv_layer)
-    s.add(Paragraph(
-        f"Non-negative factorisation of {run.conv_layer} (rank {cfg.nmf_rank}, HALS) on the "
-        "training activations; test activations projected with the basis fixed. "
-        "Faithfulness: the layer's activation replaced by its reconstruction M·S inside the "
-        "network. Importance: the drop of a class's logit when the concept is removed from "
-        "the reconstruction, on the test images of that class."
-    ))  # fmt: skip
-    s.add(Table("nmf_faithfulness", [{
-        "rank": cfg.nmf_rank,
-        "relative reconstruction error (train)": float(nmf.relative_err_),
-        "prediction agreement %": 100 * faith.agreement,
-        "logit MAE": faith.logit_mae,
-        "activation relative error (test)": faith.activation_rel_err,
-    }]))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Non-negative factorisation of {run.conv_layer} (rank {cfg.nmf_rank}, HALS) on the "
+            "training activations; test activations projected with the basis fixed. "
+            "Faithfulness: the layer's activation replaced by its reconstruction M·S inside the "
+            "network. Importance: the drop of a class's logit when the concept is removed from "
+            "the reconstruction, on the test images of that class."
+        )
+    )
+    s.add(
+        Table(
+            "nmf_faithfulness",
+            [
+                {
+                    "rank": cfg.nmf_rank,
+                    "relative reconstruction error (train)": float(nmf.relative_err_),
+                    "prediction agreement %": 100 * faith.agreement,
+                    "logit MAE": faith.logit_mae,
+                    "activation relative error (test)": faith.activation_rel_err,
+                }
+            ],
+        )
+    )
     imp = concept_importance(run.model, run.x_test, nmf, layer=run.conv_layer, y=run.y_test)
     imp = torch.nan_to_num(imp[:, : len(run.class_names)], nan=float("-inf"))
     rows = []
     for k in range(imp.shape[0]):
         best = int(imp[k].argmax())
         finite = imp[k][torch.isfinite(imp[k])]
-        rows.append({
-            "concept": k, "most important for": run.class_names[best],
-            "logit drop": float(imp[k, best]),
-            "mean drop over classes": float(finite.mean()) if finite.numel() else float("nan"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "concept": k,
+                "most important for": run.class_names[best],
+                "logit drop": float(imp[k, best]),
+                "mean drop over classes": float(finite.mean()) if finite.numel() else float("nan"),
+            }
+        )
     s.add(Table("nmf_importance", rows))
     n = min(8, len(run.raw_test))
-    fig = concept_gallery(run.raw_test[:n], scores[:n], ncols=4,
-                          title=f"NMF concepts of {run.conv_layer}")  # fmt: skip
+    fig = concept_gallery(
+        run.raw_test[:n], scores[:n], ncols=4, title=f"NMF concepts of {run.conv_layer}"
+    )
     s.add(run.figure("nmf_concepts", fig, "Each concept a colour over the image"))
     k_img = min(6, len(run.raw_test))
     _, top = concept_top_images(scores, k_img)
@@ -685,11 +808,18 @@ def _nmf_section(report: Report, run: _Run) -> None:
     r = scores.shape[1]
     grid_images = run.raw_test[top]  # r x k x C x H x W
     grid_maps = torch.stack([maps[top[c], c] for c in range(r)])  # r x k x H x W
-    fig = overlay_grid(grid_images, grid_maps, row_labels=[f"concept {c}" for c in range(r)],
-                       titles=[[run.class_names[int(run.y_test[i])] for i in t] for t in top],
-                       shared_scale=True)  # fmt: skip
-    s.add(run.figure("nmf_top_images", fig,
-                     "Each concept's map on the test images where it is strongest"))
+    fig = overlay_grid(
+        grid_images,
+        grid_maps,
+        row_labels=[f"concept {c}" for c in range(r)],
+        titles=[[run.class_names[int(run.y_test[i])] for i in t] for t in top],
+        shared_scale=True,
+    )
+    s.add(
+        run.figure(
+            "nmf_top_images", fig, "Each concept's map on the test images where it is strongest"
+        )
+    )
 
 
 # ------------------------------------------------------------------------------- paths
@@ -701,37 +831,70 @@ def _paths_section(report: Report, run: _Run) -> None:
 
     cfg = run.cfg
     n_fit = min(cfg.path_images, len(run.x_train))
-    paths = ClassPaths(objective="code", epochs=cfg.path_epochs, batch_size=32,
-                       random_state=cfg.seed, device=cfg.device, min_images=2)  # fmt: skip
+    paths = ClassPaths(
+        objective="code",
+        epochs=cfg.path_epochs,
+        batch_size=32,
+        random_state=cfg.seed,
+        device=cfg.device,
+        min_images=2,
+    )
     paths.fit(run.model, (run.x_train[:n_fit], run.y_train[:n_fit]))
-    hits = paths.hit_rates(run.model, run.x_test, run.y_test,
-                           n_composites=20 if len(run.x_test) < 300 else 60)  # fmt: skip
+    hits = paths.hit_rates(
+        run.model, run.x_test, run.y_test, n_composites=20 if len(run.x_test) < 300 else 60
+    )
     mis = paths.misclassification(run.model, (run.x_test, run.y_test))
     names = [run.class_names[int(c)] for c in paths.classes_]
     s = report.section("Class paths")
-    s.add(Paragraph(
-        "Information-bottleneck channel masks per class on the frozen network (official-code "
-        f"objective, {cfg.path_epochs} epochs on {n_fit} training images, all classes in one "
-        "pass). A channel is on a class's path when its mask exceeds 0.5; similarity = mean "
-        "Jaccard index over layers; hit rate on 2x2 composites of four classes (chance 25 %)."
-    ))  # fmt: skip
-    s.add(Table("path_layers", [
-        {"layer": name, "channels": int(paths.masks_[name].shape[1]),
-         "on the path per class (mean)": float(paths.paths_[name].float().sum(1).mean()),
-         "hit rate mean": float(hits.mean[hits.layers.index(name)])
-         if name in hits.layers else float("nan"),
-         "hit rate std": float(hits.std[hits.layers.index(name)])
-         if name in hits.layers else float("nan")}
-        for name in paths.layers_
-    ]))  # fmt: skip
-    s.add(Table("path_misclassification", [{
-        "misclassified test images": int(len(mis.indices)),
-        "wrong top-1 among the 3 most similar paths %": 100 * mis.rate
-        if len(mis.indices) else float("nan"),
-        "chance %": 100 * mis.chance,
-    }], caption="Misclassification analysis (docs: methods/paths)"))  # fmt: skip
-    s.add(run.figure("path_masks", path_mask_figure(paths.masks_, names),
-                     "Mask values μ per layer (classes down, channels across)"))
+    s.add(
+        Paragraph(
+            "Information-bottleneck channel masks per class on the frozen network (official-code "
+            f"objective, {cfg.path_epochs} epochs on {n_fit} training images, all classes in one "
+            "pass). A channel is on a class's path when its mask exceeds 0.5; similarity = mean "
+            "Jaccard index over layers; hit rate on 2x2 composites of four classes (chance 25 %)."
+        )
+    )
+    s.add(
+        Table(
+            "path_layers",
+            [
+                {
+                    "layer": name,
+                    "channels": int(paths.masks_[name].shape[1]),
+                    "on the path per class (mean)": float(paths.paths_[name].float().sum(1).mean()),
+                    "hit rate mean": float(hits.mean[hits.layers.index(name)])
+                    if name in hits.layers
+                    else float("nan"),
+                    "hit rate std": float(hits.std[hits.layers.index(name)])
+                    if name in hits.layers
+                    else float("nan"),
+                }
+                for name in paths.layers_
+            ],
+        )
+    )
+    s.add(
+        Table(
+            "path_misclassification",
+            [
+                {
+                    "misclassified test images": int(len(mis.indices)),
+                    "wrong top-1 among the 3 most similar paths %": 100 * mis.rate
+                    if len(mis.indices)
+                    else float("nan"),
+                    "chance %": 100 * mis.chance,
+                }
+            ],
+            caption="Misclassification analysis (docs: methods/paths)",
+        )
+    )
+    s.add(
+        run.figure(
+            "path_masks",
+            path_mask_figure(paths.masks_, names),
+            "Mask values μ per layer (classes down, channels across)",
+        )
+    )
     s.add(run.figure("path_similarity", path_similarity_figure(paths.similarity(), names)))
     s.add(run.figure("path_hit_rate", hit_rate_figure(hits)))
 
@@ -747,8 +910,9 @@ def _gates_section(report: Report, run: _Run) -> None:
     from ..errors import LayerNotFoundError
 
     def fit(layer: str | None) -> ClassSpecificGates:
-        est = ClassSpecificGates(layer=layer, epochs=cfg.gate_epochs, warmup=1,
-                                 random_state=cfg.seed, device=cfg.device)  # fmt: skip
+        est = ClassSpecificGates(
+            layer=layer, epochs=cfg.gate_epochs, warmup=1, random_state=cfg.seed, device=cfg.device
+        )
         return est.fit(run.model, (run.x_train, run.y_train))
 
     try:
@@ -759,52 +923,103 @@ def _gates_section(report: Report, run: _Run) -> None:
         gates = fit(run.conv_layer)  # no known stages: gate the heatmap layer
     sc = gates.evaluate((run.x_test, run.y_test))
     s = report.section("Class-specific gates")
-    s.add(Paragraph(
-        f"Gate matrix G (classes x filters of {gates.layer_}) learned "
-        "post hoc on the frozen "
-        f"backbone with a new linear head, {cfg.gate_epochs} epochs alternating STD and CSG "
-        "steps (docs: methods/gates). A filter is specific to a class when its gate exceeds 0.5 "
-        "there, no other class's does and the others' mean gate is at most 0.2."
-    ))  # fmt: skip
+    s.add(
+        Paragraph(
+            f"Gate matrix G (classes x filters of {gates.layer_}) learned "
+            "post hoc on the frozen "
+            f"backbone with a new linear head, {cfg.gate_epochs} epochs alternating STD and CSG "
+            "steps (docs: methods/gates). A filter is specific to a class when its gate "
+            "exceeds 0.5 "
+            "there, no other class's does and the others' mean gate is at most 0.2."
+        )
+    )
     lo, hi = sc.density_bounds
     n_spec = sum(len(gates.class_filters(c)) for c in range(gates.gates_.shape[0]))
-    s.add(Table("gates", [{
-        "STD accuracy %": 100 * sc.std_accuracy,
-        "CSG accuracy % (true-class gates)": 100 * sc.csg_accuracy,
-        "L1 density": sc.density,
-        "density bounds": f"[{lo:.3f}, {hi:.3f}]",
-        "mutual information": sc.mutual_information,
-        "class-specific filters": n_spec,
-    }]))  # fmt: skip
+    s.add(
+        Table(
+            "gates",
+            [
+                {
+                    "STD accuracy %": 100 * sc.std_accuracy,
+                    "CSG accuracy % (true-class gates)": 100 * sc.csg_accuracy,
+                    "L1 density": sc.density,
+                    "density bounds": f"[{lo:.3f}, {hi:.3f}]",
+                    "mutual information": sc.mutual_information,
+                    "class-specific filters": n_spec,
+                }
+            ],
+        )
+    )
     names = run.class_names[: gates.gates_.shape[0]]
-    s.add(run.figure("gate_matrix", gate_matrix_figure(gates.gates_, class_names=names),
-                     "Gate matrix, filters in block order"))
+    s.add(
+        run.figure(
+            "gate_matrix",
+            gate_matrix_figure(gates.gates_, class_names=names),
+            "Gate matrix, filters in block order",
+        )
+    )
     if run.parts is not None and run.parts.object_mask is not None:
         m = min(cfg.heatmap_images, len(run.x_test))
-        loc = gate_localization(gates, run.model, run.x_test[:m], run.parts.object_mask[:m],
-                                run.y_test[:m])  # fmt: skip
+        loc = gate_localization(
+            gates, run.model, run.x_test[:m], run.parts.object_mask[:m], run.y_test[:m]
+        )
         rows = [
-            {"maps": "ActivMap, class-specific filters on their class", "filters": loc.n_specific,
-             "IoU": loc.specific_iou, "AP50 %": 100 * loc.specific_ap},
-            {"maps": "ActivMap, every filter on its best class", "filters": len(loc.ious[0]),
-             "IoU": loc.all_iou, "AP50 %": 100 * loc.all_ap},
-        ]  # fmt: skip
+            {
+                "maps": "ActivMap, class-specific filters on their class",
+                "filters": loc.n_specific,
+                "IoU": loc.specific_iou,
+                "AP50 %": 100 * loc.specific_ap,
+            },
+            {
+                "maps": "ActivMap, every filter on its best class",
+                "filters": len(loc.ious[0]),
+                "IoU": loc.all_iou,
+                "AP50 %": 100 * loc.all_ap,
+            },
+        ]
         for label, res in (("CAM (new head)", loc.cam), ("gated CAM", loc.cam_gated)):
             if res is not None:
-                rows.append({"maps": label, "filters": len(loc.ious[0]), "IoU": float(res.iou),
-                             "AP50 %": 100 * float(res.ap)})  # fmt: skip
-        s.add(Table("gate_localization", rows, caption=(
-            f"Localization against the object mask on {m} test images (Liang et al. 2020 App. H); "
-            "ActivMaps segmented at each filter's top-30 % threshold")))  # fmt: skip
+                rows.append(
+                    {
+                        "maps": label,
+                        "filters": len(loc.ious[0]),
+                        "IoU": float(res.iou),
+                        "AP50 %": 100 * float(res.ap),
+                    }
+                )
+        s.add(
+            Table(
+                "gate_localization",
+                rows,
+                caption=(
+                    f"Localization against the object mask on {m} test images "
+                    "(Liang et al. 2020 App. H); "
+                    "ActivMaps segmented at each filter's top-30 % threshold"
+                ),
+            )
+        )
     else:
         s.add(Paragraph("The data has no object masks: no filter localization."))
     present = [int(c) for c in run.y_test.unique()][: cfg.gallery_classes]
     for c in present:
-        fig = class_filter_gallery(gates, run.x_test, run.y_test, c, top=4, n_images=3,
-                                   display=run.raw_test, class_names=names)  # fmt: skip
-        s.add(run.figure(f"gate_filters_class{c}", fig,
-                         f"{names[c]}: ActivMaps of its top filters (* class-specific; g its "
-                         "gate for the class, o the mean gate of the others)"))
+        fig = class_filter_gallery(
+            gates,
+            run.x_test,
+            run.y_test,
+            c,
+            top=4,
+            n_images=3,
+            display=run.raw_test,
+            class_names=names,
+        )
+        s.add(
+            run.figure(
+                f"gate_filters_class{c}",
+                fig,
+                f"{names[c]}: ActivMaps of its top filters (* class-specific; g its "
+                "gate for the class, o the mean gate of the others)",
+            )
+        )
 
 
 STAGES: dict[str, Callable[[Report, _Run], None]] = {
@@ -828,8 +1043,9 @@ def _resolve_stages(stages: Sequence[str] | None) -> list[str]:
     names = list(STAGES) if stages is None else [str(n).strip() for n in stages]
     for n in names:
         if n not in STAGES:
-            raise InputError(f"unknown stage {n!r}; {close_matches(n, STAGES)} "
-                             f"(stages: {', '.join(STAGES)})")  # fmt: skip
+            raise InputError(
+                f"unknown stage {n!r}; {close_matches(n, STAGES)} (stages: {', '.join(STAGES)})"
+            )
     want = set(names)
     todo = list(want)
     while todo:
@@ -897,12 +1113,25 @@ def _build(cfg: ExplainConfig, names: list[str]) -> Report:
     run.timings["total"] = round(time.perf_counter() - t0, 2)
     versions = _versions()
     s = report.section("Run")
-    s.add(Table("timings", [{"stage": k, "seconds": v} for k, v in run.timings.items()],
-                caption="Wall-clock seconds per stage"))  # fmt: skip
-    s.add(Card(versions | {"device": cfg.device, "torch threads": torch.get_num_threads(),
-                           "seed": cfg.seed, "platform": platform.platform()}))  # fmt: skip
-    report.meta.update(config=cfg.describe(), stages=names, timings=run.timings,
-                       versions=versions)  # fmt: skip
+    s.add(
+        Table(
+            "timings",
+            [{"stage": k, "seconds": v} for k, v in run.timings.items()],
+            caption="Wall-clock seconds per stage",
+        )
+    )
+    s.add(
+        Card(
+            versions
+            | {
+                "device": cfg.device,
+                "torch threads": torch.get_num_threads(),
+                "seed": cfg.seed,
+                "platform": platform.platform(),
+            }
+        )
+    )
+    report.meta.update(config=cfg.describe(), stages=names, timings=run.timings, versions=versions)
     return report
 
 
@@ -910,8 +1139,17 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("xnn_toolkit", "torch", "torchvision", "timm", "captum", "scikit-learn",
-                "scipy", "numpy", "matplotlib"):  # fmt: skip
+    for pkg in (
+        "xnn_toolkit",
+        "torch",
+        "torchvision",
+        "timm",
+        "captum",
+        "scikit-learn",
+        "scipy",
+        "numpy",
+        "matplotlib",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -920,9 +1158,12 @@ def _versions() -> dict[str, str]:
 
 
 def run_explain(
-    cfg: ExplainConfig, out: str | os.PathLike, *, overwrite: bool = False,
+    cfg: ExplainConfig,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
     stages: Sequence[str] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """Run the pipeline and write the report folder.
 
     The settings, the stages and ``out`` are checked before any work; the folder is written

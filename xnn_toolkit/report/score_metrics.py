@@ -178,8 +178,7 @@ def _check_classes(inp: ScoreInputs, name: str) -> torch.Tensor:
 def _curve_auc(inp: ScoreInputs, insertion: bool) -> torch.Tensor:
     fn = insertion_curve if insertion else deletion_curve
     tgt = _check_classes(inp, "insertion" if insertion else "deletion")
-    return fn(inp.model, inp.images, inp.maps, tgt, steps=inp.steps,
-              batch_size=inp.batch_size).auc  # fmt: skip
+    return fn(inp.model, inp.images, inp.maps, tgt, steps=inp.steps, batch_size=inp.batch_size).auc
 
 
 def _ap(threshold: float) -> Compute:
@@ -190,36 +189,43 @@ _REGISTRY: dict[str, MetricSpec] = {
     m.name: m
     for m in (
         MetricSpec(
-            "pointing_game", ("object_mask",),
+            "pointing_game",
+            ("object_mask",),
             lambda inp: [pointing_game(inp.maps, _mask(inp), inp.tolerance).double()],
         ),
         MetricSpec(
-            "pointing_game_box", ("bbox",),
+            "pointing_game_box",
+            ("bbox",),
             lambda inp: [pointing_game(inp.maps, _box(inp), inp.tolerance).double()],
         ),
         MetricSpec(
-            "energy_pointing_game", ("object_mask",),
+            "energy_pointing_game",
+            ("object_mask",),
             lambda inp: [energy_pointing_game(inp.maps, _mask(inp))],
         ),
         MetricSpec(
-            "energy_pointing_game_box", ("bbox",),
+            "energy_pointing_game_box",
+            ("bbox",),
             lambda inp: [energy_pointing_game(inp.maps, _box(inp))],
         ),
         MetricSpec("iou", ("object_mask",), lambda inp: [_iou(inp)]),
         MetricSpec(
-            "voronoi_locality", ("keypoints",),
+            "voronoi_locality",
+            ("keypoints",),
             lambda inp: _split(voronoi_part_probabilities(inp.maps, inp.parts, context=True)),
-            per_part="voronoi", context=True,
+            per_part="voronoi",
+            context=True,
         ),
         MetricSpec(
-            "mask_locality", ("part_mask",),
+            "mask_locality",
+            ("part_mask",),
             lambda inp: _split(mask_part_probabilities(inp.maps, inp.parts)),
             per_part="mask_parts",
         ),
         MetricSpec("deletion", ("class",), lambda inp: [_curve_auc(inp, False)]),
         MetricSpec("insertion", ("class",), lambda inp: [_curve_auc(inp, True)]),
     )
-}  # fmt: skip
+}
 
 _AP = re.compile(r"^ap(\d{1,2}|100)$")
 

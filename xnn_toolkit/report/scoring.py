@@ -201,8 +201,13 @@ class ScoreResult:
         -------
         float or None
         """
-        rows = [r for r in self.aggregate if r["metric"] == metric and r["method"] == method
-                and (target is None or r["target"] == target)]  # fmt: skip
+        rows = [
+            r
+            for r in self.aggregate
+            if r["metric"] == metric
+            and r["method"] == method
+            and (target is None or r["target"] == target)
+        ]
         if len({r["target"] for r in rows}) > 1:
             raise InputError(f"several targets scored {metric!r}; pass target=")
         if not rows:
@@ -217,10 +222,14 @@ class ScoreResult:
         """The two tables as :class:`~xnn_toolkit.report.Table` blocks for a report."""
         cols = self.manifest["per_image_columns"]
         return [
-            Table("scores_aggregate", self.aggregate, list(_AGG_COLUMNS),
-                  caption="Mean, standard deviation and count per target, method and metric"),
+            Table(
+                "scores_aggregate",
+                self.aggregate,
+                list(_AGG_COLUMNS),
+                caption="Mean, standard deviation and count per target, method and metric",
+            ),
             Table("scores_per_image", self.per_image, cols, caption="Per-image scores"),
-        ]  # fmt: skip
+        ]
 
 
 _AGG_COLUMNS = ("target", "method", "metric", "mean", "std", "n")
@@ -276,21 +285,26 @@ def _positive_int(name: str, v: object, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InputError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
-                         f"got {v!r}")  # fmt: skip
+        raise InputError(
+            f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}"
+        )
 
 
 def _check_config(cfg: ScoringConfig) -> ScoringConfig:
     if not isinstance(cfg, ScoringConfig):
         raise InputError(f"config must be a ScoringConfig, got {type(cfg).__name__}")
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
-    metrics = None if cfg.metrics is None else (
-        (cfg.metrics,) if isinstance(cfg.metrics, str) else tuple(cfg.metrics))
+    metrics = (
+        None
+        if cfg.metrics is None
+        else ((cfg.metrics,) if isinstance(cfg.metrics, str) else tuple(cfg.metrics))
+    )
     if not methods:
         raise InputError("methods is empty; name at least one attribution method, e.g. 'cmwp'")
     if metrics is not None and not metrics:
-        raise InputError("metrics is empty; name at least one, or pass None for every metric "
-                         "the data supports")  # fmt: skip
+        raise InputError(
+            "metrics is empty; name at least one, or pass None for every metric the data supports"
+        )
     for what, names in (("method", methods), ("metric", metrics or ())):
         dup = sorted({m for m in names if list(names).count(m) > 1})
         if dup:
@@ -313,14 +327,21 @@ def _check_config(cfg: ScoringConfig) -> ScoringConfig:
     options = {str(k): dict(v) for k, v in dict(cfg.method_options).items()}
     unknown = sorted(set(options) - set(methods))
     if unknown:
-        raise InputError(f"method_options names {unknown[0]!r}, which is not in methods "
-                         f"{list(methods)}")  # fmt: skip
+        raise InputError(
+            f"method_options names {unknown[0]!r}, which is not in methods {list(methods)}"
+        )
     try:
         json.dumps(options, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"method_options must hold plain JSON values ({exc})") from exc
-    return dataclasses.replace(cfg, methods=methods, metrics=metrics, method_options=options,
-                               tolerance=float(cfg.tolerance), top=float(cfg.top))  # fmt: skip
+    return dataclasses.replace(
+        cfg,
+        methods=methods,
+        metrics=metrics,
+        method_options=options,
+        tolerance=float(cfg.tolerance),
+        top=float(cfg.top),
+    )
 
 
 def _canonical_methods() -> list[str]:
@@ -375,8 +396,11 @@ def _ground_truth(item: tuple) -> tuple[set[str], PartAnnotation | None]:
 def _build_metrics(cfg: ScoringConfig, have: set[str], targets: list[_Target], ds_name: str):
     has_class = {t.name: t.kind != "head" for t in targets}
     if cfg.metrics is None:
-        names = [m for m in available_metrics()
-                 if all(r in have or r == "class" for r in get_metric(m).needs)]  # fmt: skip
+        names = [
+            m
+            for m in available_metrics()
+            if all(r in have or r == "class" for r in get_metric(m).needs)
+        ]
         if not all(has_class.values()):
             names = [m for m in names if "class" not in get_metric(m).needs]
         return [get_metric(m) for m in names]
@@ -392,8 +416,11 @@ def _build_metrics(cfg: ScoringConfig, have: set[str], targets: list[_Target], d
                         "or drop the metric"
                     )
             elif need not in have:
-                fits = [m for m in available_metrics()
-                        if all(r in have or r == "class" for r in get_metric(m).needs)]
+                fits = [
+                    m
+                    for m in available_metrics()
+                    if all(r in have or r == "class" for r in get_metric(m).needs)
+                ]
                 raise InputError(
                     f"the metric {spec.name!r} needs {GROUND_TRUTH[need]}; the data set "
                     f"{ds_name} has {', '.join(sorted(have)) or 'no ground truth'} (its "
@@ -408,12 +435,16 @@ def _build_targets(cfg: ScoringConfig, heads: Mapping[str, Any] | None) -> list[
     targets = [_Target(cfg.target, cfg.target)] if cfg.target is not None else []
     for name, spec in dict(heads or {}).items():
         if not isinstance(name, str) or not name or name in _CLASS_TARGETS:
-            raise InputError(f"head target names must be non-empty strings other than "
-                             f"'label' and 'predicted', got {name!r}")  # fmt: skip
+            raise InputError(
+                f"head target names must be non-empty strings other than "
+                f"'label' and 'predicted', got {name!r}"
+            )
         if isinstance(spec, ClassHeadTarget):
             if not callable(getattr(spec.head, "as_target_module", None)):
-                raise InputError(f"ClassHeadTarget {name!r}: the head has no "
-                                 "as_target_module(class_index); fit it first")  # fmt: skip
+                raise InputError(
+                    f"ClassHeadTarget {name!r}: the head has no "
+                    "as_target_module(class_index); fit it first"
+                )
             targets.append(_Target(name, "class_head", spec))
         elif isinstance(spec, Target):
             targets.append(_Target(name, "head", spec))
@@ -439,8 +470,13 @@ def _head_fingerprint(t: _Target) -> dict[str, Any]:
         if classes is not None:
             for c in torch.as_tensor(classes).tolist():
                 fps[str(c)] = _model_fingerprint(spec.head.as_target_module(int(c)))
-        return {"kind": "class_head", "head": type(spec.head).__name__, "layer": spec.layer,
-                "index": int(spec.index), "weights": fps}  # fmt: skip
+        return {
+            "kind": "class_head",
+            "head": type(spec.head).__name__,
+            "layer": spec.layer,
+            "index": int(spec.index),
+            "weights": fps,
+        }
     return {"kind": t.kind}
 
 
@@ -466,14 +502,14 @@ def _dataset_name(dataset: Any) -> str:
     return "(".join(names) + ")" * (len(names) - 1)
 
 
-def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None,
-          fit: DataFit | None = None) -> _Plan:  # fmt: skip
+def _plan(
+    model, dataset, cfg: ScoringConfig, heads, model_spec: str | None, fit: DataFit | None = None
+) -> _Plan:
     try:
         total = len(dataset)
     except TypeError:
         raise InputError(
-            f"the data set must be a map-style Dataset with a length, got "
-            f"{type(dataset).__name__}"
+            f"the data set must be a map-style Dataset with a length, got {type(dataset).__name__}"
         ) from None
     if total == 0:
         raise InputError("the data set is empty; nothing to score")
@@ -504,12 +540,24 @@ def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None,
         "targets": [t.name for t in targets],
         "heads": {t.name: _head_fingerprint(t) for t in targets},
         "model": {"spec": spec, "weights": _model_fingerprint(model)},
-        "dataset": {"type": ds_name, "size": total, "scored": n,
-                    "ground_truth": sorted(have), "part_names": part_names,
-                    "probe_crc32": _dataset_probe(dataset, n)},  # fmt: skip
+        "dataset": {
+            "type": ds_name,
+            "size": total,
+            "scored": n,
+            "ground_truth": sorted(have),
+            "part_names": part_names,
+            "probe_crc32": _dataset_probe(dataset, n),
+        },
         "seed": cfg.seed,
-        "per_image_columns": ["index", "label", "prediction", "target", "class", "method",
-                              *value_columns],  # fmt: skip
+        "per_image_columns": [
+            "index",
+            "label",
+            "prediction",
+            "target",
+            "class",
+            "method",
+            *value_columns,
+        ],
         "num_shards": -(-n // shard_size),
     }
     from .pipeline import _versions  # (the report pipeline's list of versions)
@@ -517,8 +565,20 @@ def _plan(model, dataset, cfg: ScoringConfig, heads, model_spec: str | None,
     header["versions"] = _versions()
     # as it reads back from the manifest (tuples become lists), for the resume comparison
     header = json.loads(json.dumps(header, allow_nan=False))
-    return _Plan(model, dataset, cfg, n, shard_size, methods, metrics, targets, part_names,
-                 value_columns, header, fit)  # fmt: skip
+    return _Plan(
+        model,
+        dataset,
+        cfg,
+        n,
+        shard_size,
+        methods,
+        metrics,
+        targets,
+        part_names,
+        value_columns,
+        header,
+        fit,
+    )
 
 
 # --------------------------------------------------------------------------- one shard
@@ -537,8 +597,7 @@ def _load(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor,
                 f"dataset: image {i} has label {y!r} ({type(y).__name__}); labels must be "
                 "integer class indices (-1 for none)"
             )
-    labels = torch.tensor([int(it[1]) if len(it) > 1 else -1 for it in items],
-                          dtype=torch.long)  # fmt: skip
+    labels = torch.tensor([int(it[1]) if len(it) > 1 else -1 for it in items], dtype=torch.long)
     anns = [it[2] for it in items if len(it) > 2 and isinstance(it[2], PartAnnotation)]
     parts = collate_annotations(anns) if len(anns) == len(items) else None
     return images, labels, parts
@@ -550,8 +609,9 @@ def _check_batch_gt(plan: _Plan, parts: PartBatch | None, indices: list[int]) ->
         for need in spec.needs:
             if need == "class":
                 continue
-            ok = parts is not None and (need in ("bbox", "keypoints")
-                                        or getattr(parts, need) is not None)  # fmt: skip
+            ok = parts is not None and (
+                need in ("bbox", "keypoints") or getattr(parts, need) is not None
+            )
             if not ok:
                 raise InputError(
                     f"the metric {spec.name!r} needs {GROUND_TRUTH[need]}, but some of "
@@ -583,8 +643,9 @@ def _layer_map(att: Any, size: tuple[int, ...]) -> torch.Tensor | None:
     return raw
 
 
-def _heatmaps(method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor,
-              layer_maps: list | None = None) -> torch.Tensor:  # fmt: skip
+def _heatmaps(
+    method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor, layer_maps: list | None = None
+) -> torch.Tensor:
     """Heatmaps at input resolution; with ``layer_maps``, also appends the read-layer map
     (``None`` where the method reads at the input or the target composes several calls)."""
     if t.kind in ("label", "predicted", "head"):
@@ -657,15 +718,27 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
                     maps = _heatmaps(method, x, t, classes, at_layer)
                     if at_layer is not None:
                         _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
-                    inp = ScoreInputs(maps=maps, images=x, classes=classes, parts=parts,
-                                      model=plan.model, tolerance=cfg.tolerance, top=cfg.top,
-                                      steps=cfg.steps, batch_size=max(64, cfg.batch_size),
-                                      method=plan.cfg.methods[mi],
-                                      method_options=_method_options(plan, mi, method))
-                    cols = [torch.tensor(idx, dtype=torch.float64),
-                            torch.full((b,), float(ti), dtype=torch.float64),
-                            torch.full((b,), float(mi), dtype=torch.float64),
-                            labels.double(), pred.double(), classes.double()]  # fmt: skip
+                    inp = ScoreInputs(
+                        maps=maps,
+                        images=x,
+                        classes=classes,
+                        parts=parts,
+                        model=plan.model,
+                        tolerance=cfg.tolerance,
+                        top=cfg.top,
+                        steps=cfg.steps,
+                        batch_size=max(64, cfg.batch_size),
+                        method=plan.cfg.methods[mi],
+                        method_options=_method_options(plan, mi, method),
+                    )
+                    cols = [
+                        torch.tensor(idx, dtype=torch.float64),
+                        torch.full((b,), float(ti), dtype=torch.float64),
+                        torch.full((b,), float(mi), dtype=torch.float64),
+                        labels.double(),
+                        pred.double(),
+                        classes.double(),
+                    ]
                     for spec in plan.metrics:
                         cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
                     per_pair.append(torch.stack(cols, 1))
@@ -679,9 +752,17 @@ def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -
     return torch.cat(blocks)
 
 
-def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[int],
-               labels: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor,
-               at_layer: torch.Tensor | None) -> None:  # fmt: skip
+def _keep_maps(
+    saved: dict[str, Any],
+    plan: _Plan,
+    ti: int,
+    mi: int,
+    idx: list[int],
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    maps: torch.Tensor,
+    at_layer: torch.Tensor | None,
+) -> None:
     """Collect one batch's maps of one (target, method) pair for the shard's maps file."""
     name, method = plan.methods[mi]
     key = f"{plan.targets[ti].name}|{name}"
@@ -694,11 +775,17 @@ def _keep_maps(saved: dict[str, Any], plan: _Plan, ti: int, mi: int, idx: list[i
     names = plan.maps_info.get("class_names") or []
     layer = getattr(method, "layer", None)
     for i, lab, c in zip(idx, labels.tolist(), classes.tolist()):
-        saved["groups"][key].append({
-            "index": i, "label": lab, "class": c,
-            "class_name": names[c] if 0 <= c < len(names) else None,
-            "method": name, "layer": "default" if layer is None else str(layer),
-            "target": plan.targets[ti].name})  # fmt: skip
+        saved["groups"][key].append(
+            {
+                "index": i,
+                "label": lab,
+                "class": c,
+                "class_name": names[c] if 0 <= c < len(names) else None,
+                "method": name,
+                "layer": "default" if layer is None else str(layer),
+                "target": plan.targets[ti].name,
+            }
+        )
 
 
 # --------------------------------------------------------------------------- tables
@@ -716,9 +803,14 @@ def _tables(plan: _Plan, values: torch.Tensor) -> tuple[list[dict], list[dict]]:
     k = len(_KEYS)
     per_image = []
     for row in vals.tolist():
-        r: dict[str, Any] = {"index": int(row[0]), "label": int(row[3]),
-                             "prediction": int(row[4]), "target": t_names[int(row[1])],
-                             "class": int(row[5]), "method": m_names[int(row[2])]}  # fmt: skip
+        r: dict[str, Any] = {
+            "index": int(row[0]),
+            "label": int(row[3]),
+            "prediction": int(row[4]),
+            "target": t_names[int(row[1])],
+            "class": int(row[5]),
+            "method": m_names[int(row[2])],
+        }
         for c, v in zip(plan.value_columns, row[k:]):
             r[c] = _num(v)
         per_image.append(r)
@@ -729,15 +821,24 @@ def _tables(plan: _Plan, values: torch.Tensor) -> tuple[list[dict], list[dict]]:
             col = k
             for spec in plan.metrics:
                 names = spec.columns(plan.part_names)
-                block = sel[:, col:col + len(names)]
+                block = sel[:, col : col + len(names)]
                 if spec.per_part:
                     ok = np.isfinite(block).all(1)
                     ent = locality(torch.from_numpy(block[ok])).mean if ok.any() else math.nan
-                    aggregate.append({"target": t, "method": m, "metric": spec.name,
-                                      "mean": _num(ent), "std": None, "n": int(ok.sum())})
+                    aggregate.append(
+                        {
+                            "target": t,
+                            "method": m,
+                            "metric": spec.name,
+                            "mean": _num(ent),
+                            "std": None,
+                            "n": int(ok.sum()),
+                        }
+                    )
                 for j, name in enumerate(names):
-                    aggregate.append({"target": t, "method": m, "metric": name,
-                                      **_summary(block[:, j])})
+                    aggregate.append(
+                        {"target": t, "method": m, "metric": name, **_summary(block[:, j])}
+                    )
                 col += len(names)
     return per_image, aggregate
 
@@ -841,16 +942,20 @@ def score_dataset(
     t0 = time.perf_counter()
     # the labels are read as the model's classes unless only predicted classes and heads
     # are explained
-    fit = data_fit(loaded, dataset, grey_to_rgb=grey_to_rgb,
-                   labels_are_classes=cfg.target == "label")  # fmt: skip
+    fit = data_fit(
+        loaded, dataset, grey_to_rgb=grey_to_rgb, labels_are_classes=cfg.target == "label"
+    )
     plan = _plan(model, dataset, cfg, heads, loaded_spec, fit)
     if cfg.save_maps:
         pre = getattr(loaded, "preprocessing", None)
         names = getattr(loaded, "class_names", None) or getattr(dataset, "class_names", None)
-        info = {"preprocessing": None if pre is None else dataclasses.asdict(pre),
-                "class_names": list(names) if names else None}  # fmt: skip
-        plan = dataclasses.replace(plan, maps_dir=Path(out).resolve() / "maps",
-                                   maps_info=json.loads(json.dumps(info)))  # fmt: skip
+        info = {
+            "preprocessing": None if pre is None else dataclasses.asdict(pre),
+            "class_names": list(names) if names else None,
+        }
+        plan = dataclasses.replace(
+            plan, maps_dir=Path(out).resolve() / "maps", maps_info=json.loads(json.dumps(info))
+        )
     group = Group(_model_device(model))
     folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
     try:
@@ -863,27 +968,37 @@ def score_dataset(
         group.close()
 
 
-def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: bool,
-         resume: bool, progress: bool, t0: float) -> ScoreResult:  # fmt: skip
+def _run(
+    plan: _Plan,
+    group: Group,
+    folder: store.RunFolder | None,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    t0: float,
+) -> ScoreResult:
     out = folder.root if folder is not None else None
     rows_of = [plan.rows(k) for k in range(plan.num_shards)]
 
     def open_folder() -> tuple[torch.Tensor, torch.Tensor]:
-        done = {} if folder is None else folder.open(
-            overwrite=overwrite, resume=resume, ncols=plan.ncols, rows_of=rows_of)
+        done = (
+            {}
+            if folder is None
+            else folder.open(overwrite=overwrite, resume=resume, ncols=plan.ncols, rows_of=rows_of)
+        )
         ids = torch.tensor(sorted(done), dtype=torch.long)
         mats = [done[k] for k in sorted(done)]
-        return ids, (torch.cat(mats) if mats else torch.zeros(0, plan.ncols,
-                                                              dtype=torch.float64))
+        return ids, (torch.cat(mats) if mats else torch.zeros(0, plan.ncols, dtype=torch.float64))
 
     opened = group.on_rank0(open_folder, "prepare the output folder")
     if plan.maps_dir is not None:
         from ..interop.maps import write_manifest
 
         maps_dir = plan.maps_dir
-        group.on_rank0(lambda: write_manifest(maps_dir, {**plan.header, **plan.maps_info},
-                                              plan.num_shards),
-                       "write the maps manifest")  # fmt: skip
+        group.on_rank0(
+            lambda: write_manifest(maps_dir, {**plan.header, **plan.maps_info}, plan.num_shards),
+            "write the maps manifest",
+        )
     n_done = group.broadcast(torch.tensor([0 if opened is None else opened[0].numel()]))
     ids = opened[0] if opened is not None else torch.zeros(int(n_done[0]), dtype=torch.long)
     ids = group.broadcast(ids)
@@ -891,23 +1006,33 @@ def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: b
     results: dict[int, torch.Tensor] = {}
     pos = 0
     for k in ids.tolist():
-        results[k] = mat[pos:pos + rows_of[k]]
+        results[k] = mat[pos : pos + rows_of[k]]
         pos += rows_of[k]
     pending = [k for k in range(plan.num_shards) if k not in results]
     if folder is not None:
-        info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": group.world,
-                "backend": group.backend, "threads": torch.get_num_threads(),
-                "device": str(_model_device(plan.model)), "resumed_shards": len(results)}
+        info = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "world_size": group.world,
+            "backend": group.backend,
+            "threads": torch.get_num_threads(),
+            "device": str(_model_device(plan.model)),
+            "resumed_shards": len(results),
+        }
         # a finished run is returned as it is, without a new entry in "runs"
-        group.on_rank0(lambda: folder.manifest["complete"] or folder.start_run(info),
-                       "record the run")  # fmt: skip
+        group.on_rank0(
+            lambda: folder.manifest["complete"] or folder.start_run(info), "record the run"
+        )
     bar = None
     if progress and group.rank == 0 and pending:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.n, initial=sum(plan.bounds(k)[1] - plan.bounds(k)[0]
-                                             for k in results), unit="img", desc="score",
-                   leave=False)  # fmt: skip
+        bar = tqdm(
+            total=plan.n,
+            initial=sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in results),
+            unit="img",
+            desc="score",
+            leave=False,
+        )
     try:
         for r in range(0, len(pending), group.world):
             mine = pending[r + group.rank] if r + group.rank < len(pending) else None
@@ -925,8 +1050,9 @@ def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: b
             for rank, m in enumerate(got):
                 if r + rank < len(pending):
                     k = pending[r + rank]
-                    results[k] = m if m is not None else torch.zeros(0, plan.ncols,
-                                                                     dtype=torch.float64)
+                    results[k] = (
+                        m if m is not None else torch.zeros(0, plan.ncols, dtype=torch.float64)
+                    )
                     a, b = plan.bounds(k)
                     new[k] = (a, b, results[k], float(secs[rank][0]))
             if folder is not None:
@@ -940,10 +1066,13 @@ def _run(plan: _Plan, group: Group, folder: store.RunFolder | None, overwrite: b
     per_image, aggregate = _tables(plan, values)
     if folder is not None:
         texts = _table_texts(plan, per_image, aggregate)
-        group.on_rank0(lambda: folder.manifest["complete"]
-                       or folder.finish(texts, time.perf_counter() - t0), "write the tables")
-    manifest = folder.manifest if folder is not None and group.rank == 0 else {
-        **plan.header, "complete": True, "shards": [], "runs": []}
-    return ScoreResult(per_image, aggregate, manifest,
-                       None if out is None else Path(out).resolve())  # fmt: skip
-
+        group.on_rank0(
+            lambda: folder.manifest["complete"] or folder.finish(texts, time.perf_counter() - t0),
+            "write the tables",
+        )
+    manifest = (
+        folder.manifest
+        if folder is not None and group.rank == 0
+        else {**plan.header, "complete": True, "shards": [], "runs": []}
+    )
+    return ScoreResult(per_image, aggregate, manifest, None if out is None else Path(out).resolve())

@@ -20,7 +20,6 @@ from .heatmaps import FORMATS, save_figure
 __all__ = ["concept_overlay", "concept_gallery"]
 
 
-
 def _palette(r: int, colors: Sequence[Sequence[float]] | None) -> torch.Tensor:
     if colors is not None:
         pal = torch.as_tensor(colors, dtype=torch.float32)

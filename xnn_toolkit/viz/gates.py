@@ -72,8 +72,9 @@ def gate_matrix_figure(
     ax.set_ylabel("class")
     ax.set_xlabel("filter" + (" (block order)" if ordered else ""))
     ax.set_yticks(range(c))
-    ax.set_yticklabels(class_names if class_names is not None else [str(i) for i in range(c)],
-                       fontsize=7)  # fmt: skip
+    ax.set_yticklabels(
+        class_names if class_names is not None else [str(i) for i in range(c)], fontsize=7
+    )
     if k <= 64:
         ax.set_xticks(range(k))
         ax.set_xticklabels([str(int(i)) for i in order], fontsize=6, rotation=90)

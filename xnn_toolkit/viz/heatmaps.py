@@ -138,8 +138,9 @@ def heatmap_grid(
     for what, given, want in (("row_labels", row_labels, n), ("col_labels", col_labels, m + 1)):
         if given is not None and len(given) != want:
             raise InputError(f"{what} must have {want} entries, got {len(given)}")
-    panels = [[(images[i], None)] + [(images[i], heatmaps[i, j]) for j in range(m)]
-              for i in range(n)]  # fmt: skip
+    panels = [
+        [(images[i], None)] + [(images[i], heatmaps[i, j]) for j in range(m)] for i in range(n)
+    ]
     if titles is None and col_labels is not None:
         titles = [list(col_labels)] + [[""] * (m + 1) for _ in range(n - 1)]
     return _draw_grid(panels, row_labels, titles, cmap, size, shared_scale, colorbar)
@@ -205,8 +206,11 @@ def _draw_grid(
     axes = fig.subplots(n, m, squeeze=False)
     for i, row in enumerate(panels):
         maps = [h for _, h in row if h is not None]
-        vmax = float(torch.stack([torch.as_tensor(h) for h in maps]).max()) if (
-            shared_scale and maps) else None
+        vmax = (
+            float(torch.stack([torch.as_tensor(h) for h in maps]).max())
+            if (shared_scale and maps)
+            else None
+        )
         for j, (image, heat) in enumerate(row):
             overlay(axes[i, j], image, heat, cmap=cmap, vmax=vmax)
             if titles is not None and titles[i][j]:
@@ -261,8 +265,11 @@ def xnn_figure(
         )
     order = torch.argsort(contributions, dim=1, descending=True)
     maps = torch.cat(
-        [one_heatmaps.unsqueeze(1), feature_heatmaps.gather(
-            1, order[:, :, None, None].expand_as(feature_heatmaps))], 1
+        [
+            one_heatmaps.unsqueeze(1),
+            feature_heatmaps.gather(1, order[:, :, None, None].expand_as(feature_heatmaps)),
+        ],
+        1,
     )
     titles = []
     for i in range(n_img):
@@ -310,8 +317,11 @@ def annotated_samples(
         ax.imshow(to_image(images[i]))
         if bbox is not None:
             x0, y0, x1, y1 = (float(v) for v in bbox[i])
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1,
-                                   fill=False, ec="white", lw=0.8))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, ec="white", lw=0.8
+                )
+            )
         if keypoints is not None:
             for p in range(keypoints.shape[1]):
                 if visible is None or bool(visible[i, p]):
@@ -354,7 +364,8 @@ def save_figure(
     paths = []
     for fmt in formats:
         path = f"{os.fspath(stem)}.{fmt}"
-        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(
-            tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        atomic_write(
+            path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+        )
         paths.append(path)
     return paths

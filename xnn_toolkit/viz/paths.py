@@ -89,17 +89,20 @@ def path_mask_figure(
     im = None
     for ax, (name, m) in zip(axes[:, 0], mats.items()):
         shown = (m > threshold).float() if binary else m
-        im = ax.imshow(shown.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1,
-                       interpolation="nearest")  # fmt: skip
+        im = ax.imshow(
+            shown.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest"
+        )
         on = (m > threshold).float().sum(1).mean()
-        ax.set_title(f"{name}: {m.shape[1]} channels, {float(on):.1f} on the path per class",
-                     fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"{name}: {m.shape[1]} channels, {float(on):.1f} on the path per class", fontsize=8
+        )
         ax.set_ylabel("class", fontsize=7)
         _ticks(ax, class_names, m.shape[0], "y")
         ax.tick_params(labelsize=6)
     axes[-1, 0].set_xlabel("channel", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01,
-                 label="path" if binary else "mask μ")  # fmt: skip
+    fig.colorbar(
+        im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="path" if binary else "mask μ"
+    )
     return fig
 
 
@@ -141,8 +144,15 @@ def path_similarity_figure(
         for i in range(k):
             for j in range(k):
                 v = float(s[i, j])
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if v > 0.6 else "white")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if v > 0.6 else "white",
+                )
     ax.set_title("path similarity (mean Jaccard over layers)", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return fig
@@ -181,13 +191,13 @@ def hit_rate_figure(
         mean = torch.as_tensor(hr.mean).float().cpu().numpy()
         std = torch.as_tensor(hr.std).float().cpu().numpy()
         x = np.arange(len(mean))
-        ax.errorbar(x, mean, yerr=std, marker="o", ms=3, capsize=2,
-                    label=labels[i] if labels else None)  # fmt: skip
+        ax.errorbar(
+            x, mean, yerr=std, marker="o", ms=3, capsize=2, label=labels[i] if labels else None
+        )
         chance = hr.chance
         if i == 0:
             ax.set_xticks(x)
-            ax.set_xticklabels([_short(n) for n in hr.layers], rotation=45, ha="right",
-                               fontsize=6)  # fmt: skip
+            ax.set_xticklabels([_short(n) for n in hr.layers], rotation=45, ha="right", fontsize=6)
     ax.axhline(chance, ls="--", color="gray", lw=1, label="chance")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("hit rate", fontsize=8)
@@ -241,5 +251,11 @@ def information_heatmap_figure(
         maps.append(m)
     stacked = torch.stack(maps, 1)
     cols = ["image", *[_short(n, 14) for n in heatmaps]]
-    return heatmap_grid(images.detach().float().cpu(), stacked, col_labels=cols,
-                        row_labels=row_labels, shared_scale=shared_scale, size=size)  # fmt: skip
+    return heatmap_grid(
+        images.detach().float().cpu(),
+        stacked,
+        col_labels=cols,
+        row_labels=row_labels,
+        shared_scale=shared_scale,
+        size=size,
+    )

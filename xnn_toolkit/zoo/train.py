@@ -67,7 +67,10 @@ _RECIPES: dict[str, _Recipe] = {
     "vgg_fmnist": _Recipe(
         arch="vgg_small",
         arch_kwargs=dict(
-            channels=[32, 64, 128], convs_per_block=[1, 1, 2], fc=[256, 256], pool_size=3,
+            channels=[32, 64, 128],
+            convs_per_block=[1, 1, 2],
+            fc=[256, 256],
+            pool_size=3,
             dropout=0.3,
         ),
         dataset="fashion_mnist",
@@ -76,8 +79,9 @@ _RECIPES: dict[str, _Recipe] = {
     ),
     "resnet_fmnist": _Recipe(
         arch="resnet_small",
-        arch_kwargs=dict(channels=[16, 32, 64, 128], layers=[1, 1, 1, 1], stem_stride=1,
-                         stem_pool=False),
+        arch_kwargs=dict(
+            channels=[16, 32, 64, 128], layers=[1, 1, 1, 1], stem_stride=1, stem_pool=False
+        ),
         dataset="fashion_mnist",
         epochs=6,
         lr=4e-3,
@@ -85,8 +89,12 @@ _RECIPES: dict[str, _Recipe] = {
     "vgg_synth": _Recipe(
         arch="vgg_small",
         arch_kwargs=dict(
-            channels=[32, 64, 128, 128], convs_per_block=[1, 1, 2, 2], fc=[256, 256],
-            pool_size=4, dropout=0.3, batch_norm=True,
+            channels=[32, 64, 128, 128],
+            convs_per_block=[1, 1, 2, 2],
+            fc=[256, 256],
+            pool_size=4,
+            dropout=0.3,
+            batch_norm=True,
         ),
         dataset="synthetic",
         epochs=6,
@@ -96,8 +104,9 @@ _RECIPES: dict[str, _Recipe] = {
     ),
     "resnet_synth": _Recipe(
         arch="resnet_small",
-        arch_kwargs=dict(channels=[32, 64, 128, 256], layers=[1, 1, 1, 1], stem_stride=1,
-                         stem_pool=True),
+        arch_kwargs=dict(
+            channels=[32, 64, 128, 256], layers=[1, 1, 1, 1], stem_stride=1, stem_pool=True
+        ),
         dataset="synthetic",
         epochs=6,
         lr=4e-3,
@@ -133,8 +142,9 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fashion_mnist(rec: _Recipe, root: str | None, train_size: int | None,
-                   test_size: int | None) -> _Data:
+def _fashion_mnist(
+    rec: _Recipe, root: str | None, train_size: int | None, test_size: int | None
+) -> _Data:
     from ..data.fashion_mnist import FashionMNIST, _split_files
 
     tr = FashionMNIST(root, split="train")
@@ -165,8 +175,9 @@ def _fashion_mnist(rec: _Recipe, root: str | None, train_size: int | None,
     )
 
 
-def _synthetic(rec: _Recipe, train_size: int | None, test_size: int | None,
-               cache_dir: str | None) -> _Data:
+def _synthetic(
+    rec: _Recipe, train_size: int | None, test_size: int | None, cache_dir: str | None
+) -> _Data:
     try:
         from ..data.synthetic import SyntheticParts
     except ImportError as exc:
@@ -223,10 +234,20 @@ def _synthetic(rec: _Recipe, train_size: int | None, test_size: int | None,
         std=[float(s) for s in tr.std],
         class_names=list(tr.classes),
         details={
-            "train": {"source": "xnn_toolkit.data.synthetic.SyntheticParts", "seed": 0,
-                      "n": n_tr, "size": 64, "stored_as": "uint8 (round(255 * x))"},
-            "test": {"source": "xnn_toolkit.data.synthetic.SyntheticParts", "seed": 1,
-                     "n": n_te, "size": 64, "stored_as": "uint8 (round(255 * x))"},
+            "train": {
+                "source": "xnn_toolkit.data.synthetic.SyntheticParts",
+                "seed": 0,
+                "n": n_tr,
+                "size": 64,
+                "stored_as": "uint8 (round(255 * x))",
+            },
+            "test": {
+                "source": "xnn_toolkit.data.synthetic.SyntheticParts",
+                "seed": 1,
+                "n": n_te,
+                "size": 64,
+                "stored_as": "uint8 (round(255 * x))",
+            },
         },
     )
 
@@ -359,8 +380,9 @@ def train(
     steps = epochs * ((n + rec.batch_size - 1) // rec.batch_size)
 
     with _reproducible(seed, threads):
-        model = build_model(rec.arch, num_classes=num_classes, in_chans=in_chans,
-                            **rec.arch_kwargs).to(device)
+        model = build_model(
+            rec.arch, num_classes=num_classes, in_chans=in_chans, **rec.arch_kwargs
+        ).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, weight_decay=rec.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=rec.lr, total_steps=steps)
         order_gen = torch.Generator().manual_seed(seed)
@@ -401,8 +423,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{name}.safetensors"
     _atomic_write(weights, payload)
-    cmd = (f"python -m xnn_toolkit.zoo.train --model {name} --epochs {epochs} --seed {seed} "
-           f"--threads {threads}")
+    cmd = (
+        f"python -m xnn_toolkit.zoo.train --model {name} --epochs {epochs} --seed {seed} "
+        f"--threads {threads}"
+    )
     if train_size is not None or test_size is not None:
         cmd += "".join(
             f" --{k.replace('_', '-')} {v}"
@@ -461,10 +485,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-size", type=int, default=None, help="first N test images")
     a = p.parse_args(argv)
     try:
-        train(a.model, epochs=a.epochs, seed=a.seed, out=a.out, data_root=a.data_root,
-              cache_dir=a.cache_dir,
-              device=a.device, threads=a.threads, train_size=a.train_size,
-              test_size=a.test_size)
+        train(
+            a.model,
+            epochs=a.epochs,
+            seed=a.seed,
+            out=a.out,
+            data_root=a.data_root,
+            cache_dir=a.cache_dir,
+            device=a.device,
+            threads=a.threads,
+            train_size=a.train_size,
+            test_size=a.test_size,
+        )
     except (SpecError, AssetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
