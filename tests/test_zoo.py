@@ -119,7 +119,8 @@ def _fmnist_sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _synth_sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    synthetic = pytest.importorskip("xnn_toolkit.data.synthetic")
+    from xnn_toolkit.data import synthetic
+
     ds = synthetic.SyntheticParts(n, size=64, seed=1)
     items = [ds[i] for i in range(n)]
     return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])

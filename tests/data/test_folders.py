@@ -146,7 +146,8 @@ def test_cub_dataloader_collate(tmp_path):
 
 def test_cub_reads_synthetic_dump_exactly(tmp_path):
     """SyntheticParts.write_cub -> CUBFolder gives back the generator's own annotations."""
-    synthetic = pytest.importorskip("xnn_toolkit.data.synthetic")
+    from xnn_toolkit.data import synthetic
+
     gen = synthetic.SyntheticParts(12, size=64, seed=1)
     gen.write_cub(tmp_path, train_fraction=0.5)
     cub = CUBFolder(tmp_path, annotations=True)

@@ -404,12 +404,10 @@ def test_bank_layer_errors(acts):
         NMFConcepts(3, online=True).fit(FakeBank({"l": acts[:0]}))
 
 
-def test_real_activation_bank_if_available(acts):
-    features = pytest.importorskip("xnn_toolkit.features")
-    try:
-        bank = features.ActivationBank.from_tensors({"layer3": acts})
-    except Exception as exc:  # noqa: BLE001 - the bank is another engineer's work in progress
-        pytest.skip(f"ActivationBank.from_tensors unavailable: {exc}")
+def test_real_activation_bank(acts):
+    from xnn_toolkit.features import ActivationBank
+
+    bank = ActivationBank.from_tensors({"layer3": acts})
     a = NMFConcepts(4).fit(bank, layer="layer3")
     torch.testing.assert_close(a.components_, NMFConcepts(4).fit(acts).components_)
 
@@ -716,7 +714,8 @@ def test_concept_heatmap_through_attribution_engine():
     # average pool splits the top signal in proportion to the concept map s_k(h, w) and the
     # z+ rule of the 1x1 conv conserves it per position, so the channel-summed MWP map is
     # s_k / sum(s_k) (docs/methods/excitation.rst).
-    attribution = pytest.importorskip("xnn_toolkit.attribution")
+    from xnn_toolkit import attribution
+
     model, x, a = _low_rank_setup()
     nmf = NMFConcepts(3).fit(a, layer="mix")
     before = _model_state(model)
