@@ -88,6 +88,7 @@ from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
+from ._base import Head, keeps_global_rng
 
 __all__ = [
     "ClassSpecificGates",
@@ -651,7 +652,7 @@ class GateScores:
     s_fn: torch.Tensor
 
 
-class ClassSpecificGates:
+class ClassSpecificGates(Head):
     """Class-specific gate matrix with a new linear head, fitted post hoc (:doc:`/methods/gates`).
 
     Parameters
@@ -818,7 +819,7 @@ class ClassSpecificGates:
         "verbose",
     )
 
-    def get_params(self) -> dict[str, Any]:
+    def _saved_params(self) -> dict[str, Any]:
         """Hyperparameters as given to ``__init__``."""
         return {k: getattr(self, k) for k in self._PARAM_KEYS}
 
@@ -891,6 +892,7 @@ class ClassSpecificGates:
         return float(self.lr_gamma) ** passed
 
     # ---------------------------------------------------------------- fitting
+    @keeps_global_rng
     def fit(self, model: nn.Module, data: Any, labels: Any = None) -> ClassSpecificGates:
         """Learn the gates (and the new head, and fine-tuned blocks) on labelled images.
 
@@ -1446,7 +1448,7 @@ class ClassSpecificGates:
         """
         self._check_fitted(need_network=bool(self.finetune_))
         path = os.fspath(path)
-        params = self.get_params()
+        params = self._saved_params()
         params["layer"] = self.layer_
         params["finetune"] = list(self.finetune_) or None
         params["device"] = None

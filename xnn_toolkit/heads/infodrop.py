@@ -56,6 +56,7 @@ from .._io import checked_load, load_estimator_files, loaded_params, save_estima
 from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
+from ._base import Head, keeps_global_rng
 from ._placement import auto_layers, check_layers
 from .paths import (
     _batches,
@@ -299,7 +300,7 @@ class _DropRun:
         return log_normal_noise(out, alpha, self.generator)
 
 
-class InformationDropout:
+class InformationDropout(Head):
     """Information-dropout noise masks of a frozen network (:doc:`/methods/infodrop`, Achille and
     Soatto 2018).
 
@@ -468,6 +469,7 @@ class InformationDropout:
             priors[n] = kind
         return priors, mus, sigmas, scales, counts
 
+    @keeps_global_rng
     def fit(self, model: nn.Module, data: object) -> InformationDropout:
         """Learn the noise scales ``α``; see :meth:`ClassPaths.fit` for ``model`` and ``data``.
 
@@ -761,7 +763,7 @@ class InformationDropout:
         return {n: gaussian_total_correlation(a) for n, a in accs.items()}
 
     # ---------------------------------------------------------------- persistence
-    def get_params(self) -> dict:
+    def _saved_params(self) -> dict:
         """Hyperparameters as given to ``__init__``."""
         layers = (
             self.layers
@@ -804,7 +806,7 @@ class InformationDropout:
                 tensors[f"sigma/{n}"] = self.prior_sigma_[n].contiguous()
         meta = {
             "type": "InformationDropout",
-            "params": self.get_params(),
+            "params": self._saved_params(),
             "layers_": self.layers_,
             "priors_": self.priors_,
             "scales_": self.scales_,

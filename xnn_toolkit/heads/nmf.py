@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import clone
 from torch import nn
 
 from .._guard import model_guard
@@ -44,6 +44,7 @@ from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError,
 from ..hooks import intervene
 from ..layers import LayerSpec, resolve_layer
 from . import _nmf_solvers as _solvers
+from ._base import Head, keeps_global_rng
 
 __all__ = [
     "NMFConcepts",
@@ -181,7 +182,7 @@ def _check_finite(a: torch.Tensor, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class NMFConcepts(BaseEstimator):
+class NMFConcepts(Head):
     """Non-negative factorisation of a layer's activations into concepts (:doc:`/methods/nmf`).
 
     ``X ≈ M S`` with ``X`` the activations as a ``C x (N·H·W)`` matrix, ``M ≥ 0`` (``C x r``)
@@ -342,6 +343,7 @@ class NMFConcepts(BaseEstimator):
 
     # ---------------------------------------------------------------------------- fitting
 
+    @keeps_global_rng
     def fit(self, X: object, y: object = None, *, layer: str | None = None) -> NMFConcepts:
         """Learn the concept basis ``M`` from activations.
 
@@ -363,6 +365,7 @@ class NMFConcepts(BaseEstimator):
         self._fit(X, layer)
         return self
 
+    @keeps_global_rng
     def fit_transform(
         self, X: object, y: object = None, *, layer: str | None = None
     ) -> torch.Tensor:
@@ -822,7 +825,7 @@ class _LabelSubset:
                 yield b[sel.to(b.device)]
 
 
-class PerClassNMF(BaseEstimator):
+class PerClassNMF(Head):
     """One NMF per class: concepts of the activations of each class separately.
 
     Parameters
@@ -862,6 +865,7 @@ class PerClassNMF(BaseEstimator):
             raise InputError("y has negative labels (unlabelled examples); drop them first")
         return y
 
+    @keeps_global_rng
     def fit(self, X: object, y: object = None, *, layer: str | None = None) -> PerClassNMF:
         """Fit one :class:`NMFConcepts` per class.
 

@@ -63,6 +63,7 @@ from .._io import checked_load, load_estimator_files, loaded_params, save_estima
 from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
+from ._base import Head, keeps_global_rng
 from ._placement import auto_layers, check_layers
 
 __all__ = [
@@ -786,7 +787,7 @@ class _MaskRun:
         return post.clone()
 
 
-class ClassPaths:
+class ClassPaths(Head):
     """Information-bottleneck class paths of a frozen network (:doc:`/methods/paths`, NAD).
 
     Parameters
@@ -955,6 +956,7 @@ class ClassPaths:
         return keep
 
     # ---------------------------------------------------------------- fitting
+    @keeps_global_rng
     def fit(self, model: nn.Module, data: object) -> ClassPaths:
         """Learn the masks of every class in one pass over the data per epoch.
 
@@ -1294,7 +1296,7 @@ class ClassPaths:
         )
 
     # ---------------------------------------------------------------- persistence
-    def get_params(self) -> dict:
+    def _saved_params(self) -> dict:
         """Hyperparameters as given to ``__init__`` (JSON-serialisable where possible)."""
         layers = (
             self.layers
@@ -1329,7 +1331,7 @@ class ClassPaths:
         tensors["n_images"] = self.n_images_.contiguous()
         meta = {
             "type": "ClassPaths",
-            "params": self.get_params(),
+            "params": self._saved_params(),
             "layers_": self.layers_,
             "n_outputs_": self.n_outputs_,
             "history_": self.history_,

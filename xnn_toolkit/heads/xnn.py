@@ -40,6 +40,7 @@ from torch import nn
 from .._io import load_estimator_files, save_estimator_files
 from ..datafit import as_labels
 from ..errors import AssetError, InputError, NotFittedError
+from ._base import Head, keeps_global_rng
 
 __all__ = [
     "XNN",
@@ -432,7 +433,7 @@ def _split_head_indices(
 # --------------------------------------------------------------------------- estimators
 
 
-class _HeadsBase:
+class _HeadsBase(Head):
     """Shared prediction API of fitted heads (x-features, ȳ, contributions)."""
 
     classes_: torch.Tensor
@@ -658,6 +659,7 @@ class XNN(_HeadsBase):
         return classes
 
     # ---------------------------------------------------------------- fitting
+    @keeps_global_rng
     def fit(
         self,
         X: object,
@@ -941,7 +943,7 @@ class XNN(_HeadsBase):
         return nn.Sequential(*layers).eval()
 
     # ---------------------------------------------------------------- persistence
-    def get_params(self) -> dict:
+    def _saved_params(self) -> dict:
         """Hyperparameters as given to ``__init__`` (JSON-serialisable)."""
         keys = [
             "n_features",
@@ -980,7 +982,7 @@ class XNN(_HeadsBase):
         path = os.fspath(path)
         meta = {
             "type": "XNN",
-            "params": self.get_params(),
+            "params": self._saved_params(),
             "classes_": self.classes_.tolist(),
             "scale_": self.scale_,
             "spatial_": list(self.spatial_) if self.spatial_ else None,
@@ -1089,6 +1091,7 @@ class LassoXNN(_HeadsBase):
         self.random_state = random_state
         self.layer = layer
 
+    @keeps_global_rng
     def fit(
         self,
         X: object,
@@ -1170,6 +1173,58 @@ class LassoXNN(_HeadsBase):
         self.path_ = paths
         self.spatial_ = data.spatial
         self.n_inputs_ = data.z.shape[-1]
+        self.scale_ = 1.0
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``<path>.safetensors`` (selection, coefficients) and ``<path>.json``.
+
+        Same format and atomic writes as :meth:`XNN.save`.
+        """
+        self._check_fitted()
+        meta = {
+            "type": "LassoXNN",
+            "params": self._saved_params(),
+            "classes_": self.classes_.tolist(),
+            "path_": self.path_,
+            "spatial_": list(self.spatial_) if self.spatial_ else None,
+            "n_inputs_": self.n_inputs_,
+        }
+        tensors = {
+            "selected_": self.selected_.contiguous(),
+            "coef_": self.coef_.contiguous(),
+            "intercept_": self.intercept_.contiguous(),
+            "alpha_": self.alpha_.contiguous(),
+        }
+        save_estimator_files(os.fspath(path), tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LassoXNN:
+        """Read a head written by :meth:`save`."""
+        path = os.fspath(path)
+        meta, tensors = load_estimator_files(path, "LassoXNN", "the Lasso XNN")
+        try:
+            self = cls(**meta["params"])
+            classes = [int(c) for c in meta["classes_"]]
+            sel, coef = tensors["selected_"], tensors["coef_"]
+            icpt, alpha = tensors["intercept_"], tensors["alpha_"]
+            n_inputs = meta["n_inputs_"]
+            shape = (len(classes), self.n_features)
+            if sel.shape != shape or coef.shape != shape or icpt.shape != shape[:1]:
+                raise ValueError(f"tensor shapes do not fit {len(classes)} classes x n_features")
+            if not isinstance(n_inputs, int) or int(sel.max()) >= n_inputs:
+                raise ValueError(f"n_inputs_ {n_inputs!r}")
+            spatial = meta["spatial_"]
+        except (KeyError, TypeError, ValueError, InputError) as exc:
+            raise AssetError(
+                f"{path} is not a valid Lasso XNN save ({type(exc).__name__}: {exc}); "
+                "save the head again with LassoXNN.save"
+            ) from None
+        self.classes_ = torch.tensor(classes)
+        self.selected_, self.coef_, self.intercept_, self.alpha_ = sel.long(), coef, icpt, alpha
+        self.path_ = meta["path_"]
+        self.spatial_ = tuple(spatial) if spatial else None
+        self.n_inputs_ = n_inputs
         self.scale_ = 1.0
         return self
 
