@@ -77,3 +77,11 @@ def test_mutual_information_score_equals_sklearn_on_binned_values():
     torch.testing.assert_close(
         mutual_information_score(maps, y, c, bins=bins).per_class, res.per_class
     )
+
+
+def test_mutual_information_bad_estimator_and_bins():
+    a, y = torch.rand(20, 3), torch.arange(20) % 2
+    with pytest.raises(InputError, match="estimator must be one of"):
+        mutual_information_score(a, y, 2, estimator="kde")
+    with pytest.raises(InputError, match="bins must be an int >= 2"):
+        mutual_information_score(a, y, 2, bins=1)

@@ -62,10 +62,8 @@ computed by small private functions of this module, because the attribution engi
 
 Mutual-information score (:doc:`/methods/gates`): per channel ``k`` and class ``c`` the mutual
 information between the pooled activation and the indicator ``[y = c]``; the score is
-``mean_k max_c``. ``estimator="binned"`` (default) discretises each channel into ``bins``
-equal-width bins between its minimum and maximum and computes the plug-in MI of the two
-discrete variables in nats (deterministic, vectorised); ``estimator="knn"`` uses
-``sklearn.feature_selection.mutual_info_classif`` (the authors' code).
+``mean_k max_c``, computed by :func:`xnn_toolkit.metrics.mutual_information_score` (binned
+plug-in estimate by default, the authors' k-NN estimator with ``mi_estimator="knn"``).
 """
 
 from __future__ import annotations
@@ -88,6 +86,7 @@ from ..datafit import as_labels, data_fit
 from ..errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from ..hooks import record
 from ..layers import LayerSpec, resolve_layer, stages
+from ..metrics.information import MI_ESTIMATORS, mutual_information_score
 from ._base import Head, keeps_global_rng
 
 __all__ = [
@@ -99,8 +98,6 @@ __all__ = [
     "l1_density",
     "density_bounds",
     "default_g",
-    "one_vs_rest_mutual_information",
-    "mutual_information_score",
     "gate_similarity",
     "block_order",
     "gate_localization",
@@ -109,7 +106,6 @@ __all__ = [
 RECIPES = ("frozen", "finetune")
 OBJECTIVES = ("paper", "code")
 HEAD_INITS = ("auto", "model", "random")
-MI_ESTIMATORS = ("binned", "knn")
 MAP_METHODS = ("activmap", "gradmap")
 
 
@@ -218,121 +214,6 @@ def default_g(num_classes: int, num_filters: int) -> float:
     """
     c, k = num_classes, num_filters
     return float(min(max(0.2 * c * k, 2.0 * k), c * k))
-
-
-def _bin_indices(features: torch.Tensor, bins: int) -> torch.Tensor:
-    """Equal-width bin of every value, per column, between the column's min and max."""
-    lo = features.amin(0, keepdim=True)
-    hi = features.amax(0, keepdim=True)
-    width = (hi - lo) / bins
-    idx = torch.floor((features - lo) / torch.where(width > 0, width, torch.ones_like(width)))
-    return idx.clamp(0, bins - 1).long()
-
-
-def one_vs_rest_mutual_information(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    bins: int = 16,
-    estimator: str = "binned",
-    random_state: int = 0,
-) -> torch.Tensor:
-    r"""``I(a_k ; [y = c])`` for every channel ``k`` and class ``c``, in nats.
-
-    See :doc:`/methods/gates`.
-
-    ``binned``: ``a_k`` is discretised into ``bins`` equal-width bins over its range (a
-    constant channel is one bin, so its MI is 0) and
-    ``I = Σ_{b, z} p(b, z) log(p(b, z) / (p(b) p(z)))`` with ``z = [y = c]`` and
-    ``0 log 0 = 0``. ``knn``: ``sklearn.feature_selection.mutual_info_classif`` (the
-    authors' code; ``random_state`` seeds its jitter).
-
-    Parameters
-    ----------
-    features : Tensor
-        ``N x K`` pooled activations.
-    labels : Tensor
-        ``N`` int class labels in ``[0, C)``.
-    num_classes : int
-        ``C``.
-    bins : int
-        Bins per channel (``binned`` only).
-    estimator : {"binned", "knn"}
-    random_state : int
-
-    Returns
-    -------
-    Tensor
-        ``K x C`` float64, on the CPU.
-    """
-    x, y = _check_features(features, labels, num_classes)
-    if estimator not in MI_ESTIMATORS:
-        raise InputError(f"estimator must be one of {MI_ESTIMATORS}, got {estimator!r}")
-    n, k = x.shape
-    c = num_classes
-    if estimator == "knn":
-        from sklearn.feature_selection import mutual_info_classif
-
-        xs = x.double().cpu().numpy()
-        ys = y.cpu().numpy()
-        cols = [
-            mutual_info_classif(xs, ys == ci, random_state=random_state)
-            if 0 < int((ys == ci).sum()) < n
-            else np.zeros(k)
-            for ci in range(c)
-        ]
-        return torch.from_numpy(np.stack(cols, 1))
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
-        raise InputError(f"bins must be an int >= 2, got {bins!r}")
-    b = _bin_indices(x.double().cpu(), bins)  # N x K
-    yc = y.cpu()
-    flat = (b + torch.arange(k)[None, :] * bins) * c + yc[:, None]
-    joint = torch.bincount(flat.reshape(-1), minlength=k * bins * c).reshape(k, bins, c)
-    joint = joint.double() / n  # p(b, z=1) per class
-    p_b = joint.sum(2, keepdim=True)  # K x B x 1
-    p_c = torch.bincount(yc, minlength=c).double()[None, None, :] / n  # 1 x 1 x C
-    rest = p_b - joint  # p(b, z=0)
-
-    def term(p_joint: torch.Tensor, p_z: torch.Tensor) -> torch.Tensor:
-        denom = p_b * p_z
-        ratio = torch.where(p_joint > 0, p_joint / torch.where(denom > 0, denom, 1.0), 1.0)
-        return torch.where(p_joint > 0, p_joint * torch.log(ratio), 0.0).sum(1)
-
-    mi = term(joint, p_c) + term(rest, 1.0 - p_c)
-    return mi.clamp_min(0.0)
-
-
-def mutual_information_score(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    *,
-    bins: int = 16,
-    estimator: str = "binned",
-    random_state: int = 0,
-) -> float:
-    r"""Mutual-information score ``mean_k max_c I(a_k ; [y = c])`` (:doc:`/methods/gates`).
-
-    Parameters
-    ----------
-    features : Tensor
-        ``N x K`` pooled activations.
-    labels : Tensor
-        ``N`` class labels.
-    num_classes : int
-    bins, estimator, random_state
-        See :func:`one_vs_rest_mutual_information`.
-
-    Returns
-    -------
-    float
-        In nats.
-    """
-    mi = one_vs_rest_mutual_information(
-        features, labels, num_classes, bins=bins, estimator=estimator, random_state=random_state
-    )
-    return float(mi.amax(1).mean())
 
 
 def gate_similarity(
@@ -636,7 +517,8 @@ class GateScores:
     density_bounds : (float, float)
         ``[1/C, g/(CK)]``.
     mutual_information : float
-        Score of :func:`mutual_information_score` on the network's pooled activations.
+        Mean of :func:`xnn_toolkit.metrics.mutual_information_score` on the network's pooled
+        activations.
     s_tp, s_fn : Tensor
         ``C x C`` similarity matrices of :func:`gate_similarity` (STD-path predictions).
     """
@@ -1396,7 +1278,7 @@ class ClassSpecificGates(Head):
                 bins=self.mi_bins,
                 estimator=self.mi_estimator,
                 random_state=self.random_state,
-            ),
+            ).mean,
             s_tp=s_tp,
             s_fn=s_fn,
         )
