@@ -46,7 +46,7 @@ from torch import nn
 from ..errors import AssetError, SpecError, close_matches
 from . import build_model
 
-__all__ = ["train", "recipe_names", "main"]
+__all__ = ["train", "recipe_names"]  # main() is the script entry point, not API
 
 
 @dataclass(frozen=True)
