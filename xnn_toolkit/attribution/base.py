@@ -228,6 +228,12 @@ class AttributionMethod:
     """
 
     name: ClassVar[str] = ""
+    #: The method picks its own read layer (the input, or CAM's pooled feature map): callers
+    #: that have a read layer for every method (reports, the scoring runner) leave it ``None``.
+    reads_own_layer: ClassVar[bool] = False
+    #: What a target of the method is: ``"class"`` (a logit, a head output) or ``"filter"``
+    #: (one channel of a layer: GradMap, ActivMap).
+    explains: ClassVar[str] = "class"
 
     def __init__(self, model: nn.Module, layer: LayerSpec | None = None) -> None:
         if not isinstance(model, nn.Module):

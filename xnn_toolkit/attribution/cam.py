@@ -169,6 +169,8 @@ class CAM(AttributionMethod):
     ``metadata.layer`` reads ``"<final linear>.input_map"`` (the map that is pooled).
     """
 
+    reads_own_layer = True  # the map the pooled classifier reads, found by tracing the head
+
     def __init__(self, model: nn.Module, layer: LayerSpec | None = None, *, top: float = 0.3):
         super().__init__(model, layer)
         if not 0 < top <= 1:

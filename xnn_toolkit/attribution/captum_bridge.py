@@ -42,6 +42,7 @@ class _CaptumMethod(AttributionMethod):
     """Shared bridge: build the score model, call Captum, wrap the result."""
 
     captum_name: ClassVar[str] = ""
+    reads_own_layer = True  # attributions at the input
     needs_module: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, layer: LayerSpec | None = None, **kwargs: object):

@@ -88,6 +88,8 @@ class GradMap(AttributionMethod):
     ``raw`` is the input gradient ``N x C x H x W``.
     """
 
+    explains = "filter"
+
     def __init__(
         self,
         model: nn.Module,
@@ -141,6 +143,8 @@ class ActivMap(AttributionMethod):
     ``target``: a filter index (int, or one per image) or a
     :class:`~xnn_toolkit.attribution.targets.Channel` of ``layer``. ``raw`` is ``N x h x w``.
     """
+
+    explains = "filter"
 
     def __init__(
         self,

@@ -17,14 +17,7 @@ from torch import nn
 
 from ..errors import ConservationWarning, InputError
 
-__all__ = ["INPUT_METHODS", "FILTER_METHODS", "class_method", "class_heatmaps", "xfeature_heatmaps"]
-
-#: Methods that choose their own read layer (the input, or CAM's pooled map).
-INPUT_METHODS = frozenset(
-    {"saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "occlusion", "cam"}
-)
-#: Methods that map one filter rather than a class logit.
-FILTER_METHODS = frozenset({"activmap", "gradmap"})
+__all__ = ["class_method", "class_heatmaps", "xfeature_heatmaps"]
 
 
 def class_method(name: str) -> str:
@@ -49,8 +42,9 @@ def class_method(name: str) -> str:
     """
     from ..attribution import get_method
 
-    canonical = get_method(name).name
-    if canonical in FILTER_METHODS:
+    cls = get_method(name)
+    canonical = cls.name
+    if cls.explains != "class":
         raise InputError(
             f"method {name!r} maps one filter, not a class logit; choose a class method such "
             "as cmwp, mwp, gradcam, gradcam++, saliency or integrated_gradients"
@@ -95,7 +89,9 @@ def class_heatmaps(
     classes = torch.as_tensor(classes).long().reshape(-1)
     if classes.shape[0] != x.shape[0]:
         raise InputError(f"got {classes.shape[0]} classes for {x.shape[0]} images")
-    read = None if name in INPUT_METHODS else layer
+    from ..attribution import get_method
+
+    read = None if get_method(name).reads_own_layer else layer
     dev = next(model.parameters()).device
     out = [
         explain(

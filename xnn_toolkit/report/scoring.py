@@ -359,9 +359,14 @@ def _build_methods(model: nn.Module, cfg: ScoringConfig) -> tuple[list, dict[str
                 f"unknown attribution method {name!r}; {close_matches(str(name), valid)} "
                 f"Valid methods: {', '.join(valid)}"
             ) from None
+        if cls.explains != "class":
+            raise InputError(
+                f"method {name!r} maps one filter, not a class logit or head output, so it "
+                "cannot be scored against a target; choose a class method such as cmwp, "
+                "gradcam or integrated_gradients"
+            )
         opts = dict(cfg.method_options.get(name, {}))
-        reads_input = bool(getattr(cls, "captum_name", ""))
-        layer = opts.pop("layer", None if reads_input else cfg.layer)
+        layer = opts.pop("layer", None if cls.reads_own_layer else cfg.layer)
         if layer is not None and layer != "input":
             layer = resolve_layer(model, layer)[0]
         out.append((name, cls(model, layer=layer, **opts)))
