@@ -2,7 +2,7 @@
 
 Two measurements, both with random weights and no network:
 
-1. **Throughput.** ``xnn_toolkit.features.extract`` over a batch stream vs the plain forward
+1. **Throughput.** ``xnn_toolkit.bank.extract`` over a batch stream vs the plain forward
    pass (``with torch.no_grad(): model(x)``) over the same batches, in memory and on disk,
    with and without spatial pooling. Variants run in rotating order within each repetition;
    the figure is the median over repetitions of ``plain time / extract time`` (1.0 = no
@@ -39,7 +39,7 @@ def _throughput(quick: bool) -> dict[str, float]:
     import timm
     import torch
 
-    from xnn_toolkit.features import extract
+    from xnn_toolkit.bank import extract
 
     torch.manual_seed(0)
     size, batch, n_batches, reps = (64, 16, 3, 3) if quick else (128, 32, 6, 5)
@@ -108,7 +108,7 @@ import json, os, sys, tempfile
 import torch
 from torch import nn
 sys.path.insert(0, {root!r})
-from xnn_toolkit.features import ActivationBank, extract
+from xnn_toolkit.bank import ActivationBank, extract
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -60,7 +60,7 @@ def test_refusals_leave_nothing(tmp_path, capsys):
 
 
 def test_extract_writes_a_bank(tmp_path, capsys):
-    from xnn_toolkit.features import ActivationBank
+    from xnn_toolkit.bank import ActivationBank
 
     out = tmp_path / "bank"
     args = [

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from .attribution.base import available_methods, explain
+from .bank import ActivationBank, extract
 from .errors import (
     AssetError,
     BankError,
@@ -20,7 +21,6 @@ from .errors import (
     SpecError,
     XnnError,
 )
-from .features import ActivationBank, extract
 from .hooks import Recording, intervene, record
 from .interop.maps import SavedMaps, load_maps
 from .layers import default_read_layer, list_layers, resolve_layer, stages

@@ -406,8 +406,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from .bank import extract
     from .data import load_dataset
-    from .features import extract
 
     out = _prepare_out(args.out, args.overwrite, create=False)
     lm = _load_cli_model(args, args.device)

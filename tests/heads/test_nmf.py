@@ -405,7 +405,7 @@ def test_bank_layer_errors(acts):
 
 
 def test_real_activation_bank(acts):
-    from xnn_toolkit.features import ActivationBank
+    from xnn_toolkit.bank import ActivationBank
 
     bank = ActivationBank.from_tensors({"layer3": acts})
     a = NMFConcepts(4).fit(bank, layer="layer3")

@@ -397,7 +397,7 @@ def test_errors():
 
 
 def _bank(z, logits, labels):
-    from xnn_toolkit.features import ActivationBank
+    from xnn_toolkit.bank import ActivationBank
 
     return ActivationBank.from_tensors({"fc": z}, logits=logits, labels=labels)
 

@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 
 from xnn_toolkit import metrics as M
 from xnn_toolkit.attribution import get_method
+from xnn_toolkit.bank import ActivationBank, extract
 from xnn_toolkit.cli import main
 from xnn_toolkit.data import load_dataset
 from xnn_toolkit.errors import XnnError
-from xnn_toolkit.features import ActivationBank, extract
 from xnn_toolkit.heads import XNN, ClassPaths, ClassSpecificGates, InformationDropout, NMFConcepts
 from xnn_toolkit.models import load_model
 from xnn_toolkit.report import ScoringConfig, score_dataset

@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from xnn_toolkit.attribution import get_method
+from xnn_toolkit.bank import extract
 from xnn_toolkit.cli import main
 from xnn_toolkit.data import Normalized, load_dataset
 from xnn_toolkit.errors import AssetError, BankError, InputError
-from xnn_toolkit.features import extract
 from xnn_toolkit.heads import XNN
 from xnn_toolkit.models import load_model, save_model
 from xnn_toolkit.report import ScoringConfig, score_dataset

@@ -19,7 +19,7 @@ Public pieces:
 
 Data may be a tensor (``N x C x H x W`` or ``N x C``) or an activation bank, duck-typed as
 an object with ``layers``, ``labels``, ``activations(layer) -> Tensor`` and
-``iter_batches(layer, batch_size) -> Iterator[Tensor]`` (``xnn_toolkit.features.ActivationBank``).
+``iter_batches(layer, batch_size) -> Iterator[Tensor]`` (``xnn_toolkit.bank.ActivationBank``).
 """
 
 from __future__ import annotations

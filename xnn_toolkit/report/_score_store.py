@@ -1,6 +1,6 @@
 """The output folder of a scoring run: finished shards, a manifest, and the final tables.
 
-Layout (the same scheme as the activation bank of :mod:`xnn_toolkit.features`)::
+Layout (the same scheme as the activation bank of :mod:`xnn_toolkit.bank`)::
 
     manifest.json           what was asked and what is done (written last, atomically)
     shards/s00000.json      shard 0: the per-image values of its images (plain JSON)
@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
+from ..bank.store import _same_model
 from ..errors import AssetError, InputError
-from ..features import _same_model
 
 FORMAT = "xnn-score-run"
 VERSION = 1

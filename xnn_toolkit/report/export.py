@@ -417,8 +417,8 @@ def _figures(
     if xnn:
         from torch.utils.data import TensorDataset
 
+        from ..bank import extract
         from ..errors import AssetError
-        from ..features import extract
 
         fit_on = f"{n_train} training images"
         try:

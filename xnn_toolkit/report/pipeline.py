@@ -30,7 +30,7 @@ from ..errors import AssetError, InputError
 from .document import Card, Figure, Paragraph, Report, Table, progress_bar
 
 if TYPE_CHECKING:
-    from ..features import ActivationBank
+    from ..bank import ActivationBank
 
 __all__ = ["ExplainConfig", "STAGES", "XNN_KINDS", "build_report", "run_explain"]
 
@@ -449,7 +449,7 @@ def _model_section(report: Report, run: _Run) -> None:
 def _bank_section(report: Report, run: _Run) -> None:
     from torch.utils.data import TensorDataset
 
-    from ..features import extract
+    from ..bank import extract
 
     layers = list(dict.fromkeys([run.fc_layer, run.conv_layer]))
     kw = dict(progress=run.cfg.progress, device=run.cfg.device)

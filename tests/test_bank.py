@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from xnn_toolkit.bank import ActivationBank, extract
 from xnn_toolkit.errors import BankError, InputError, LayerNotFoundError
-from xnn_toolkit.features import ActivationBank, extract
 
 LAYERS = ["2", "5", "8"]  # after conv1-BN-ReLU, after conv2-ReLU-pool, the linear layer
 
@@ -379,8 +379,8 @@ import os, signal, sys
 import numpy as np, torch
 from safetensors.torch import load_file
 sys.path.insert(0, {root!r})
-from test_features import _net
-from xnn_toolkit import features
+from test_bank import _net
+from xnn_toolkit import bank as features
 
 net = _net()
 net.load_state_dict(load_file({weights!r}))
@@ -668,7 +668,7 @@ def test_extract_on_cuda_matches_cpu(tmp_path):
 
 
 def test_memory_collector_preallocates_and_falls_back():
-    from xnn_toolkit.features import _MemoryCollector
+    from xnn_toolkit.bank.extract import _MemoryCollector
 
     a = torch.arange(18.0).reshape(9, 2)
     for total, chunks in ((9, [4, 5]), (5, [3, 4, 2]), (12, [4, 5]), (None, [9])):

@@ -1,0 +1,12 @@
+"""The activation bank: activations of chosen layers, logits and labels over a data set.
+
+- :mod:`~xnn_toolkit.bank.bank`: :class:`ActivationBank`, in memory or memory-mapped from disk.
+- :mod:`~xnn_toolkit.bank.store`: the on-disk format (JSON manifest, ``.npy`` shards, atomic
+  writes, checks, resume).
+- :mod:`~xnn_toolkit.bank.extract`: :func:`extract`, one forward pass over the data with hooks.
+"""
+
+from .bank import ActivationBank
+from .extract import extract
+
+__all__ = ["ActivationBank", "extract"]
