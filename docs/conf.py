@@ -81,7 +81,7 @@ nitpick_ignore_regex = [
 ]
 
 # Private base classes appear in "Bases:" lines; they have no page by design.
-nitpick_ignore_regex.append((r"py:.*", r"xnn_toolkit\..*\._\w+"))
+nitpick_ignore_regex.append((r"py:.*", r"xnn_toolkit\.(.*\.)?_\w+(\..*)?"))
 # Docstrings inside xnn_toolkit/ that name objects with no public page (internal modules,
 # attributes, helpers). Each is a docstring to reword, not a documentation fault; the list is
 # kept explicit so that a NEW broken reference still fails the build.

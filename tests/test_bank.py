@@ -668,7 +668,7 @@ def test_extract_on_cuda_matches_cpu(tmp_path):
 
 
 def test_memory_collector_preallocates_and_falls_back():
-    from xnn_toolkit.bank.extract import _MemoryCollector
+    from xnn_toolkit.bank.extraction import _MemoryCollector
 
     a = torch.arange(18.0).reshape(9, 2)
     for total, chunks in ((9, [4, 5]), (5, [3, 4, 2]), (12, [4, 5]), (None, [9])):

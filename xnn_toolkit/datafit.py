@@ -1,7 +1,7 @@
 """The door every entry point passes data through: model and data must fit.
 
 One rule, used by :func:`~xnn_toolkit.report.scoring.score_dataset`,
-:func:`~xnn_toolkit.bank.extract`, the heads that run a model and the ``xnn`` command:
+:func:`~xnn_toolkit.bank.extraction`, the heads that run a model and the ``xnn`` command:
 
 - **Preprocessing travels with the data.** A dataset says in its ``image_space`` attribute
   whether its images are ``"raw"`` (float in ``[0, 1]``) or ``"normalized"`` (already

@@ -33,8 +33,8 @@ __all__ = ["ActivationBank"]
 class ActivationBank:
     """Activations of some layers for ``N`` samples, with their logits, labels and indices.
 
-    Build one with :func:`extract`, :meth:`from_tensors` or :meth:`load`; do not call the
-    constructor directly.
+    Build one with :func:`~xnn_toolkit.bank.extract`, :meth:`ActivationBank.from_tensors` or
+    :meth:`ActivationBank.load`; do not call the constructor directly.
 
     Attributes
     ----------

@@ -53,7 +53,7 @@ from torch import nn
 from .._guard import model_guard
 from ..attribution import available_methods, get_method
 from ..attribution.targets import Class, HeadOutput, Target
-from ..bank.extract import _model_device
+from ..bank.extraction import _model_device
 from ..bank.store import _model_fingerprint
 from ..data.types import PartAnnotation, PartBatch, collate_annotations
 from ..datafit import DataFit, data_fit
