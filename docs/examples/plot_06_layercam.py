@@ -12,12 +12,12 @@ model guard (see :doc:`/methods/cam`). The target is the class the model predict
 # the model's own data configuration says.
 import tempfile
 
-import matplotlib.pyplot as plt
 import torch
 
 import xnn_toolkit as xt
 from xnn_toolkit.attribution import explain
 from xnn_toolkit.data import ImageFiles, sample_photos
+from xnn_toolkit.viz import heatmap_grid
 
 lm = xt.load_model("bundled:efficientnet_lite0")
 folder = tempfile.mkdtemp()
@@ -36,14 +36,11 @@ heatmap = result.heatmap[0]
 print("heatmap", tuple(heatmap.shape), "min", float(heatmap.min()), "max", float(heatmap.max()))
 
 # %%
-# The photo and the heatmap over it.
-fig, axes = plt.subplots(1, 2, figsize=(6, 3))
-axes[0].imshow(raw[0].permute(1, 2, 0))
-axes[0].set_title(lm.class_names[int(predicted)])
-axes[1].imshow(raw[0].permute(1, 2, 0))
-axes[1].imshow(heatmap, cmap="jet", alpha=0.5)
-axes[1].set_title("layercam")
-for ax in axes:
-    ax.axis("off")
-plt.tight_layout()
-plt.show()
+# The photo and the heatmap over it, drawn by the toolkit's :func:`~xnn_toolkit.viz.heatmap_grid`
+# (:func:`~xnn_toolkit.viz.save_figure` writes it as PNG, SVG or PDF).
+fig = heatmap_grid(
+    raw,
+    heatmap[None, None],
+    row_labels=[lm.class_names[int(predicted)]],
+    col_labels=["photo", "layercam"],
+)
