@@ -62,3 +62,27 @@ def test_missing_quantus_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "quantus.helpers.constants", None)
     with pytest.raises(MissingExtraError, match=r"xnn_toolkit\[quantus\]"):
         get_metric("quantus:Sparseness")
+
+
+def test_randomisation_metric_refuses_a_model_it_cannot_perturb(bundled):
+    import threading
+
+    pre = bundled.preprocessing
+    ds = Normalized(SyntheticParts(2, size=64, seed=1, num_classes=10), pre.mean, pre.std)
+    cfg = ScoringConfig(methods=("gradcam",), metrics=("quantus:MPRT",), batch_size=2)
+    bundled.model.handle = threading.Lock()  # a model that copy.deepcopy cannot copy
+    try:
+        with pytest.raises(InputError, match=r"quantus:MPRT randomises a copy of the model"):
+            score_dataset(bundled.model, ds, cfg, progress=False)
+    finally:
+        del bundled.model.handle
+
+
+def test_randomisation_metric_refuses_a_model_without_layers_to_reset():
+    from torch import nn
+
+    from xnn_toolkit.interop.quantus import _check_perturbable
+
+    with pytest.raises(InputError, match="no layer of this model can be re-initialised"):
+        _check_perturbable("MPRT", nn.Sequential(nn.ReLU(), nn.Flatten()))
+    _check_perturbable("MPRT", nn.Sequential(nn.Linear(2, 2)))  # a resettable layer passes

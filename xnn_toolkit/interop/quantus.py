@@ -96,6 +96,35 @@ def _quantus_catalogue() -> dict[str, tuple[str, type]]:
 
 #: Quantus categories whose metrics score the heatmaps against the object masks
 _NEEDS_MASK = ("Localisation",)
+#: Quantus categories whose metrics randomise a deep copy of the model's layers
+_PERTURBS_MODEL = ("Randomisation",)
+
+
+def _check_perturbable(metric: str, model: Any) -> None:
+    """Refuse, before any work, a model that a model-randomisation metric cannot perturb.
+
+    Quantus copies the model (``copy.deepcopy``) and re-initialises its layers one by one with
+    their ``reset_parameters``; a model that cannot be copied, or has no layer that can be
+    re-initialised, would fail deep inside Quantus or score nothing.
+    """
+    import copy
+
+    try:
+        copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to copy means the same to the user
+        raise InputError(
+            f"quantus:{metric} randomises a copy of the model, but the model cannot be copied "
+            f"({type(exc).__name__}: {exc}); remove what holds a lock, file or device handle "
+            "from the model, or drop this metric"
+        ) from exc
+    if not any(
+        hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False))
+        for m in model.modules()
+    ):
+        raise InputError(
+            f"quantus:{metric} randomises the model's layers, but no layer of this model can be "
+            "re-initialised (none has parameters and reset_parameters); drop this metric"
+        )
 
 
 def quantus_metric_names() -> list[str]:
@@ -147,6 +176,8 @@ def quantus_metric_spec(name: str) -> Any:
     needs = ("object_mask", "class") if category in _NEEDS_MASK else ("class",)
 
     def compute(inp: Any) -> list[torch.Tensor]:
+        if category in _PERTURBS_MODEL:
+            _check_perturbable(key, inp.model)
         return [_run_quantus(cls, inp, category in _NEEDS_MASK)]
 
     return MetricSpec(f"quantus:{key}", needs, compute)
