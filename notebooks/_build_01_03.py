@@ -71,7 +71,7 @@ Contrastive Excitation Backprop (c-MWP, read at the VGG's pool4) of the class lo
 layout: x-features sorted by their contribution v_i E_i, written above each map."""),
     new_code_cell("""\
 from xnn_toolkit.viz import xnn_figure
-from xnn_toolkit.report.heatmaps import class_heatmaps, xfeature_heatmaps
+from xnn_toolkit.report import class_heatmaps, xfeature_heatmaps
 
 read = xt.default_read_layer(lm.model)
 m = 40  # images with heatmaps (4 per class)

@@ -4,6 +4,7 @@ end-to-end explanation run (``xnn demo`` / ``xnn explain``), heatmap figure expo
 
 from .document import Card, Figure, Paragraph, Report, Section, Table
 from .export import figure_report
+from .heatmaps import class_heatmaps, xfeature_heatmaps
 from .pipeline import ExplainConfig, build_report, run_explain
 from .score_metrics import available_metrics
 from .scoring import ClassHeadTarget, ScoreResult, ScoringConfig, score_dataset
@@ -21,7 +22,9 @@ __all__ = [
     "Table",
     "available_metrics",
     "build_report",
+    "class_heatmaps",
     "figure_report",
     "run_explain",
     "score_dataset",
+    "xfeature_heatmaps",
 ]

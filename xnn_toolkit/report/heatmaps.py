@@ -1,6 +1,6 @@
 """Batched heatmaps for reports and figures: class logits by any method, XNN x-features.
 
-:func:`class_method` checks a method name once, at the door (unknown names get the closest
+``class_method`` checks a method name once, at the door (unknown names get the closest
 registered ones); :func:`class_heatmaps` runs it over a batch in chunks; and
 :func:`xfeature_heatmaps` explains every x-feature of each image's own class head with
 contrastive Excitation Backprop (:doc:`/methods/excitation`), as the thesis's figures and metrics
@@ -72,7 +72,7 @@ def class_heatmaps(
     classes : Tensor
         ``N`` int64 class of each image to explain.
     method : str
-        See :func:`class_method`.
+        See ``class_method``.
     layer : str, optional
         Read layer of layer-based methods (c-MWP, MWP, Grad-CAM); ignored by methods that
         read at the input.
