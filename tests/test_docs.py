@@ -9,15 +9,14 @@ every source it depends on, and otherwise builds the site itself (about a minute
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from _browser import broken_images, needs_chromium, probe_page
 
 pytest.importorskip("sphinx", reason="the docs extra is not installed (pip install -e '.[docs]')")
 pytest.importorskip("sphinx_gallery", reason="the docs extra is not installed")
@@ -102,82 +101,17 @@ def test_methods_pages_cite_nothing_outside_the_repository(site):
 
 # ------------------------------------------------------------------------ browser check
 
-_CHECK = """<script>
-window.__xnn = {errors: []};
-window.addEventListener("error", function (e) {
-  var t = e.target;
-  window.__xnn.errors.push(t && t.tagName ? "resource " + t.tagName + " " + (t.src || t.href)
-                                          : "script " + e.message);
-}, true);
-window.addEventListener("load", function () {
-  var out = {errors: window.__xnn.errors, images: []};
-  for (var i = 0; i < document.images.length; i++) {
-    var im = document.images[i];
-    out.images.push({src: im.getAttribute("src"), complete: im.complete, width: im.naturalWidth});
-  }
-  var pre = document.createElement("pre");
-  pre.id = "xnn-check";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
 
-_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="Debian's chromium is not installed (`make test` installs it with "
-    "apt-get where it can); the browser check needs it",
-)
+@needs_chromium
 @pytest.mark.parametrize(
     "page", ["index.html", "auto_examples/plot_02_cmwp.html", "methods/excitation.html"]
 )
 def test_page_opens_in_headless_chromium(site, page, tmp_path):
     copy = tmp_path / "site"
     shutil.copytree(site, copy)
-    html = (copy / page).read_text(encoding="utf-8")
-    n_img = html.count("<img ")
-    probe = (copy / page).with_name("xnn-check.html")
-    probe.write_text(html.replace("<head>", "<head>" + _CHECK, 1), encoding="utf-8")
-    with tempfile.TemporaryDirectory(dir=tmp_path) as profile:
-        res = subprocess.run(
-            [
-                "chromium",
-                *_FLAGS,
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--virtual-time-budget=15000",
-                "--dump-dom",
-                probe.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = re.search(r'<pre id="xnn-check">(.*?)</pre>', res.stdout, re.S)
-    assert found, "the probe did not run: " + res.stdout[-500:]
-    check = json.loads(
-        found.group(1)
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", '"')
-        .replace("&amp;", "&")
-    )
+    check, console, n_img = probe_page(copy / page, tmp_path)
     assert len(check["images"]) >= n_img > 0
-    broken = [im["src"] for im in check["images"] if not im["complete"] or im["width"] <= 0]
-    assert broken == []
+    assert broken_images(check) == []
     assert check["errors"] == []
-    errors = [ln for ln in res.stderr.splitlines() if ":CONSOLE" in ln and "ERROR" in ln.upper()]
+    errors = [ln for ln in console if "ERROR" in ln.upper()]
     assert errors == [], errors

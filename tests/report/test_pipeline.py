@@ -14,11 +14,10 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
+from _browser import broken_images, chromium, needs_chromium, probe_page
 from torch import nn
 
 from xnn_toolkit._guard import HOOK_DICTS
@@ -229,90 +228,21 @@ def test_bad_settings_fail_before_any_work(tmp_path, change, error, match):
 
 # ------------------------------------------------------------------------ browser check
 
-_CHECK = """<script>
-window.__xnn = {errors: []};
-window.addEventListener("error", function (e) {
-  var t = e.target;
-  window.__xnn.errors.push(t && t.tagName ? "resource " + t.tagName + " " + (t.src || t.href)
-                                          : "script " + e.message);
-}, true);
-window.addEventListener("load", function () {
-  var out = {errors: window.__xnn.errors, images: []};
-  for (var i = 0; i < document.images.length; i++) {
-    var im = document.images[i];
-    out.images.push({src: im.getAttribute("src"), complete: im.complete, width: im.naturalWidth});
-  }
-  var pre = document.createElement("pre");
-  pre.id = "xnn-check";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
 
-_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _chromium(args: list[str], cwd) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(dir=cwd) as profile:
-        return subprocess.run(
-            ["chromium", *_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-
-
-@pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="Debian's chromium is not installed (`make test` installs it with "
-    "apt-get where it can); the browser check needs it",
-)
+@needs_chromium
 def test_report_opens_in_headless_chromium(built, tmp_path):
     # a copy of the report with a probe script in front, next to the original's files
     site = tmp_path / "site"
     shutil.copytree(built["out"], site)
-    page = (site / "index.html").read_text(encoding="utf-8")
-    n_img = page.count("<img ")
+    check, console, n_img = probe_page(site / "index.html", tmp_path)
     assert n_img >= 12
-    (site / "check.html").write_text(page.replace("<head>", "<head>" + _CHECK, 1), encoding="utf-8")
-    res = _chromium(
-        [
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=15000",
-            "--dump-dom",
-            (site / "check.html").as_uri(),
-        ],
-        tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = re.search(r'<pre id="xnn-check">(.*?)</pre>', res.stdout, re.S)
-    assert found, "the probe did not run: " + res.stdout[-500:]
-    check = json.loads(
-        found.group(1)
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", '"')
-        .replace("&amp;", "&")
-    )
     assert len(check["images"]) == n_img
-    broken = [im["src"] for im in check["images"] if not im["complete"] or im["width"] <= 0]
-    assert broken == []
+    assert broken_images(check) == []
     assert check["errors"] == []
-    console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console  # the report has no scripts: any console output is a fault
     # a screenshot of the report itself, kept in the test's folder
     shot = tmp_path / "report.png"
-    res = _chromium(
+    res = chromium(
         [
             "--window-size=1280,4000",
             "--hide-scrollbars",
