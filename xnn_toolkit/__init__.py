@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from .attribution.base import available_methods, explain
+from .attribution.targets import ClassHeadTarget
 from .bank import ActivationBank, extract
 from .errors import (
     AssetError,
@@ -62,7 +63,6 @@ __all__ = [
 
 # Imported on first use (PEP 562), so that ``import xnn_toolkit`` stays light.
 _LAZY = {
-    "ClassHeadTarget": "xnn_toolkit.report.scoring",
     "ScoreResult": "xnn_toolkit.report.scoring",
     "ScoringConfig": "xnn_toolkit.report.scoring",
     "score_dataset": "xnn_toolkit.report.scoring",

@@ -48,7 +48,16 @@ from .rules import (
     ZPlus,
     default_rules,
 )
-from .targets import Channel, Class, HeadOutput, Logits, Target, Unit, as_target
+from .targets import (
+    Channel,
+    Class,
+    ClassHeadTarget,
+    HeadOutput,
+    Logits,
+    Target,
+    Unit,
+    as_target,
+)
 
 __all__ = [
     "AblationCAM",
@@ -67,6 +76,7 @@ __all__ = [
     "CAM",
     "Channel",
     "Class",
+    "ClassHeadTarget",
     "ContrastiveExcitationBackprop",
     "ExcitationBackprop",
     "FoldBatchNorm",

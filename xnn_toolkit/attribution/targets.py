@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +39,16 @@ from .._guard import model_guard
 from ..errors import InputError
 from ..layers import LayerSpec
 
-__all__ = ["Target", "Class", "Logits", "Unit", "Channel", "HeadOutput", "as_target"]
+__all__ = [
+    "Target",
+    "Class",
+    "Logits",
+    "Unit",
+    "Channel",
+    "HeadOutput",
+    "ClassHeadTarget",
+    "as_target",
+]
 
 IndexLike = int | Sequence[int] | torch.Tensor
 
@@ -443,3 +454,27 @@ def as_target(target: object, n: int) -> Target:
         )
     out.validate(n)
     return out
+
+
+@dataclass(frozen=True)
+class ClassHeadTarget:
+    """Output ``index`` of the head of each image's own class (e.g. x-feature ``index``).
+
+    For heads with one module per class, such as :class:`xnn_toolkit.heads.XNN`: image ``m``
+    of class ``c`` is explained through ``head.as_target_module(c)`` read at ``layer``
+    (a :class:`~xnn_toolkit.attribution.HeadOutput` per class). The explained class is the
+    image's label, which the deletion / insertion metrics score.
+
+    Attributes
+    ----------
+    layer : str
+        The layer the head reads (e.g. ``"fc6"``).
+    head : object
+        A fitted head with ``as_target_module(class_index) -> nn.Module``.
+    index : int
+        Which output of the class's module.
+    """
+
+    layer: str
+    head: Any
+    index: int

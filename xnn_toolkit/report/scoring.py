@@ -52,7 +52,7 @@ from torch import nn
 
 from .._guard import model_guard
 from ..attribution import available_methods, get_method
-from ..attribution.targets import Class, HeadOutput, Target
+from ..attribution.targets import Class, ClassHeadTarget, HeadOutput, Target
 from ..bank.extraction import _model_device
 from ..bank.store import _model_fingerprint
 from ..data.types import PartAnnotation, PartBatch, collate_annotations
@@ -138,30 +138,6 @@ class ScoringConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     threads: int = 1
     save_maps: bool = False
-
-
-@dataclass(frozen=True)
-class ClassHeadTarget:
-    """Output ``index`` of the head of each image's own class (e.g. x-feature ``index``).
-
-    For heads with one module per class, such as :class:`xnn_toolkit.heads.XNN`: image ``m``
-    of class ``c`` is explained through ``head.as_target_module(c)`` read at ``layer``
-    (a :class:`~xnn_toolkit.attribution.HeadOutput` per class). The explained class is the
-    image's label, which the deletion / insertion metrics score.
-
-    Attributes
-    ----------
-    layer : str
-        The layer the head reads (e.g. ``"fc6"``).
-    head : object
-        A fitted head with ``as_target_module(class_index) -> nn.Module``.
-    index : int
-        Which output of the class's module.
-    """
-
-    layer: str
-    head: Any
-    index: int
 
 
 @dataclass
