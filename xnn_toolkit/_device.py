@@ -6,7 +6,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = ["model_device", "resolve_device"]
 
 
 def resolve_device(device: object, arg: str = "device") -> torch.device:
@@ -58,3 +58,27 @@ def resolve_device(device: object, arg: str = "device") -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps", "meta"):
         raise InputError(f"{arg} {device!r} is not supported; use one of: {', '.join(have)}")
     return dev
+
+
+def model_device(model: torch.nn.Module, device: object = None) -> torch.device:
+    """Where ``model`` lives: its first parameter's device, else its first buffer's.
+
+    A model with neither lives where ``device`` says (CPU by default). With ``device`` given,
+    a model on another kind of device is an error: the toolkit never moves the user's model.
+
+    Raises
+    ------
+    InputError
+        ``device`` names another device type than the model's.
+    """
+    here = next((t.device for t in model.parameters()), None)
+    if here is None:
+        here = next((t.device for t in model.buffers()), None)
+    if here is None:
+        return torch.device(device) if device is not None else torch.device("cpu")
+    if device is not None and torch.device(device).type != here.type:
+        raise InputError(
+            f"the model is on {here} but device={device!r}; move the model with "
+            f"model.to({str(device)!r}) first (fitting never moves the user's model)"
+        )
+    return here

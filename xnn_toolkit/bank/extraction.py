@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import model_device
 from ..datafit import data_fit
 from ..errors import InputError
 from ..hooks import record
@@ -374,7 +375,7 @@ def extract(
         name = resolve_layer(model, s)[0]
         if name not in names:
             names.append(name)
-    dev = _model_device(model)
+    dev = model_device(model)
     if device is not None and not _same_device(torch.device(device), dev):
         raise InputError(
             f"the model is on {dev}, not {torch.device(device)}: move it first with "
@@ -512,14 +513,6 @@ class _MemoryCollector:
         if self.total is not None:
             return {k: t if seen == self.total else t[:seen].clone() for k, t in self.full.items()}
         return {k: torch.cat(v) for k, v in self.parts.items()}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _same_device(asked: torch.device, have: torch.device) -> bool:

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import model_device
 from .._guard import model_guard
 from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
@@ -430,14 +431,6 @@ class _Source:
             yield x, y
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _first_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -467,7 +460,7 @@ def _extract(network: nn.Module, layer: str, source: _Source, device: torch.devi
     """Pooled activations of ``layer`` (and the network's predictions) over all the data."""
     feats, labels, preds = [], [], []
     n_logits = -1
-    net_dev = _model_device(network)
+    net_dev = model_device(network)
     with record(network, layer) as rec, torch.no_grad():
         for x, y in source.batches():
             logits = _first_tensor(network(x.to(net_dev)))
@@ -487,7 +480,7 @@ def _extract(network: nn.Module, layer: str, source: _Source, device: torch.devi
 def _num_logits(model: nn.Module, layer: str, x: torch.Tensor) -> tuple[int, int]:
     """Probe one batch: ``(K, number of logits)`` (``-1`` when the output is not N x C)."""
     with record(model, layer) as rec, torch.no_grad():
-        out = _first_tensor(model(x[:2].to(_model_device(model))))
+        out = _first_tensor(model(x[:2].to(model_device(model))))
         a = rec.activations[layer]
     _check_conv(layer, a)
     n_out = int(out.shape[1]) if out.dim() == 2 else -1
@@ -819,7 +812,7 @@ class ClassSpecificGates(Head):
                 "or a DataLoader, not a one-shot iterator"
             )
         layer = self._resolve_layer(model)
-        device = torch.device(self.device) if self.device is not None else _model_device(model)
+        device = torch.device(self.device) if self.device is not None else model_device(model)
         gen = torch.Generator().manual_seed(int(self.random_state))
 
         first = next(iter(source.batches()), None)
@@ -934,7 +927,7 @@ class ClassSpecificGates(Head):
         ]
         try:
             with torch.no_grad():
-                model(x[:2].to(_model_device(model)))
+                model(x[:2].to(model_device(model)))
         finally:
             for h in handles:
                 h.remove()
@@ -1025,7 +1018,7 @@ class ClassSpecificGates(Head):
         if lin.in_features != k or lin.out_features != c:
             return None
         with record(model, layer) as rec, torch.no_grad():
-            logits = _first_tensor(model(x.to(_model_device(model))))
+            logits = _first_tensor(model(x.to(model_device(model))))
             a = rec.activations[layer]
             ours = F.linear(a.mean((2, 3)), lin.weight, lin.bias)
         if ours.shape != logits.shape:
@@ -1393,7 +1386,7 @@ class ClassSpecificGates(Head):
         if gates is None or tuple(gates.shape) != (c, k):
             raise AssetError(f"{path}.safetensors holds no C x K = {c} x {k} gate matrix")
         if model is not None:
-            dev = torch.device(device) if device is not None else _model_device(model)
+            dev = torch.device(device) if device is not None else model_device(model)
         else:
             dev = torch.device(device or "cpu")
         head = nn.Linear(k, c)
@@ -1477,7 +1470,7 @@ def _layer_maps(
 ) -> torch.Tensor:
     """Low-resolution activation maps ``N x K x h x w`` of ``layer`` (float32, CPU)."""
     out = []
-    dev = _model_device(network)
+    dev = model_device(network)
     with record(network, layer) as rec, torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
             network(images[i : i + batch_size].to(dev))
@@ -1595,7 +1588,7 @@ def _grad_segments(
     ``> level``. Images are independent in eval mode, so one backward pass per filter serves
     the whole batch.
     """
-    dev = _model_device(network)
+    dev = model_device(network)
     x = x.to(dev).detach().requires_grad_(True)
     with record(network, layer, detach=False, freeze=True) as rec:
         network(x)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import model_device
 from .._guard import model_guard
 from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
@@ -64,7 +65,6 @@ from .paths import (
     _expand,
     _first_images,
     _known_labels,
-    _model_device,
     _RowOptimizer,
 )
 
@@ -483,7 +483,7 @@ class InformationDropout(Head):
         self._check_params()
         door = data_fit(model, data, arg="data").images
         model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
-        dev = _model_device(model, self.device)
+        dev = model_device(model, self.device)
         probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
@@ -608,7 +608,7 @@ class InformationDropout(Head):
     @torch.no_grad()
     def _deterministic(self, model, images, labels):
         self._check_fitted()
-        dev = _model_device(model, None)
+        dev = model_device(model, None)
         run = _DropRun(self, None)
         if self.mode == "class":
             run.logits = {n: v.to(dev) for n, v in self.logits_.items()}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sklearn.base import clone
 from torch import nn
 
+from .._device import model_device
 from .._guard import model_guard
 from .._io import atomic_write
 from ..datafit import as_labels
@@ -1245,11 +1246,6 @@ def _batches(x: object, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.T
             raise InputError("each batch must be a tensor or an (x, y) pair of tensors")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _resolve_nmf_layer(model: nn.Module, nmf: object, layer: LayerSpec | None) -> str:
     if not isinstance(nmf, NMFConcepts | PerClassNMF):
         raise InputError(f"nmf must be a fitted NMFConcepts or PerClassNMF, got {type(nmf)}")
@@ -1311,7 +1307,7 @@ def nmf_faithfulness(
     NMFFaithfulness
     """
     name = _resolve_nmf_layer(model, nmf, layer)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     n = agree = 0
     abs_sum = d2 = y2 = x2 = r2 = 0.0
     n_logits = 0
@@ -1403,7 +1399,7 @@ def concept_importance(
         ``K`` = number of logits.
     """
     name = _resolve_nmf_layer(model, nmf, layer)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     rank = nmf.estimators_[0].rank if isinstance(nmf, PerClassNMF) else nmf.rank
     total: torch.Tensor | None = None
     count: torch.Tensor | None = None

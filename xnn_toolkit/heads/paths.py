@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._device import model_device
 from .._guard import model_guard
 from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
 from ..datafit import as_labels, data_fit
@@ -689,20 +690,6 @@ def _first_images(data: object) -> torch.Tensor:
     raise InputError("data yields no batches")
 
 
-def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    params = [p.device for p in model.parameters()] + [b.device for b in model.buffers()]
-    here = params[0] if params else torch.device(device or "cpu")
-    if device is not None and torch.device(device).type != here.type:
-        raise InputError(
-            f"the model is on {here} but device={device!r}; move the model with "
-            f"model.to({str(device)!r}) first (fitting never moves the user's model)"
-        )
-    return here
-
-
-# --------------------------------------------------------------------------- optimiser
-
-
 class _RowOptimizer:
     """Adam or normalised-gradient steps on ``R x C`` parameters, row (class) by row.
 
@@ -979,7 +966,7 @@ class ClassPaths(Head):
         self._check_params()
         door = data_fit(model, data, arg="data").images
         model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
-        dev = _model_device(model, self.device)
+        dev = model_device(model, self.device)
         probe = door(_first_images(data), 0).to(dev)
         layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
         names, shapes = check_layers(model, layers, probe)
@@ -1119,7 +1106,7 @@ class ClassPaths(Head):
     @contextmanager
     def _masked(self, model: nn.Module, binary: bool) -> Iterator[_MaskRun]:
         self._check_fitted()
-        dev = _model_device(model, None)
+        dev = model_device(model, None)
         run = _MaskRun()
         src = self.paths_ if binary else self.masks_
         run.masks = {n: v.to(dev).float() for n, v in src.items()}
@@ -1155,7 +1142,7 @@ class ClassPaths(Head):
         if len(rows) != len(images):
             raise InputError(f"got {len(images)} images but {len(rows)} classes")
         with self._masked(model, binary) as run:
-            dev = _model_device(model, None)
+            dev = model_device(model, None)
             run.mode, run.rows = "mask", rows.to(dev)
             return model(images.to(dev))
 
@@ -1191,7 +1178,7 @@ class ClassPaths(Head):
         if len(rows) != len(images):
             raise InputError(f"got {len(images)} images but {len(rows)} classes")
         with self._masked(model, binary) as run:
-            dev = _model_device(model, None)
+            dev = model_device(model, None)
             run.mode, run.rows = "mask", rows.to(dev)
             model(images.to(dev))
             return {n: run.post[n].sum(1).cpu() for n in self.layers_ if run.post[n].dim() == 4}
@@ -1275,7 +1262,7 @@ class ClassPaths(Head):
         tuple or dataset is kept, so ``indices`` point into it).
         """
         self._check_fitted()
-        dev = _model_device(model, None)
+        dev = model_device(model, None)
         if _is_pair(data):
             x, y = _check_pair(data)
             batches: Iterator = (

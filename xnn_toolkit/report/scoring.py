@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import model_device
 from .._guard import model_guard
 from ..attribution import available_methods, get_method
 from ..attribution.targets import Class, ClassHeadTarget, HeadOutput, Target
-from ..bank.extraction import _model_device
 from ..bank.store import _model_fingerprint
 from ..data.types import PartAnnotation, PartBatch, collate_annotations
 from ..datafit import DataFit, data_fit
@@ -665,7 +665,7 @@ def _shard_seed(seed: int, k: int) -> int:
 def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
     """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method)."""
     start, stop = plan.bounds(k)
-    dev = _model_device(plan.model)
+    dev = model_device(plan.model)
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.cfg.threads)
     try:
@@ -938,7 +938,7 @@ def score_dataset(
         plan = dataclasses.replace(
             plan, maps_dir=Path(out).resolve() / "maps", maps_info=json.loads(json.dumps(info))
         )
-    group = Group(_model_device(model))
+    group = Group(model_device(model))
     folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
     try:
         return _run(plan, group, folder, overwrite, resume, progress, t0)
@@ -997,7 +997,7 @@ def _run(
             "world_size": group.world,
             "backend": group.backend,
             "threads": torch.get_num_threads(),
-            "device": str(_model_device(plan.model)),
+            "device": str(model_device(plan.model)),
             "resumed_shards": len(results),
         }
         # a finished run is returned as it is, without a new entry in "runs"
