@@ -10,19 +10,15 @@ middle layer (see :doc:`/methods/excitation`). The target is the class the model
 # %%
 # Load the real model (bundled weights, no network) and one bundled photo, cropped the way
 # the model's own data configuration says.
-import tempfile
-
 import torch
 
 import xnn_toolkit as xt
 from xnn_toolkit.attribution import explain
-from xnn_toolkit.data import ImageFiles, sample_photos
+from xnn_toolkit.data import SkimagePhotos
 from xnn_toolkit.viz import heatmap_grid
 
 lm = xt.load_model("bundled:efficientnet_lite0")
-folder = tempfile.mkdtemp()
-sample_photos(folder, names=["chelsea"])
-photos = ImageFiles.for_model(folder, lm)
+photos = SkimagePhotos.for_model(lm, ["chelsea"])  # prepared as the model's data config says
 raw = photos[0][0][None]  # 1 x 3 x 224 x 224, values in [0, 1]
 x = lm.preprocessing.normalize(raw)
 with torch.no_grad():
