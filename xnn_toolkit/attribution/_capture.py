@@ -5,12 +5,20 @@ that requires grad (the network above it sees a private clone, so in-place ops c
 it); with frozen parameters and an input that does not require grad, autograd then records
 nothing below the read layer and a backward pass stops there. When the target lives at a
 layer, the forward pass stops as soon as that layer has run.
+
+Inside :func:`shared_passes` (the scoring runner opens one per batch) the plain forward passes
+of that batch are kept: a second method reading the same layer of the same model for a class
+target (Grad-CAM and Grad-CAM++, say) reuses the forward, and the same backward signal reuses
+the gradient; the model's output of the first complete forward is kept as the batch's
+prediction. Outside the context nothing is cached.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,12 +50,73 @@ class _Forward:
         The explained outputs ``T(O)`` (attached to the graph).
     read_calls : int
         How often the read layer ran before the target (the first call is the one read).
+    shared : bool
+        Kept by :func:`shared_passes` for other methods: backward passes keep its graph.
     """
 
     read: torch.Tensor | None
     read_name: str | None
     top: torch.Tensor
     read_calls: int = 0
+    shared: bool = False
+    grads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def _batch_key(x: torch.Tensor) -> tuple:
+    """Identity of a batch's values: same storage, view and version (``detach`` keeps it)."""
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+
+class _SharedPasses:
+    """Forward passes of one batch kept for reuse (see :func:`shared_passes`)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x  # kept alive, so that its storage cannot be reused by another tensor
+        self.key = _batch_key(x)
+        self.output: torch.Tensor | None = None
+        self.forwards: dict[tuple[int, str], _Forward] = {}
+
+    def same(self, x: torch.Tensor) -> bool:
+        return _batch_key(x) == self.key
+
+
+_SHARED: ContextVar[_SharedPasses | None] = ContextVar("xnn_shared_passes", default=None)
+
+
+@contextmanager
+def shared_passes(x: torch.Tensor) -> Iterator[_SharedPasses]:
+    """Share forward passes (and equal backward passes) of the batch ``x`` inside the block.
+
+    Parameters
+    ----------
+    x : Tensor
+        The batch every method of the block is called on (as passed to ``attribute``).
+
+    Yields
+    ------
+    _SharedPasses
+        ``output`` is the model's output (logits, detached) of the first forward that ran
+        to the end on ``x``, or ``None`` when no method ran one.
+    """
+    state = _SharedPasses(x.detach())
+    token = _SHARED.set(state)
+    try:
+        yield state
+    finally:
+        _SHARED.reset(token)
+        state.forwards.clear()
+
+
+def _note_output(x: torch.Tensor, out: object) -> None:
+    """Keep ``out`` as the prediction of the shared batch ``x`` (first complete forward)."""
+    shared = _SHARED.get()
+    if (
+        shared is not None
+        and shared.output is None
+        and isinstance(out, torch.Tensor)
+        and shared.same(x)
+    ):
+        shared.output = out.detach()
 
 
 def _first_tensor(output: object, what: str) -> torch.Tensor:
@@ -106,6 +175,20 @@ def _run(
     _Forward
     """
     resolved = _resolve_read(model, read)
+    shared = _SHARED.get()
+    key = None
+    if (
+        shared is not None
+        and mode is None
+        and resolved is not None
+        and target.layer is None
+        and type(target).transform is Target.transform
+        and torch.is_grad_enabled()
+        and shared.same(x)
+    ):  # a class-like target of the model's output: the forward does not depend on it
+        key = (id(model), resolved[0])
+        if key in shared.forwards:
+            return shared.forwards[key]
     tgt = resolve_layer(model, target.layer) if target.layer is not None else None
     state: dict[str, object] = {"calls": 0}
     handles = []
@@ -164,6 +247,7 @@ def _run(
                         "layer with Unit(...) / Channel(...)"
                     )
                 top = out
+                _note_output(x, out)
             elif "top" not in state:
                 raise InputError(
                     f"the target layer {tgt[0]!r} did not run in the forward pass of "
@@ -186,12 +270,16 @@ def _run(
             f"the read layer {resolved[0]!r} did not run {where}; pick a layer between the "
             "input and the target"
         )
-    return _Forward(
+    fwd = _Forward(
         read=leaf,  # type: ignore[arg-type]
         read_name=resolved[0] if resolved is not None else None,
         top=top,
         read_calls=int(state["calls"]),  # type: ignore[call-overload]
+        shared=key is not None,
     )
+    if key is not None:
+        shared.forwards[key] = fwd  # type: ignore[union-attr]
+    return fwd
 
 
 def _backward_to_read(fwd: _Forward, signal: torch.Tensor) -> torch.Tensor:
@@ -205,9 +293,16 @@ def _backward_to_read(fwd: _Forward, signal: torch.Tensor) -> torch.Tensor:
     assert fwd.read is not None
     if not fwd.top.requires_grad:
         raise _not_between(fwd.read_name)
-    (grad,) = torch.autograd.grad(fwd.top, fwd.read, signal, allow_unused=True)
+    for seen, grad in fwd.grads:  # a shared forward: the same signal has the same gradient
+        if seen.shape == signal.shape and torch.equal(seen, signal):
+            return grad
+    (grad,) = torch.autograd.grad(
+        fwd.top, fwd.read, signal, allow_unused=True, retain_graph=fwd.shared
+    )
     if grad is None:
         raise _not_between(fwd.read_name)
+    if fwd.shared:
+        fwd.grads.append((signal.detach(), grad))
     return grad
 
 

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, SpecError
 from ..layers import LayerSpec, resolve_layer, stages
-from ._capture import _backward_to_read, _run
+from ._capture import _backward_to_read, _note_output, _run
 from .base import Attribution, AttributionInfo, AttributionMethod, _upsample, register_method
 from .targets import Class, Logits, Target
 
@@ -209,6 +209,7 @@ class CAM(AttributionMethod):
                 f"{type(self.model).__name__} returned {type(out).__name__}, not a tensor of "
                 "logits; wrap it so that it returns one tensor"
             )
+        _note_output(x, out)
         acts, weight, where = self._find_head(trace, out)
         if self.layer is not None:
             got = layer_out.get("a")

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import InputError, MissingExtraError
 from ..layers import LayerSpec, resolve_layer
+from ._capture import _note_output
 from .base import Attribution, AttributionInfo, AttributionMethod, register_method
 from .cam import _last_stage
 from .targets import Class, Logits, Target
@@ -116,6 +117,7 @@ class _GradCamPackageMethod(AttributionMethod):
                 f"{self.name} needs a model that returns N x K logits, got "
                 f"{getattr(logits, 'shape', type(logits).__name__)}"
             )
+        _note_output(x, logits)
         sel = target.weights(logits).detach()
         targets = [_SelectionTarget(g) for g in sel]
         # Frozen parameters: the input carries the graph so activations still get gradients.

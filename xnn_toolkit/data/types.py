@@ -12,6 +12,7 @@ Conventions (used by the datasets, the metrics and the figures alike):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,6 +81,25 @@ class PartBatch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> PartBatch:
+        """The same annotations on ``device`` (where the heatmaps are, for the metrics).
+
+        Parameters
+        ----------
+        device : torch.device or str
+
+        Returns
+        -------
+        PartBatch
+        """
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+            },
+        )
 
 
 def collate_annotations(items: Sequence[PartAnnotation]) -> PartBatch:

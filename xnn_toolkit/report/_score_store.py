@@ -293,3 +293,43 @@ class RunFolder:
     def set_seconds(self, seconds: float) -> None:
         if self.manifest["runs"]:
             self.manifest["runs"][-1]["seconds"] = round(seconds, 3)
+
+
+class BackgroundWriter:
+    """Run writes (shards, then the manifest) in one thread, in submission order.
+
+    Scoring goes on while a finished shard is written; each write is still atomic and the
+    manifest still lists a shard only once its file is in place, so a killed run resumes as
+    before. A failed write is raised by the next :meth:`submit` or by :meth:`drain`.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xnn-score-writer")
+        self._pending: list[Any] = []
+
+    def _check(self, wait: bool) -> None:
+        keep = []
+        for fut in self._pending:
+            if wait or fut.done():
+                fut.result()  # raises the write's error
+            else:
+                keep.append(fut)
+        self._pending = keep
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        """Queue ``fn(*args)`` after the writes already queued."""
+        self._check(wait=False)
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        try:
+            self._check(wait=True)
+        finally:
+            self._pending = [f for f in self._pending if not f.done()]
+
+    def close(self) -> None:
+        """Finish the queued writes (errors are dropped: an error is already on its way)."""
+        self._pool.shutdown(wait=True)

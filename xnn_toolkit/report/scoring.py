@@ -37,11 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,17 @@ from torch import nn
 from .._device import model_device
 from .._guard import model_guard
 from ..attribution import available_methods, get_method
+from ..attribution._capture import shared_passes
 from ..attribution.targets import Class, ClassHeadTarget, HeadOutput, Target
 from ..bank.store import _model_fingerprint
-from ..data.types import PartAnnotation, PartBatch, collate_annotations
+from ..data.types import PartAnnotation, PartBatch
 from ..datafit import DataFit, data_fit
 from ..errors import InputError, SpecError, close_matches
 from ..layers import resolve_layer
 from ..metrics import locality
 from . import _score_store as store
 from ._distributed import Group
+from ._score_batches import Batch, batches
 from .document import Table
 from .score_metrics import GROUND_TRUTH, MetricSpec, ScoreInputs, available_metrics, get_metric
 
@@ -122,6 +123,11 @@ class ScoringConfig:
         Also write every heatmap (float32, input resolution) to ``<out>/maps/`` as
         safetensors shards with a JSON manifest; read them with
         :func:`xnn_toolkit.load_maps`. Needs ``out``.
+    num_workers : int
+        ``DataLoader`` processes that load the next batches while one is explained (0:
+        load in this process). Worth it where decoding images costs time (photo folders);
+        it does not change any value, so it is not part of the run's identity (a run may be
+        resumed with another value). ``xnn score`` picks one for photo folders.
     """
 
     methods: tuple[str, ...] = ("cmwp", "gradcam")
@@ -138,6 +144,7 @@ class ScoringConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     threads: int = 1
     save_maps: bool = False
+    num_workers: int = 0
 
 
 @dataclass
@@ -293,6 +300,10 @@ def _check_config(cfg: ScoringConfig) -> ScoringConfig:
     _positive_int("shard_size", cfg.shard_size, allow_none=True)
     _positive_int("steps", cfg.steps)
     _positive_int("threads", cfg.threads)
+    if isinstance(cfg.num_workers, bool) or not isinstance(cfg.num_workers, int):
+        raise InputError(f"num_workers must be an int >= 0, got {cfg.num_workers!r}")
+    if cfg.num_workers < 0:
+        raise InputError(f"num_workers must be an int >= 0, got {cfg.num_workers!r}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise InputError(f"seed must be an int, got {cfg.seed!r}")
     if not (isinstance(cfg.tolerance, int | float) and cfg.tolerance >= 0):
@@ -516,7 +527,9 @@ def _plan(
     header = {
         "format": store.FORMAT,
         "version": store.VERSION,
-        "config": dataclasses.asdict(cfg) | {"shard_size": shard_size},
+        # how the run loads its data is not what it computes: num_workers stays out
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_workers"}
+        | {"shard_size": shard_size},
         "methods": described,
         "metrics": [m.name for m in metrics],
         "targets": [t.name for t in targets],
@@ -566,25 +579,6 @@ def _plan(
 # --------------------------------------------------------------------------- one shard
 
 
-def _load(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, PartBatch | None]:
-    fast = getattr(dataset, "__getitems__", None)
-    items = fast(indices) if fast is not None else [dataset[i] for i in indices]
-    images = torch.stack([it[0] for it in items])
-    for i, it in zip(indices, items):
-        y = it[1] if len(it) > 1 else -1
-        if isinstance(y, torch.Tensor) and y.numel() == 1:
-            y = y.item()
-        if isinstance(y, bool) or not isinstance(y, numbers.Integral):
-            raise InputError(
-                f"dataset: image {i} has label {y!r} ({type(y).__name__}); labels must be "
-                "integer class indices (-1 for none)"
-            )
-    labels = torch.tensor([int(it[1]) if len(it) > 1 else -1 for it in items], dtype=torch.long)
-    anns = [it[2] for it in items if len(it) > 2 and isinstance(it[2], PartAnnotation)]
-    parts = collate_annotations(anns) if len(anns) == len(items) else None
-    return images, labels, parts
-
-
 def _check_batch_gt(plan: _Plan, parts: PartBatch | None, indices: list[int]) -> None:
     span = f"images {indices[0]}..{indices[-1]}"
     for spec in plan.metrics:
@@ -601,8 +595,9 @@ def _check_batch_gt(plan: _Plan, parts: PartBatch | None, indices: list[int]) ->
                 )
 
 
-def _classes(t: _Target, labels: torch.Tensor, pred: torch.Tensor, indices: list[int]):
+def _classes(t: _Target, labels: torch.Tensor, pred: torch.Tensor | None, indices: list[int]):
     if t.kind == "predicted":
+        assert pred is not None
         return pred
     if t.kind == "head":
         return torch.full_like(labels, -1)
@@ -626,10 +621,16 @@ def _layer_map(att: Any, size: tuple[int, ...]) -> torch.Tensor | None:
 
 
 def _heatmaps(
-    method: Any, x: torch.Tensor, t: _Target, classes: torch.Tensor, layer_maps: list | None = None
+    method: Any,
+    x: torch.Tensor,
+    t: _Target,
+    classes: torch.Tensor | None,
+    layer_maps: list | None = None,
 ) -> torch.Tensor:
     """Heatmaps at input resolution; with ``layer_maps``, also appends the read-layer map
-    (``None`` where the method reads at the input or the target composes several calls)."""
+    (``None`` where the method reads at the input or the target composes several calls).
+    ``classes=None`` explains each image's predicted class, taken from the method's own
+    forward pass (which also gives the batch's prediction)."""
     if t.kind in ("label", "predicted", "head"):
         att = method.attribute(x, Class(classes) if t.kind != "head" else t.spec)
         if layer_maps is not None:
@@ -662,68 +663,103 @@ def _shard_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63 - 1)
 
 
-def _score_shard(plan: _Plan, k: int) -> torch.Tensor:
-    """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method)."""
+def _score_shard(plan: _Plan, k: int, loaded: Iterator[Batch]) -> torch.Tensor:
+    """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method),
+    from its batches, the next ones of ``loaded``."""
     start, stop = plan.bounds(k)
     dev = model_device(plan.model)
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.cfg.threads)
     try:
-        return _score_rows(plan, k, start, stop, dev)
+        return _score_rows(plan, k, start, stop, dev, loaded)
     finally:
         torch.set_num_threads(threads)
 
 
-def _score_rows(plan: _Plan, k: int, start: int, stop: int, dev: torch.device) -> torch.Tensor:
+def _shard_batches(plan: _Plan, k: int) -> list[list[int]]:
+    start, stop = plan.bounds(k)
+    step = plan.cfg.batch_size
+    return [list(range(a, min(a + step, stop))) for a in range(start, stop, step)]
+
+
+def _prediction(model: nn.Module, x: torch.Tensor, passes: Any) -> torch.Tensor:
+    """The batch's predicted classes: from the first forward pass a method ran on ``x``, or
+    from a forward pass of its own when no method ran one to the model's output."""
+    out = passes.output
+    if out is None:
+        with model_guard(model), torch.no_grad():
+            out = model(x)
+    return out.argmax(1).cpu()
+
+
+def _score_rows(
+    plan: _Plan, k: int, start: int, stop: int, dev: torch.device, loaded: Iterator[Batch]
+) -> torch.Tensor:
     cfg = plan.cfg
     blocks = []
     saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_shard_seed(cfg.seed, k))
-        for a in range(start, stop, cfg.batch_size):
-            idx = list(range(a, min(a + cfg.batch_size, stop)))
-            x, labels, parts = _load(plan.dataset, idx)
+        for want in _shard_batches(plan, k):
+            idx, x, labels, parts = next(loaded)
+            assert idx == want, (idx, want)
             _check_batch_gt(plan, parts, idx)
             if plan.fit is not None:
                 x = plan.fit.images(x, idx[0])
                 plan.fit.labels(labels, idx[0])
             x = x.to(dev)
-            with model_guard(plan.model), torch.no_grad():
-                pred = plan.model(x).argmax(1).cpu()
+            if parts is not None and dev.type != "cpu":
+                parts = parts.to(dev)
             b = len(idx)
+            pairs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+            # one batch, one set of forward passes: the prediction comes from the first
+            # method's forward, and methods reading the same layer share theirs
+            with shared_passes(x) as passes:
+                pred = None
+                for ti, t in enumerate(plan.targets):
+                    for mi, (_, method) in enumerate(plan.methods):
+                        if t.kind == "predicted" and pred is None:
+                            classes = None
+                        else:
+                            classes = _classes(t, labels, pred, idx)
+                        at_layer: list | None = [] if plan.maps_dir is not None else None
+                        maps = _heatmaps(method, x, t, classes, at_layer)
+                        if pred is None:
+                            pred = _prediction(plan.model, x, passes)
+                        if classes is None:
+                            classes = pred
+                        if at_layer is not None:
+                            _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
+                        pairs.append((ti, mi, classes, maps))
+            assert pred is not None
             per_pair = []
-            for ti, t in enumerate(plan.targets):
-                classes = _classes(t, labels, pred, idx)
-                for mi, (_, method) in enumerate(plan.methods):
-                    at_layer: list | None = [] if plan.maps_dir is not None else None
-                    maps = _heatmaps(method, x, t, classes, at_layer)
-                    if at_layer is not None:
-                        _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
-                    inp = ScoreInputs(
-                        maps=maps,
-                        images=x,
-                        classes=classes,
-                        parts=parts,
-                        model=plan.model,
-                        tolerance=cfg.tolerance,
-                        top=cfg.top,
-                        steps=cfg.steps,
-                        batch_size=max(64, cfg.batch_size),
-                        method=plan.cfg.methods[mi],
-                        method_options=_method_options(plan, mi, method),
-                    )
-                    cols = [
-                        torch.tensor(idx, dtype=torch.float64),
-                        torch.full((b,), float(ti), dtype=torch.float64),
-                        torch.full((b,), float(mi), dtype=torch.float64),
-                        labels.double(),
-                        pred.double(),
-                        classes.double(),
-                    ]
-                    for spec in plan.metrics:
-                        cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
-                    per_pair.append(torch.stack(cols, 1))
+            for ti, mi, classes, maps in pairs:
+                method = plan.methods[mi][1]
+                inp = ScoreInputs(
+                    maps=maps,
+                    images=x,
+                    classes=classes,
+                    parts=parts,
+                    model=plan.model,
+                    tolerance=cfg.tolerance,
+                    top=cfg.top,
+                    steps=cfg.steps,
+                    batch_size=max(64, cfg.batch_size),
+                    method=plan.cfg.methods[mi],
+                    method_options=_method_options(plan, mi, method),
+                )
+                cols = [
+                    torch.tensor(idx, dtype=torch.float64),
+                    torch.full((b,), float(ti), dtype=torch.float64),
+                    torch.full((b,), float(mi), dtype=torch.float64),
+                    labels.double(),
+                    pred.double(),
+                    classes.double(),
+                ]
+                for spec in plan.metrics:
+                    cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
+                per_pair.append(torch.stack(cols, 1))
             # image-major: row (i, t, m)
             blocks.append(torch.stack(per_pair, 1).reshape(-1, plan.ncols))
     if plan.maps_dir is not None:
@@ -1015,6 +1051,15 @@ def _run(
             desc="score",
             leave=False,
         )
+    # this rank's shards, in order, loaded ahead by one DataLoader; shards are written by a
+    # background thread on rank 0 while the next ones are scored
+    mine_all = pending[group.rank :: group.world]
+    loaded = batches(
+        plan.dataset,
+        [b for k in mine_all for b in _shard_batches(plan, k)],
+        plan.cfg.num_workers,
+    )
+    writer = store.BackgroundWriter() if folder is not None and group.rank == 0 else None
     try:
         for r in range(0, len(pending), group.world):
             mine = pending[r + group.rank] if r + group.rank < len(pending) else None
@@ -1022,7 +1067,7 @@ def _run(
             if mine is not None:
                 ts = time.perf_counter()
                 try:
-                    value = _score_shard(plan, mine)
+                    value = _score_shard(plan, mine, loaded)
                 except Exception as exc:  # noqa: BLE001 - every rank raises in gather_results
                     error = exc
                 seconds = time.perf_counter() - ts
@@ -1038,10 +1083,18 @@ def _run(
                     a, b = plan.bounds(k)
                     new[k] = (a, b, results[k], float(secs[rank][0]))
             if folder is not None:
-                group.on_rank0(lambda new=new: folder.write_shards(new), "write a shard")
+                group.on_rank0(
+                    lambda new=new: writer.submit(folder.write_shards, new),  # type: ignore[union-attr]
+                    "write a shard",
+                )
             if bar is not None:
                 bar.update(sum(b - a for a, b, _, _ in new.values()))
+        if folder is not None:
+            group.on_rank0(lambda: writer.drain(), "write a shard")  # type: ignore[union-attr]
     finally:
+        loaded.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
     values = torch.cat([results[k] for k in range(plan.num_shards)])
