@@ -69,7 +69,9 @@ class ScoreInputs:
     Attributes
     ----------
     maps : Tensor
-        ``N x H x W`` heatmaps at image resolution, on the model's device.
+        ``N x H x W`` heatmaps at image resolution, on the model's device; for a
+        :attr:`MetricSpec.stacked` metric ``N x M x H x W``, the maps of the ``M`` methods
+        of one target (the per-image ground truth is then computed once for all of them).
     images : Tensor
         ``N x C x H x W`` model inputs.
     classes : Tensor
@@ -128,7 +130,12 @@ class MetricSpec:
     context : bool
         With ``per_part``: a last column for the heatmap mass outside the object box.
     compute : callable
-        ``compute(inputs) -> list of N-vectors``, one per column.
+        ``compute(inputs) -> list of N-vectors``, one per column (``N x M`` for a
+        stacked metric).
+    stacked : bool
+        The metric takes the maps of every method at once (``N x M x H x W``): a function
+        of each map and the image's ground truth only. Metrics that run the model or a
+        method again (deletion, insertion, Quantus) see one method at a time.
     """
 
     name: str
@@ -136,6 +143,7 @@ class MetricSpec:
     compute: Compute
     per_part: str | None = None
     context: bool = False
+    stacked: bool = False
 
     def columns(self, part_names: Sequence[str]) -> list[str]:
         """Per-image column names (``name`` or ``prefix[part]`` per part)."""
@@ -156,7 +164,8 @@ def _box(inp: ScoreInputs) -> torch.Tensor:
 
 
 def _split(t: torch.Tensor) -> list[torch.Tensor]:
-    return [t[:, j] for j in range(t.shape[1])]
+    """One column per entry of the last dimension (parts)."""
+    return list(t.unbind(-1))
 
 
 def _iou(inp: ScoreInputs) -> torch.Tensor:
@@ -192,35 +201,41 @@ _REGISTRY: dict[str, MetricSpec] = {
             "pointing_game",
             ("object_mask",),
             lambda inp: [pointing_game(inp.maps, _mask(inp), inp.tolerance).double()],
+            stacked=True,
         ),
         MetricSpec(
             "pointing_game_box",
             ("bbox",),
             lambda inp: [pointing_game(inp.maps, _box(inp), inp.tolerance).double()],
+            stacked=True,
         ),
         MetricSpec(
             "energy_pointing_game",
             ("object_mask",),
             lambda inp: [energy_pointing_game(inp.maps, _mask(inp))],
+            stacked=True,
         ),
         MetricSpec(
             "energy_pointing_game_box",
             ("bbox",),
             lambda inp: [energy_pointing_game(inp.maps, _box(inp))],
+            stacked=True,
         ),
-        MetricSpec("iou", ("object_mask",), lambda inp: [_iou(inp)]),
+        MetricSpec("iou", ("object_mask",), lambda inp: [_iou(inp)], stacked=True),
         MetricSpec(
             "voronoi_locality",
             ("keypoints",),
             lambda inp: _split(voronoi_part_probabilities(inp.maps, inp.parts, context=True)),
             per_part="voronoi",
             context=True,
+            stacked=True,
         ),
         MetricSpec(
             "mask_locality",
             ("part_mask",),
             lambda inp: _split(mask_part_probabilities(inp.maps, inp.parts)),
             per_part="mask_parts",
+            stacked=True,
         ),
         MetricSpec("deletion", ("class",), lambda inp: [_curve_auc(inp, False)]),
         MetricSpec("insertion", ("class",), lambda inp: [_curve_auc(inp, True)]),
@@ -263,7 +278,7 @@ def get_metric(name: str) -> MetricSpec:
             return _REGISTRY[key]
         ap = _AP.match(key)
         if ap and int(ap.group(1)) >= 1:
-            return MetricSpec(key, ("object_mask",), _ap(int(ap.group(1)) / 100))
+            return MetricSpec(key, ("object_mask",), _ap(int(ap.group(1)) / 100), stacked=True)
     names = available_metrics()
     hint = close_matches(str(name), names)
     raise SpecError(

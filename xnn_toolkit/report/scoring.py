@@ -711,7 +711,6 @@ def _score_rows(
             x = x.to(dev)
             if parts is not None and dev.type != "cpu":
                 parts = parts.to(dev)
-            b = len(idx)
             pairs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
             # one batch, one set of forward passes: the prediction comes from the first
             # method's forward, and methods reading the same layer share theirs
@@ -733,33 +732,13 @@ def _score_rows(
                             _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
                         pairs.append((ti, mi, classes, maps))
             assert pred is not None
-            per_pair = []
-            for ti, mi, classes, maps in pairs:
-                method = plan.methods[mi][1]
-                inp = ScoreInputs(
-                    maps=maps,
-                    images=x,
-                    classes=classes,
-                    parts=parts,
-                    model=plan.model,
-                    tolerance=cfg.tolerance,
-                    top=cfg.top,
-                    steps=cfg.steps,
-                    batch_size=max(64, cfg.batch_size),
-                    method=plan.cfg.methods[mi],
-                    method_options=_method_options(plan, mi, method),
+            per_pair = [  # (target, method) order
+                row
+                for ti in range(len(plan.targets))
+                for row in _pair_values(
+                    plan, idx, labels, pred, x, parts, [p for p in pairs if p[0] == ti], ti
                 )
-                cols = [
-                    torch.tensor(idx, dtype=torch.float64),
-                    torch.full((b,), float(ti), dtype=torch.float64),
-                    torch.full((b,), float(mi), dtype=torch.float64),
-                    labels.double(),
-                    pred.double(),
-                    classes.double(),
-                ]
-                for spec in plan.metrics:
-                    cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
-                per_pair.append(torch.stack(cols, 1))
+            ]
             # image-major: row (i, t, m)
             blocks.append(torch.stack(per_pair, 1).reshape(-1, plan.ncols))
     if plan.maps_dir is not None:
@@ -768,6 +747,67 @@ def _score_rows(
         maps = {key: torch.cat(v) for key, v in saved.pop("maps").items()}
         write_shard(plan.maps_dir, k, maps, saved)
     return torch.cat(blocks)
+
+
+def _pair_values(
+    plan: _Plan,
+    idx: list[int],
+    labels: torch.Tensor,
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    parts: PartBatch | None,
+    group: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+    ti: int,
+) -> list[torch.Tensor]:
+    """The ``N x ncols`` rows of one target's (method) pairs: stacked metrics see every
+    method's maps at once (the ground truth's geometry is computed once per image), the
+    others one method at a time."""
+    cfg, b = plan.cfg, len(idx)
+
+    def inputs(maps: torch.Tensor, classes: torch.Tensor, mi: int | None) -> ScoreInputs:
+        method = plan.methods[mi][1] if mi is not None else None
+        return ScoreInputs(
+            maps=maps,
+            images=x,
+            classes=classes,
+            parts=parts,
+            model=plan.model,
+            tolerance=cfg.tolerance,
+            top=cfg.top,
+            steps=cfg.steps,
+            batch_size=max(64, cfg.batch_size),
+            method=cfg.methods[mi] if mi is not None else "",
+            method_options=_method_options(plan, mi, method) if mi is not None else {},
+        )
+
+    stacked: dict[str, list[torch.Tensor]] = {}
+    if any(spec.stacked for spec in plan.metrics):
+        # every method of a target explains the same classes
+        together = inputs(torch.stack([maps for *_, maps in group], 1), group[0][2], None)
+        for spec in plan.metrics:
+            if spec.stacked:
+                stacked[spec.name] = [
+                    v.detach().double().cpu().reshape(b, len(group)) for v in spec.compute(together)
+                ]
+    rows = []
+    for j, (_, mi, classes, maps) in enumerate(group):
+        cols = [
+            torch.tensor(idx, dtype=torch.float64),
+            torch.full((b,), float(ti), dtype=torch.float64),
+            torch.full((b,), float(mi), dtype=torch.float64),
+            labels.double(),
+            pred.double(),
+            classes.double(),
+        ]
+        alone = None
+        for spec in plan.metrics:
+            if spec.stacked:
+                cols += [v[:, j] for v in stacked[spec.name]]
+            else:
+                alone = alone if alone is not None else inputs(maps, classes, mi)
+                cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(alone)]
+        rows.append(torch.stack(cols, 1))
+    return rows
 
 
 def _keep_maps(
