@@ -8,16 +8,19 @@
 2. Localisation metrics vs Quantus (pointing game without tolerance, attribution
    localisation = energy pointing game, top-k intersection) on the same heatmaps and masks:
    agreement and the time ratio ``Quantus / ours``.
-3. Batch scoring (``xnn_toolkit.report.score_dataset``, to a folder on disk: c-MWP and
-   Grad-CAM scored with the pointing games, IoU / AP50 and the Voronoi and mask part
-   probabilities) vs computing the same heatmaps alone, batch by batch from the same data
-   set; the ratio ``scoring / heatmaps`` is the runner's cost on top of the attribution
-   (metrics, the prediction pass, shards and tables).
+3. Batch scoring (``xnn_toolkit.report.score_dataset``, to a folder on disk) vs computing
+   the same heatmaps alone with ``explain``, batch by batch from the same data set; the
+   ratio ``scoring / heatmaps`` is the runner's cost on top of the attribution (metrics,
+   shards and tables, less what its shared passes save), with images per second and the
+   ratio to one plain forward + backward over the same images. Two settings: the synthetic
+   VGG (64 px, c-MWP and Grad-CAM, six metrics) and the real ImageNet model
+   ``bundled:efficientnet_lite0`` (224 px, c-MWP, Grad-CAM and Grad-CAM++, five metrics,
+   generated scenes with masks and parts).
 
 Timings alternate ours / reference, repeat, and report medians. Both sides run on one CPU
 thread (``torch.set_num_threads(1)``), as numpy does for these operations.
 
-Usage: ``.venv/bin/python bench/metrics.py [--quick]``
+Usage: ``.venv/bin/python bench/metrics.py [--quick] [--only-scoring] [--skip-real]``
 """
 
 from __future__ import annotations
@@ -176,71 +179,113 @@ def bench_localisation(quick: bool) -> None:
         print(f"RESULT {name}_max_abs_diff_vs_quantus {diff:.1e} abs")
 
 
-def bench_scoring(quick: bool) -> None:
-    import tempfile
-
-    from xnn_toolkit.attribution import explain
+def _scoring_setting(real: bool, quick: bool):
+    """(model or LoadedModel, data set, config, name) of one scoring setting."""
     from xnn_toolkit.data import Normalized, SyntheticParts
     from xnn_toolkit.models import load_model
-    from xnn_toolkit.report import ScoringConfig, score_dataset
+    from xnn_toolkit.report import ScoringConfig
 
-    n, size, batch = (8, 32, 4) if quick else (96, 64, 16)
-    reps = 1 if quick else 3
-    torch.manual_seed(0)  # the weights of the untrained VGG (speed does not need training)
-    model = load_model("zoo:vgg_small", num_classes=10, in_chans=3).model
-    data = Normalized(
-        SyntheticParts(n, size=size, seed=1, return_annotations=True),
-        SyntheticParts.mean,
-        SyntheticParts.std,
-    )
-    methods = ("cmwp", "gradcam")
-    cfg = ScoringConfig(
-        methods=methods,
-        batch_size=batch,
-        shard_size=4 * batch,
-        metrics=(
+    if real:  # the real ImageNet model at its own resolution, on generated scenes with masks
+        n, size, batch = (4, 224, 2) if quick else (32, 224, 8)
+        lm = load_model("bundled:efficientnet_lite0")
+        raw = SyntheticParts(n, size=size, seed=1, return_annotations=True)
+        data = Normalized(raw, lm.preprocessing.mean, lm.preprocessing.std)
+        methods = ("cmwp", "gradcam", "gradcampp")
+        metrics = (
+            "pointing_game",
+            "energy_pointing_game",
+            "iou",
+            "voronoi_locality",
+            "mask_locality",
+        )
+        name, model = "efficientnet_lite0", lm.model
+    else:
+        n, size, batch = (8, 32, 4) if quick else (96, 64, 16)
+        torch.manual_seed(0)  # the weights of the untrained VGG (speed does not need training)
+        model = load_model("zoo:vgg_small", num_classes=10, in_chans=3).model
+        data = Normalized(
+            SyntheticParts(n, size=size, seed=1, return_annotations=True),
+            SyntheticParts.mean,
+            SyntheticParts.std,
+        )
+        methods = ("cmwp", "gradcam")
+        metrics = (
             "pointing_game",
             "energy_pointing_game",
             "iou",
             "ap50",
             "voronoi_locality",
             "mask_locality",
-        ),
+        )
+        name = "synthetic vgg_small"
+    cfg = ScoringConfig(
+        methods=methods, batch_size=batch, shard_size=4 * batch, metrics=metrics, target="label"
     )
+    return model, data, cfg, n, size, name
+
+
+def bench_scoring(quick: bool, real: bool) -> None:
+    import tempfile
+
+    from xnn_toolkit.attribution import explain
+    from xnn_toolkit.report import score_dataset
+
+    model, data, cfg, n, size, name = _scoring_setting(real, quick)
+    batch, methods = cfg.batch_size, cfg.methods
+    reps = 1 if quick else (3 if real else 5)
     folder = tempfile.mkdtemp(prefix="xnn-bench-scoring-")
 
     def scoring():
         return score_dataset(model, data, cfg, out=folder, overwrite=True, progress=False)
 
-    def heatmaps():
-        maps = []
+    def batches():
         for a in range(0, n, batch):
             items = data.__getitems__(list(range(a, min(a + batch, n))))
-            x = torch.stack([it[0] for it in items])
-            y = torch.tensor([it[1] for it in items])
-            maps += [explain(model, x, y, method=m).heatmap for m in methods]
-        return maps
+            yield torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
 
+    def heatmaps():
+        return [explain(model, x, y, method=m).heatmap for x, y in batches() for m in methods]
+
+    def forward_backward():
+        # one plain forward + backward (input gradient of the labelled logits) per batch
+        for x, y in batches():
+            x = x.clone().requires_grad_(True)
+            model(x).gather(1, y[:, None]).sum().backward()
+        return None
+
+    scoring(), heatmaps()  # warm up
     t_score, t_maps, res, _ = _alternate(scoring, heatmaps, reps)
-    pg = res.value("pointing_game", "cmwp")
+    _, t_fb, _, _ = _alternate(lambda: None, forward_backward, reps)
+    model.zero_grad(set_to_none=True)
+    pg = res.value("pointing_game", methods[0])
+    key = "real" if real else "synthetic"
     print(
-        f"scoring  {n} images {size}x{size}, {len(methods)} methods, {len(cfg.metrics)} "
-        f"metrics: runner {t_score:.2f} s ({n / t_score:.1f} img/s), heatmaps alone "
-        f"{t_maps:.2f} s; c-MWP pointing game {pg:.3f}"
+        f"scoring  {name}: {n} images {size}x{size}, {len(methods)} methods "
+        f"({', '.join(methods)}), {len(cfg.metrics)} metrics: runner {t_score:.2f} s "
+        f"({n / t_score:.1f} img/s), heatmaps alone {t_maps:.2f} s, one forward + backward "
+        f"{t_fb:.2f} s; {methods[0]} pointing game {pg:.3f}"
     )
-    print(f"RESULT batch_scoring_over_heatmaps {t_score / t_maps:.2f} ratio")
-    print(f"RESULT batch_scoring_images_per_second {n / t_score:.1f} img/s")
+    print(f"RESULT batch_scoring_over_heatmaps_{key} {t_score / t_maps:.2f} ratio")
+    print(f"RESULT batch_scoring_images_per_second_{key} {n / t_score:.1f} img/s")
+    print(f"RESULT batch_scoring_over_forward_backward_{key} {t_score / t_fb:.2f} ratio")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds")
+    parser.add_argument("--only-scoring", action="store_true", help="the scoring part alone")
+    parser.add_argument("--skip-synthetic", action="store_true", help="no synthetic scoring")
+    parser.add_argument("--skip-real", action="store_true", help="no real-model scoring")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, CPU")
-    bench_voronoi(args.quick)
-    bench_localisation(args.quick)
-    bench_scoring(args.quick)
+    if not args.only_scoring:
+        bench_voronoi(args.quick)
+        bench_localisation(args.quick)
+    if not args.skip_synthetic:
+        bench_scoring(args.quick, real=False)
+    if not args.skip_real:
+        bench_scoring(args.quick, real=True)
 
 
 if __name__ == "__main__":

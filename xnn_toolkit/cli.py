@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "processes with the same value)",
     )
     p.add_argument(
+        "--num-workers",
+        default="auto",
+        help="DataLoader processes that read and decode the next images while one batch is "
+        "explained (default auto: up to 4 for image folders (cub:, masks:, images:), 0 for "
+        "generated or in-memory data); the tables do not depend on it",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run in --out (same arguments)",
@@ -482,6 +489,22 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_workers(value: str, dataset: str) -> int:
+    """``--num-workers``: an int >= 0, or auto (loader processes for files read from disk)."""
+    if value == "auto":
+        from .report._score_batches import auto_workers
+
+        on_disk = dataset.split(":", 1)[0] in ("cub", "masks", "images")
+        return auto_workers() if on_disk else 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InputError(f"--num-workers must be auto or an int >= 0, got {value!r}")
+    return n
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .report.scoring import ScoringConfig, score_dataset
@@ -511,6 +534,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         steps=args.steps,
         threads=args.threads,
         save_maps=args.save_maps,
+        num_workers=_num_workers(args.num_workers, _dataset_spec(args)),
     )
     lm = _load_cli_model(args, device)
     # raw images: score_dataset normalises them after checking that data and model fit

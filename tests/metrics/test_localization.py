@@ -262,3 +262,21 @@ def test_box_masks_and_partbatch_inputs():
     parts.object_mask = None
     with pytest.raises(InputError, match="box_masks"):
         pointing_game(heat, parts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_pixels_keeps_the_k_highest_with_ties_in_row_major_order(seed):
+    """Reference: a literal ranking, pixel by pixel (value descending, then row-major)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = 5, 7
+    maps = torch.randint(0, 4, (3, 2, h, w), generator=g).float()  # many ties
+    for k in (0, 1, 6, 0.3, 17, h * w):
+        got = top_pixels(maps, k)
+        count = k if isinstance(k, int) else math.ceil(k * h * w)
+        for n in range(3):
+            for m in range(2):
+                flat = maps[n, m].flatten().tolist()
+                order = sorted(range(h * w), key=lambda i: (-flat[i], i))
+                want = torch.zeros(h * w, dtype=torch.bool)
+                want[order[:count]] = True
+                assert torch.equal(got[n, m].flatten(), want), (seed, k, n, m)

@@ -152,3 +152,44 @@ def test_loader_workers_do_not_change_the_tables(tmp_path, workers):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     again = score_dataset(model, ds, other, out=tmp_path / "a", progress=False)
     assert again.per_image == base.per_image
+
+
+def test_cli_loads_photo_files_with_workers_and_the_tables_do_not_change(tmp_path, capsys):
+    """The real path: the bundled ImageNet model on photo files read by 2 loader processes."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from xnn_toolkit.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(folder / f"{name}.png")
+    base = [
+        "score",
+        "--model",
+        "bundled:efficientnet_lite0",
+        "--images",
+        str(folder),
+        "--target",
+        "predicted",
+        "--methods",
+        "gradcam",
+        "--metrics",
+        "deletion",
+        "--steps",
+        "2",
+        "--n",
+        "2",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
+    assert main([*base, "--num-workers", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--num-workers", "0", "--out", str(tmp_path / "b")]) == 0
+    a, b = tmp_path / "a" / "per_image.csv", tmp_path / "b" / "per_image.csv"
+    assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert main([*base, "--num-workers", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "--num-workers must be auto or an int >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -60,7 +60,16 @@ def top_pixels(heatmaps: torch.Tensor, k: int | float) -> torch.Tensor:
     maps = _as_maps(heatmaps)
     hw = maps.shape[-1] * maps.shape[-2]
     count = _pixel_count(k, hw)
-    return pixel_ranks(maps) < count
+    if count == 0:
+        return torch.zeros(maps.shape, dtype=torch.bool, device=maps.device)
+    # ``pixel_ranks(maps) < count`` without sorting: everything above the count-th largest
+    # value, then its ties in row-major order until ``count`` pixels are set
+    flat = maps.reshape(*maps.shape[:-2], hw)
+    thr = flat.kthvalue(hw - count + 1, dim=-1, keepdim=True).values
+    above = flat > thr
+    tie = flat == thr
+    room = count - above.sum(-1, keepdim=True)
+    return (above | (tie & (tie.cumsum(-1) <= room))).reshape(maps.shape)
 
 
 def _pixel_count(k: int | float, hw: int) -> int:

@@ -15,6 +15,7 @@ names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import time
@@ -1136,6 +1137,12 @@ def _build(cfg: ExplainConfig, names: list[str]) -> Report:
 
 
 def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    """Looked up once per process (reading every package's metadata takes ~20 ms)."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}

@@ -916,9 +916,9 @@ def _table_texts(plan: _Plan, per_image: list[dict], aggregate: list[dict]) -> d
     cols = plan.header["per_image_columns"]
     return {
         "per_image.csv": store.csv_text(per_image, cols),
-        "per_image.json": store.json_text(per_image),
+        "per_image.json": store.rows_json_text(per_image),
         "aggregate.csv": store.csv_text(aggregate, _AGG_COLUMNS),
-        "aggregate.json": store.json_text(aggregate),
+        "aggregate.json": store.rows_json_text(aggregate),
     }
 
 
