@@ -288,6 +288,68 @@ def test_torchrun_two_processes_give_the_single_process_tables(reference, tmp_pa
         assert got["aggregate"] == ref.aggregate and got["per_image"] == ref.per_image
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_on_loopback_give_the_single_process_tables(reference, tmp_path):
+    """The multi-machine code path: two ``torchrun`` launchers (``--nnodes 2``), one process
+    each, meeting over TCP on 127.0.0.1 as two machines would over the network."""
+    ref_out, ref = reference
+    out = tmp_path / "nodes"
+    dump = tmp_path / "dump"
+    port = _free_port()
+    env = {**_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                str(JOB),
+                str(out),
+                "0",
+                str(dump),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    for name in TABLES:
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["runs"][0]["world_size"] == 2 and m["runs"][0]["backend"] == "gloo"
+    for rank in (0, 1):
+        got = json.loads(Path(f"{dump}.rank{rank}.json").read_text())
+        assert got["aggregate"] == ref.aggregate and got["per_image"] == ref.per_image
+
+
 def test_unknown_names_list_the_valid_ones():
     model, ds = tiny_model(), dataset(n=2)
     with pytest.raises(

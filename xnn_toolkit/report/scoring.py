@@ -41,6 +41,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -696,10 +697,15 @@ def _score_rows(
     plan: _Plan, k: int, start: int, stop: int, dev: torch.device, loaded: Iterator[Batch]
 ) -> torch.Tensor:
     cfg = plan.cfg
-    blocks = []
+    later = []
     saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    # the map metrics (pure functions of the maps and the ground truth, no RNG) of one batch
+    # run in a second thread while the next batch is explained
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics") as pool,
+        torch.random.fork_rng(devices=devices),
+    ):
         torch.manual_seed(_shard_seed(cfg.seed, k))
         for want in _shard_batches(plan, k):
             idx, x, labels, parts = next(loaded)
@@ -732,65 +738,100 @@ def _score_rows(
                             _keep_maps(saved, plan, ti, mi, idx, labels, classes, maps, at_layer[0])
                         pairs.append((ti, mi, classes, maps))
             assert pred is not None
-            per_pair = [  # (target, method) order
-                row
-                for ti in range(len(plan.targets))
-                for row in _pair_values(
-                    plan, idx, labels, pred, x, parts, [p for p in pairs if p[0] == ti], ti
-                )
-            ]
-            # image-major: row (i, t, m)
-            blocks.append(torch.stack(per_pair, 1).reshape(-1, plan.ncols))
+            for ti in range(len(plan.targets)):
+                group = [p for p in pairs if p[0] == ti]
+                stacked = pool.submit(_stacked_values, _Pair(plan, idx, x, parts, group))
+                alone = _alone_values(_Pair(plan, idx, x, parts, group))
+                later.append((idx, labels, pred, group, ti, stacked, alone))
+        blocks = []
+        for idx, labels, pred, group, ti, stacked, alone in later:
+            rows = _rows(plan, idx, labels, pred, group, ti, stacked.result(), alone)
+            if ti == 0:
+                blocks.append([])
+            blocks[-1] += rows
     if plan.maps_dir is not None:
         from ..interop.maps import write_shard
 
         maps = {key: torch.cat(v) for key, v in saved.pop("maps").items()}
         write_shard(plan.maps_dir, k, maps, saved)
-    return torch.cat(blocks)
+    # image-major: row (i, t, m)
+    return torch.cat([torch.stack(rows, 1).reshape(-1, plan.ncols) for rows in blocks])
 
 
-def _pair_values(
-    plan: _Plan,
-    idx: list[int],
-    labels: torch.Tensor,
-    pred: torch.Tensor,
-    x: torch.Tensor,
-    parts: PartBatch | None,
-    group: list[tuple[int, int, torch.Tensor, torch.Tensor]],
-    ti: int,
-) -> list[torch.Tensor]:
-    """The ``N x ncols`` rows of one target's (method) pairs: stacked metrics see every
-    method's maps at once (the ground truth's geometry is computed once per image), the
-    others one method at a time."""
-    cfg, b = plan.cfg, len(idx)
+@dataclass(frozen=True)
+class _Pair:
+    """One batch and one target's (method, classes, maps) pairs, to be scored."""
 
-    def inputs(maps: torch.Tensor, classes: torch.Tensor, mi: int | None) -> ScoreInputs:
-        method = plan.methods[mi][1] if mi is not None else None
+    plan: _Plan
+    idx: list[int]
+    x: torch.Tensor
+    parts: PartBatch | None
+    group: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+
+    def inputs(self, maps: torch.Tensor, classes: torch.Tensor, mi: int | None) -> ScoreInputs:
+        cfg = self.plan.cfg
+        method = self.plan.methods[mi][1] if mi is not None else None
         return ScoreInputs(
             maps=maps,
-            images=x,
+            images=self.x,
             classes=classes,
-            parts=parts,
-            model=plan.model,
+            parts=self.parts,
+            model=self.plan.model,
             tolerance=cfg.tolerance,
             top=cfg.top,
             steps=cfg.steps,
             batch_size=max(64, cfg.batch_size),
             method=cfg.methods[mi] if mi is not None else "",
-            method_options=_method_options(plan, mi, method) if mi is not None else {},
+            method_options=_method_options(self.plan, mi, method) if mi is not None else {},
         )
 
-    stacked: dict[str, list[torch.Tensor]] = {}
-    if any(spec.stacked for spec in plan.metrics):
-        # every method of a target explains the same classes
-        together = inputs(torch.stack([maps for *_, maps in group], 1), group[0][2], None)
-        for spec in plan.metrics:
-            if spec.stacked:
-                stacked[spec.name] = [
-                    v.detach().double().cpu().reshape(b, len(group)) for v in spec.compute(together)
-                ]
+
+def _stacked_values(pair: _Pair) -> dict[str, list[torch.Tensor]]:
+    """Stacked metrics see every method's maps of the target at once (``N x M x H x W``;
+    the ground truth's geometry is computed once per image): columns ``N x M``."""
+    specs = [spec for spec in pair.plan.metrics if spec.stacked]
+    if not specs:
+        return {}
+    b, m = len(pair.idx), len(pair.group)
+    # every method of a target explains the same classes
+    maps = torch.stack([maps for *_, maps in pair.group], 1)
+    together = pair.inputs(maps, pair.group[0][2], None)
+    return {
+        spec.name: [v.detach().double().cpu().reshape(b, m) for v in spec.compute(together)]
+        for spec in specs
+    }
+
+
+def _alone_values(pair: _Pair) -> list[dict[str, list[torch.Tensor]]]:
+    """The other metrics (they may run the model or a method again), one method at a time,
+    in this thread and in (method, metric) order: per method, columns ``N``."""
+    b = len(pair.idx)
+    out = []
+    for _, mi, classes, maps in pair.group:
+        inp = None
+        cols = {}
+        for spec in pair.plan.metrics:
+            if not spec.stacked:
+                inp = inp if inp is not None else pair.inputs(maps, classes, mi)
+                cols[spec.name] = [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
+        out.append(cols)
+    return out
+
+
+def _rows(
+    plan: _Plan,
+    idx: list[int],
+    labels: torch.Tensor,
+    pred: torch.Tensor,
+    group: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+    ti: int,
+    stacked: dict[str, list[torch.Tensor]],
+    alone: list[dict[str, list[torch.Tensor]]],
+) -> list[torch.Tensor]:
+    """The ``N x ncols`` rows of one target's pairs, in method order."""
+    b = len(idx)
     rows = []
-    for j, (_, mi, classes, maps) in enumerate(group):
+    for j, (_, mi, classes, _) in enumerate(group):
         cols = [
             torch.tensor(idx, dtype=torch.float64),
             torch.full((b,), float(ti), dtype=torch.float64),
@@ -799,13 +840,8 @@ def _pair_values(
             pred.double(),
             classes.double(),
         ]
-        alone = None
         for spec in plan.metrics:
-            if spec.stacked:
-                cols += [v[:, j] for v in stacked[spec.name]]
-            else:
-                alone = alone if alone is not None else inputs(maps, classes, mi)
-                cols += [v.detach().double().cpu().reshape(b) for v in spec.compute(alone)]
+            cols += [v[:, j] for v in stacked[spec.name]] if spec.stacked else alone[j][spec.name]
         rows.append(torch.stack(cols, 1))
     return rows
 
