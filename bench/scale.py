@@ -58,7 +58,7 @@ def _run(procs: int, n: int, out: Path) -> float:
     """Scoring seconds of one run with ``procs`` processes (0: a plain process)."""
     if out.exists():
         shutil.rmtree(out)
-    me = [str(Path(__file__).resolve()), "--job", str(out), "--n", str(n)]
+    me = [str(Path(__file__).resolve()), "--job", str(out), "--job-images", str(n)]
     cmd = (
         [sys.executable, *me]
         if procs == 0
@@ -85,10 +85,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few images, one repetition")
     parser.add_argument("--max-procs", type=int, default=None, help="most torchrun processes")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--job-images", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job is not None:
-        job(args.job, args.n)
+        job(args.job, args.job_images)
         return
     n = 64 if args.quick else 256
     reps = 1 if args.quick else 3

@@ -35,6 +35,11 @@ def test_runner_column_equals_quantus_on_the_same_maps(bundled):
     )
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
     assert res.value("quantus:Sparseness", "cmwp") == pytest.approx(float(np.mean(want)))
+    # computed in the runner's metrics thread (attributions only); metrics that run the
+    # model or draw random numbers stay in order in the main thread
+    assert get_metric("quantus:Sparseness").pure
+    assert not get_metric("quantus:MaxSensitivity").pure
+    assert not get_metric("quantus:RandomLogit").pure
 
 
 def test_unknown_quantus_metric_suggests_close_names():

@@ -98,6 +98,9 @@ def _quantus_catalogue() -> dict[str, tuple[str, type]]:
 _NEEDS_MASK = ("Localisation",)
 #: Quantus categories whose metrics randomise a deep copy of the model's layers
 _PERTURBS_MODEL = ("Randomisation",)
+#: Quantus categories whose metrics read the attributions only (no model, no random draws):
+#: the runner computes them in its metrics thread
+_PURE = ("Complexity",)
 
 
 def _check_perturbable(metric: str, model: Any) -> None:
@@ -175,15 +178,20 @@ def quantus_metric_spec(name: str) -> Any:
     category, cls = catalogue[key]
     needs = ("object_mask", "class") if category in _NEEDS_MASK else ("class",)
 
+    pure = category in _PURE
+
     def compute(inp: Any) -> list[torch.Tensor]:
         if category in _PERTURBS_MODEL:
             _check_perturbable(key, inp.model)
-        return [_run_quantus(cls, inp, category in _NEEDS_MASK)]
+        return [_run_quantus(cls, inp, category in _NEEDS_MASK, pure)]
 
-    return MetricSpec(f"quantus:{key}", needs, compute)
+    return MetricSpec(f"quantus:{key}", needs, compute, pure=pure)
 
 
-def _run_quantus(cls: type, inp: Any, with_mask: bool) -> torch.Tensor:
+def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> torch.Tensor:
+    """One batch of one Quantus metric. ``pure``: the metric reads the attributions only; it
+    gets no model and no explain function and runs without touching any global state (the
+    runner calls it from its metrics thread)."""
     import inspect
 
     if bool((inp.classes < 0).any()):
@@ -193,7 +201,7 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool) -> torch.Tensor:
         )
     accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, object] = {"disable_warnings": True, "display_progressbar": False}
-    if "num_classes" in accepted:
+    if "num_classes" in accepted and not pure:
         with torch.no_grad():
             kwargs["num_classes"] = int(inp.model(inp.images[:1]).shape[1])
     if "return_last_correlation" in accepted:  # one number per image (MPRT)
@@ -206,8 +214,21 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool) -> torch.Tensor:
     s = None
     if with_mask:
         s = inp.parts.object_mask.cpu().numpy()[:, None].astype(np.float64)
-    explain = quantus_explain_func(inp.method, **inp.method_options) if inp.method else None
     device = str(inp.images.device)
+    if pure:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            out = metric(
+                model=None,
+                x_batch=x,
+                y_batch=inp.classes.cpu().numpy(),
+                a_batch=a,
+                s_batch=s,
+                explain_func=None,
+                device=device,
+            )
+        return _per_image(cls, out, n)
+    explain = quantus_explain_func(inp.method, **inp.method_options) if inp.method else None
     state = np.random.get_state()  # noqa: NPY002 - Quantus draws from the global generator
     # Quantus draws from NumPy's global generator: seed it from the runner's per-shard torch
     # generator so a shard gives the same numbers in any process, then restore the user's.
@@ -227,6 +248,10 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool) -> torch.Tensor:
                 )
     finally:
         np.random.set_state(state)  # noqa: NPY002
+    return _per_image(cls, out, n)
+
+
+def _per_image(cls: type, out: Any, n: int) -> torch.Tensor:
     if isinstance(out, dict):
         out = list(out.values())[-1]
     values = np.asarray(out, dtype=np.float64)

@@ -135,7 +135,11 @@ class MetricSpec:
     stacked : bool
         The metric takes the maps of every method at once (``N x M x H x W``): a function
         of each map and the image's ground truth only. Metrics that run the model or a
-        method again (deletion, insertion, Quantus) see one method at a time.
+        method again (deletion, insertion, most Quantus metrics) see one method at a time.
+    pure : bool
+        A function of the maps and the ground truth only (no model, no random draws): the
+        runner computes it in its metrics thread, off the critical path. Stacked metrics
+        are pure.
     """
 
     name: str
@@ -144,6 +148,11 @@ class MetricSpec:
     per_part: str | None = None
     context: bool = False
     stacked: bool = False
+    pure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stacked and not self.pure:
+            object.__setattr__(self, "pure", True)
 
     def columns(self, part_names: Sequence[str]) -> list[str]:
         """Per-image column names (``name`` or ``prefix[part]`` per part)."""

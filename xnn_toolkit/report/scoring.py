@@ -700,8 +700,8 @@ def _score_rows(
     later = []
     saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
-    # the map metrics (pure functions of the maps and the ground truth, no RNG) of one batch
-    # run in a second thread while the next batch is explained
+    # the pure metrics (functions of the maps and the ground truth: no model, no RNG) of one
+    # batch run in a second thread while the next batch is explained
     with (
         ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics") as pool,
         torch.random.fork_rng(devices=devices),
@@ -740,12 +740,12 @@ def _score_rows(
             assert pred is not None
             for ti in range(len(plan.targets)):
                 group = [p for p in pairs if p[0] == ti]
-                stacked = pool.submit(_stacked_values, _Pair(plan, idx, x, parts, group))
+                pure = pool.submit(_pure_values, _Pair(plan, idx, x, parts, group))
                 alone = _alone_values(_Pair(plan, idx, x, parts, group))
-                later.append((idx, labels, pred, group, ti, stacked, alone))
+                later.append((idx, labels, pred, group, ti, pure, alone))
         blocks = []
-        for idx, labels, pred, group, ti, stacked, alone in later:
-            rows = _rows(plan, idx, labels, pred, group, ti, stacked.result(), alone)
+        for idx, labels, pred, group, ti, pure, alone in later:
+            rows = _rows(plan, idx, labels, pred, group, ti, pure.result(), alone)
             if ti == 0:
                 blocks.append([])
             blocks[-1] += rows
@@ -786,32 +786,48 @@ class _Pair:
         )
 
 
-def _stacked_values(pair: _Pair) -> dict[str, list[torch.Tensor]]:
-    """Stacked metrics see every method's maps of the target at once (``N x M x H x W``;
-    the ground truth's geometry is computed once per image): columns ``N x M``."""
-    specs = [spec for spec in pair.plan.metrics if spec.stacked]
+def _pure_values(pair: _Pair) -> dict[str, list[torch.Tensor]]:
+    """The pure metrics (maps and ground truth only; run in the metrics thread). Stacked
+    ones see every method's maps of the target at once (``N x M x H x W``; the ground
+    truth's geometry is computed once per image), the others one method at a time: columns
+    ``N x M`` either way."""
+    specs = [spec for spec in pair.plan.metrics if spec.pure]
     if not specs:
         return {}
     b, m = len(pair.idx), len(pair.group)
-    # every method of a target explains the same classes
-    maps = torch.stack([maps for *_, maps in pair.group], 1)
-    together = pair.inputs(maps, pair.group[0][2], None)
-    return {
-        spec.name: [v.detach().double().cpu().reshape(b, m) for v in spec.compute(together)]
-        for spec in specs
-    }
+    out = {}
+    if any(spec.stacked for spec in specs):
+        # every method of a target explains the same classes
+        maps = torch.stack([maps for *_, maps in pair.group], 1)
+        together = pair.inputs(maps, pair.group[0][2], None)
+        for spec in specs:
+            if spec.stacked:
+                out[spec.name] = [
+                    v.detach().double().cpu().reshape(b, m) for v in spec.compute(together)
+                ]
+    for spec in specs:
+        if not spec.stacked:
+            per_method = [
+                spec.compute(pair.inputs(maps, classes, mi)) for _, mi, classes, maps in pair.group
+            ]
+            out[spec.name] = [
+                torch.stack([v[c].detach().double().cpu().reshape(b) for v in per_method], 1)
+                for c in range(len(per_method[0]))
+            ]
+    return out
 
 
 def _alone_values(pair: _Pair) -> list[dict[str, list[torch.Tensor]]]:
-    """The other metrics (they may run the model or a method again), one method at a time,
-    in this thread and in (method, metric) order: per method, columns ``N``."""
+    """The other metrics (they may run the model or a method again, or draw random
+    numbers), one method at a time, in this thread and in (method, metric) order: per
+    method, columns ``N``."""
     b = len(pair.idx)
     out = []
     for _, mi, classes, maps in pair.group:
         inp = None
         cols = {}
         for spec in pair.plan.metrics:
-            if not spec.stacked:
+            if not spec.pure:
                 inp = inp if inp is not None else pair.inputs(maps, classes, mi)
                 cols[spec.name] = [v.detach().double().cpu().reshape(b) for v in spec.compute(inp)]
         out.append(cols)
@@ -825,7 +841,7 @@ def _rows(
     pred: torch.Tensor,
     group: list[tuple[int, int, torch.Tensor, torch.Tensor]],
     ti: int,
-    stacked: dict[str, list[torch.Tensor]],
+    pure: dict[str, list[torch.Tensor]],
     alone: list[dict[str, list[torch.Tensor]]],
 ) -> list[torch.Tensor]:
     """The ``N x ncols`` rows of one target's pairs, in method order."""
@@ -841,7 +857,7 @@ def _rows(
             classes.double(),
         ]
         for spec in plan.metrics:
-            cols += [v[:, j] for v in stacked[spec.name]] if spec.stacked else alone[j][spec.name]
+            cols += [v[:, j] for v in pure[spec.name]] if spec.pure else alone[j][spec.name]
         rows.append(torch.stack(cols, 1))
     return rows
 
