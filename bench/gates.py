@@ -54,12 +54,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from xnn_toolkit.data.synthetic import SyntheticParts  # noqa: E402
 from xnn_toolkit.errors import AssetError  # noqa: E402
-from xnn_toolkit.heads.gates import (  # noqa: E402
-    ClassSpecificGates,
-    gate_localization,
-)
+from xnn_toolkit.heads.gates import ClassSpecificGates  # noqa: E402
 from xnn_toolkit.hooks import record  # noqa: E402
-from xnn_toolkit.metrics import mutual_information_score  # noqa: E402
+from xnn_toolkit.metrics import gate_localization, mutual_information_score  # noqa: E402
 from xnn_toolkit.metrics.localization import filter_localization  # noqa: E402
 from xnn_toolkit.zoo import load_bundled  # noqa: E402
 

@@ -19,13 +19,12 @@ from xnn_toolkit.heads.gates import (
     block_order,
     default_g,
     density_bounds,
-    gate_localization,
     gate_similarity,
     l1_density,
     project_gates,
     sparsity_penalty,
 )
-from xnn_toolkit.metrics import mutual_information_score
+from xnn_toolkit.metrics import gate_localization, mutual_information_score
 
 C, K = 4, 16
 
@@ -588,13 +587,13 @@ def literal_localization(acts, masks, labels, gates, w, c, top=0.3, min_iou=0.5)
     ious = np.zeros((n, k))
     areas = np.zeros((n, k))
     for j in range(k):
-        vals = np.sort(acts[:, j].reshape(-1).numpy())[::-1]
-        thr = vals[math.ceil(top * vals.size) - 1]
+        vals = np.sort(acts[:, j].reshape(-1).numpy())  # ascending
+        thr = vals[max(1, math.ceil((1 - top) * vals.size)) - 1]
         for i in range(n):
             up = F.interpolate(
                 acts[i : i + 1, j : j + 1], size=size, mode="bilinear", align_corners=False
             )[0, 0].numpy()
-            seg = up >= thr
+            seg = up > thr
             areas[i, j] = seg.mean()
             m = masks[i].numpy()
             union = (seg | m).sum()
@@ -701,39 +700,35 @@ def test_gate_localization_errors():
         gate_localization(torch.ones(3, 6), model, x, masks, y0, layer="act", method="cam")
 
 
-def test_gaussian_blur_matches_scipy():
+def test_gradmap_localization_literal():
+    """GradMap segments of every filter, written out per image and filter with SciPy: the
+    gradient of the filter's average pool w.r.t. the input, ``sum_c |g_c|``, divided by its
+    root mean square, Gaussian blur (SciPy's default truncation), kept above the level."""
     from scipy.ndimage import gaussian_filter
-
-    from xnn_toolkit.heads.gates import _gaussian_blur
-
-    x = torch.rand(2, 1, 20, 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ours = _gaussian_blur(x, 2.0)
-    for i in range(2):
-        ref = gaussian_filter(x[i, 0].numpy(), 2.0, mode="nearest", truncate=3.0)
-        np.testing.assert_allclose(ours[i, 0].numpy(), ref, atol=1e-10)
-
-
-def test_gradmap_segments_literal():
-    from scipy.ndimage import gaussian_filter
-
-    from xnn_toolkit.heads.gates import _grad_segments
 
     model = tiny_cnn(k=4)
     model.eval()
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 2:10] = True
+    labels = torch.tensor([0, 1, 0])
     before = snapshot(model)
-    segs = _grad_segments(model, "6", x, sigma=2.0, level=1.0)
+    res = gate_localization(
+        torch.ones(2, 4), model, x, masks, labels, layer="6", method="gradmap", sigma=2.0
+    )
     assert_same(snapshot(model), before)
-    assert segs.shape == (3, 4, 16, 16)
     body = nn.Sequential(*list(model.children())[:7])
     for i in range(3):
         for k in range(4):
             xi = x[i : i + 1].clone().requires_grad_(True)
             body(xi)[0, k].mean().backward()
-            m = xi.grad[0].norm(dim=0).double().numpy()
+            m = xi.grad[0].abs().sum(0).double().numpy()
             rms = np.sqrt((m**2).mean())
-            ref = gaussian_filter(m / rms, 2.0, mode="nearest", truncate=3.0) > 1.0
-            assert np.array_equal(segs[i, k].numpy(), ref)
+            seg = gaussian_filter(m / rms, 2.0, mode="nearest") > 1.0
+            mk = masks[i].numpy()
+            want = (seg & mk).sum() / max((seg | mk).sum(), 1)
+            assert float(res.ious[i, k]) == pytest.approx(want, abs=1e-6), (i, k)
+            assert float(res.areas[i, k]) == pytest.approx(seg.mean(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- figures

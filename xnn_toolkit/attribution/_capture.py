@@ -6,11 +6,12 @@ it); with frozen parameters and an input that does not require grad, autograd th
 nothing below the read layer and a backward pass stops there. When the target lives at a
 layer, the forward pass stops as soon as that layer has run.
 
-Inside :func:`shared_passes` (the scoring runner opens one per batch) the plain forward passes
-of that batch are kept: a second method reading the same layer of the same model for a class
-target (Grad-CAM and Grad-CAM++, say) reuses the forward, and the same backward signal reuses
-the gradient; the model's output of the first complete forward is kept as the batch's
-prediction. Outside the context nothing is cached.
+Inside :func:`shared_passes` (the scoring runner opens one per batch, the gates' localization
+one per batch of filter maps) the plain forward passes of that batch are kept: a second
+method reading the same layer of the same model up to the same target layer (Grad-CAM and
+Grad-CAM++ for a class; GradMap for every filter of a layer) reuses the forward, and the same
+backward signal as the previous one reuses the gradient; the model's output of the first
+complete forward is kept as the batch's prediction. Outside the context nothing is cached.
 """
 
 from __future__ import annotations
@@ -175,21 +176,24 @@ def _run(
     _Forward
     """
     resolved = _resolve_read(model, read)
+    tgt = resolve_layer(model, target.layer) if target.layer is not None else None
     shared = _SHARED.get()
     key = None
     if (
         shared is not None
         and mode is None
-        and resolved is not None
-        and target.layer is None
         and type(target).transform is Target.transform
-        and torch.is_grad_enabled()
+        and (resolved is not None or not torch.is_grad_enabled())
         and shared.same(x)
-    ):  # a class-like target of the model's output: the forward does not depend on it
-        key = (id(model), resolved[0])
+    ):  # the forward to the target's layer does not depend on which unit is explained
+        key = (
+            id(model),
+            None if resolved is None else resolved[0],
+            None if tgt is None else tgt[0],
+            torch.is_grad_enabled(),
+        )
         if key in shared.forwards:
             return shared.forwards[key]
-    tgt = resolve_layer(model, target.layer) if target.layer is not None else None
     state: dict[str, object] = {"calls": 0}
     handles = []
 
@@ -301,8 +305,8 @@ def _backward_to_read(fwd: _Forward, signal: torch.Tensor) -> torch.Tensor:
     )
     if grad is None:
         raise _not_between(fwd.read_name)
-    if fwd.shared:
-        fwd.grads.append((signal.detach(), grad))
+    if fwd.shared:  # the last one only: consecutive methods with the same target share it
+        fwd.grads[:] = [(signal.detach(), grad)]
     return grad
 
 

@@ -25,7 +25,7 @@ from ._capture import _backward_to_read, _run
 from .base import Attribution, AttributionInfo, AttributionMethod, _upsample, register_method
 from .targets import Channel, Class, Target, _per_image, as_target
 
-__all__ = ["GradMap", "ActivMap", "activation_thresholds"]
+__all__ = ["GradMap", "ActivMap", "activation_thresholds", "activmap_masks", "top_share_thresholds"]
 
 
 def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -190,8 +190,7 @@ class ActivMap(AttributionMethod):
                     f"{self.thresholds.numel()} thresholds for a layer with {acts.shape[1]} "
                     "filters; compute them with activation_thresholds on this layer"
                 )
-            thr = self.thresholds.to(heat)[idx.to(heat.device)]
-            mask = heat > thr.view(-1, 1, 1)
+            mask = activmap_masks(heat, self.thresholds.to(heat)[idx.to(heat.device)])
         name = resolve_layer(self.model, target.layer)[0] if target.layer is not None else ""
         info = AttributionInfo(method=self.name, layer=name, target=target.describe())
         return Attribution(raw, heat, info, mask=mask)
@@ -282,8 +281,48 @@ def activation_thresholds(
             handle.remove()
     if buf is None:
         raise InputError("data yielded no batches")
-    k = max(1, math.ceil((1.0 - top) * buf.shape[1]))
-    return buf.kthvalue(k, dim=1).values
+    return top_share_thresholds(buf, top)
+
+
+def top_share_thresholds(values: torch.Tensor, top: float) -> torch.Tensor:
+    """The ActivMap threshold of each row: the ``ceil((1 - top) M)``-th smallest of its ``M``
+    values, so that the top ``top`` share lies above it (``>``: a filter that is zero on most
+    positions segments only where it fires, never the whole image).
+
+    Parameters
+    ----------
+    values : Tensor
+        ``K x M``: the activations of each filter over positions (all images).
+    top : float
+        Share above the threshold, in (0, 1).
+
+    Returns
+    -------
+    Tensor
+        ``K`` thresholds.
+    """
+    if not 0 < top < 1:
+        raise InputError(f"top must be in (0, 1), got {top!r}")
+    k = max(1, math.ceil((1.0 - top) * values.shape[1]))
+    return values.kthvalue(k, dim=1).values
+
+
+def activmap_masks(heat: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """ActivMap segmentations: the upsampled maps above their filter's threshold.
+
+    Parameters
+    ----------
+    heat : Tensor
+        ``... x H x W`` upsampled activation maps.
+    thresholds : Tensor
+        Thresholds broadcast over the leading dimensions of ``heat`` (one per map).
+
+    Returns
+    -------
+    Tensor
+        Bool, the shape of ``heat``.
+    """
+    return heat > thresholds.to(heat)[..., None, None]
 
 
 def _reservoir(

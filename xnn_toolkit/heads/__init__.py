@@ -6,7 +6,7 @@ scikit-learn estimator conventions: hyperparameters in ``__init__``, ``fit`` ret
 ``self``, learned attributes end in ``_``, ``save`` / ``load`` without pickle.
 """
 
-from .gates import ClassSpecificGates, GateLocalization, GateScores
+from .gates import ClassSpecificGates, GateScores
 from .infodrop import InformationDropout
 from .nmf import (
     NMFConcepts,
@@ -26,7 +26,6 @@ __all__ = [
     "XNN",
     "ClassPaths",
     "ClassSpecificGates",
-    "GateLocalization",
     "GateScores",
     "HitRates",
     "InformationDropout",

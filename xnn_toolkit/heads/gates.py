@@ -55,10 +55,9 @@ class ``c`` when ``G[c, k] > threshold`` (0.5), no other class's gate exceeds ``
 and the mean gate of the other classes is at most ``others`` (0.2) — the column is high for
 ``c`` and mostly zero elsewhere. Each filter belongs to at most one class.
 
-Filter maps for :func:`gate_localization` (Liang et al. 2020 App. G): ActivMap, GradMap and CAM are
-computed by small private functions of this module, because the attribution engine
-(:mod:`xnn_toolkit.attribution`) has no filter maps yet; IoU and APn come from
-:mod:`xnn_toolkit.metrics.localization`.
+The localization of the gated filters (Liang et al. 2020 App. G, H) is a metric:
+:func:`xnn_toolkit.metrics.gate_localization`, with the filter maps of
+:mod:`xnn_toolkit.attribution.filters`.
 
 Mutual-information score (:doc:`/methods/gates`): per channel ``k`` and class ``c`` the mutual
 information between the pooled activation and the indicator ``[y = c]``; the score is
@@ -72,7 +71,7 @@ import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -93,7 +92,6 @@ from ._base import Head, keeps_global_rng
 __all__ = [
     "ClassSpecificGates",
     "GateScores",
-    "GateLocalization",
     "project_gates",
     "sparsity_penalty",
     "l1_density",
@@ -101,13 +99,11 @@ __all__ = [
     "default_g",
     "gate_similarity",
     "block_order",
-    "gate_localization",
 ]
 
 RECIPES = ("frozen", "finetune")
 OBJECTIVES = ("paper", "code")
 HEAD_INITS = ("auto", "model", "random")
-MAP_METHODS = ("activmap", "gradmap")
 
 
 # --------------------------------------------------------------------------- formulas
@@ -1479,298 +1475,3 @@ def _layer_maps(
             out.append(a.float().cpu())
             rec.clear()
     return torch.cat(out)
-
-
-# --------------------------------------------------------------------------- localization
-
-
-@dataclass
-class GateLocalization:
-    """Localization of class-specific filters vs all filters of the layer (Liang et al. 2020 App.
-    H).
-
-    Filter maps are read from the STD path (ungated), as at test time (:doc:`/methods/gates`). The
-    *gated* selection keeps, for each class ``c``, its class-specific filters (see
-    :meth:`ClassSpecificGates.class_filters`) and scores each on the images of class ``c``;
-    the *ungated* baseline scores every filter of the layer on the class it localizes best
-    (App. H.1, ``c* = argmax_c APn_c^k``, ties by the higher IoU), which favours the baseline.
-
-    The paper's own comparison (Liang et al. 2020 §5.1) is between networks: :attr:`all_iou` and
-    :attr:`all_ap` of a CSG fine-tune against those of the same fine-tune without gating,
-    ``ClassSpecificGates(recipe="finetune", lambda1=0.0, lambda2=0.0)`` with the same
-    ``random_state`` (``bench/gates.py --finetune`` runs both).
-
-    Attributes
-    ----------
-    method : str
-        ``"activmap"`` or ``"gradmap"``.
-    min_iou : float
-        The ``n %`` of APn as a fraction (0.5: AP50).
-    filters : FilterLocalization
-        App. H.1 tables over all ``K`` filters (``xnn_toolkit.metrics.localization``).
-    specific_class : Tensor
-        ``K`` int64: the class a filter is specific to, ``-1`` for none.
-    specific_iou_per_filter, specific_ap_per_filter : Tensor
-        ``K`` float64: ``IoU_c^k`` and ``APn_c^k`` on the filter's gated class (NaN for
-        non-specific filters).
-    specific_iou, specific_ap : float
-        Means over the class-specific filters (NaN when there is none).
-    all_iou, all_ap : float
-        Means over all filters of ``IoU^k`` and ``APn^k`` (App. H.1: each filter on the class
-        it localizes best).
-    pooled_iou, pooled_ap : float
-        Every filter on every image, with no class assigned (a filter without a gate serves
-        all classes): the mean IoU and the share of IoUs ``>= min_iou`` over all ``N x K``
-        pairs.
-    n_specific : int
-        Number of class-specific filters.
-    cam, cam_gated : ClassLocalization or None
-        App. H.2 for CAM ``Σ_k W_yk A_k`` with the head's weights for the true class, and for
-        the gated CAM ``Σ_k W_yk G_yk A_k`` (None when no head weights are known).
-    ious : Tensor
-        ``N x K`` per-image, per-filter IoU.
-    areas : Tensor
-        ``N x K`` share of each image's pixels in each filter's segment.
-    """
-
-    method: str
-    min_iou: float
-    filters: Any
-    specific_class: torch.Tensor
-    specific_iou_per_filter: torch.Tensor
-    specific_ap_per_filter: torch.Tensor
-    specific_iou: float
-    specific_ap: float
-    all_iou: float
-    all_ap: float
-    pooled_iou: float
-    pooled_ap: float
-    n_specific: int
-    cam: Any = None
-    cam_gated: Any = None
-    ious: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    areas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-
-
-def _activ_thresholds(acts: torch.Tensor, top: float) -> torch.Tensor:
-    """Dataset-wide ActivMap thresholds (Liang et al. 2020 App. G), ``N x K x h x w`` → ``K``.
-
-    The threshold of filter ``k`` is its ``ceil(top·N·h·w)``-th largest activation over all
-    positions of all images, at the layer's own resolution (as the authors' code does); the
-    map is then upsampled bilinearly and segmented at ``>= threshold``.
-    """
-    k = acts.shape[1]
-    flat = acts.transpose(0, 1).reshape(k, -1)
-    count = max(1, min(flat.shape[1], math.ceil(round(top * flat.shape[1], 9))))
-    return flat.topk(count, dim=1).values[:, -1]
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``N x 1 x H x W`` maps (radius ``ceil(3σ)``, replicate pad)."""
-    if sigma <= 0:
-        return x
-    r = int(math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    kern = torch.exp(-(t**2) / (2 * sigma**2))
-    kern = kern / kern.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kern.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kern.view(1, 1, -1, 1))
-
-
-def _grad_segments(
-    network: nn.Module, layer: str, x: torch.Tensor, sigma: float, level: float
-) -> torch.Tensor:
-    """GradMap segmentations of every filter (Liang et al. 2020 App. G) for one batch:
-    ``B x K x H x W``.
-
-    Gradient of the filter's average-pooled activation w.r.t. the input, L2 norm over input
-    channels, divided by its root mean square over the image, Gaussian blur ``σ``, segment
-    ``> level``. Images are independent in eval mode, so one backward pass per filter serves
-    the whole batch.
-    """
-    dev = model_device(network)
-    x = x.to(dev).detach().requires_grad_(True)
-    with record(network, layer, detach=False, freeze=True) as rec:
-        network(x)
-        a = rec.activations[layer]
-        _check_conv(layer, a)
-        pooled = a.mean((2, 3))  # B x K
-        segs = []
-        for k in range(pooled.shape[1]):
-            (grad,) = torch.autograd.grad(pooled[:, k].sum(), x, retain_graph=True)
-            m = grad.norm(dim=1, keepdim=True)  # B x 1 x H x W
-            rms = m.pow(2).mean((2, 3), keepdim=True).sqrt()
-            m = torch.where(rms > 0, m / torch.where(rms > 0, rms, 1.0), torch.zeros_like(m))
-            segs.append((_gaussian_blur(m, sigma) > level)[:, 0].cpu())
-    return torch.stack(segs, 1)
-
-
-def gate_localization(
-    gates: ClassSpecificGates | torch.Tensor,
-    model: nn.Module | None,
-    images: torch.Tensor,
-    masks: Any,
-    labels: torch.Tensor | None = None,
-    *,
-    layer: LayerSpec | None = None,
-    head_weight: torch.Tensor | None = None,
-    method: str = "activmap",
-    top: float = 0.3,
-    min_iou: float = 0.5,
-    sigma: float = 5.0,
-    level: float = 1.0,
-    threshold: float = 0.5,
-    others: float = 0.2,
-    batch_size: int = 32,
-) -> GateLocalization:
-    """Per-filter IoU / APn of gated class-specific filters vs the layer's filters ungated.
-
-    Seed 001 App. G (maps) and H (metrics); :doc:`/methods/cam`, §6. ActivMap: activation upsampled
-    bilinearly, segmented at the filter's top-``top`` threshold over the whole image set.
-    GradMap: see :func:`_grad_segments` (one backward pass per filter and batch). CAM:
-    ``Σ_k W_yk A_k`` upsampled, top ``top`` pixels of each map; gated CAM uses
-    ``W_yk G_yk``. IoU and APn come from :mod:`xnn_toolkit.metrics.localization`.
-
-    Parameters
-    ----------
-    gates : ClassSpecificGates or Tensor
-        A fitted estimator (its layer, network and head are used by default) or a ``C x K``
-        gate matrix (then ``model`` and ``layer`` are needed).
-    model : nn.Module or None
-        The network whose filters are scored; default the estimator's ``network_``. Left
-        unchanged.
-    images : Tensor
-        ``N x C x H x W`` model inputs.
-    masks : Tensor or PartBatch
-        ``N x H x W`` bool object masks at the images' size (a PartBatch gives its
-        ``object_mask`` and, when ``labels`` is None, its labels).
-    labels : Tensor, optional
-        ``N`` classes.
-    layer : layer spec, optional
-        The gated layer (default: the estimator's).
-    head_weight : Tensor, optional
-        ``C x K`` CAM weights (default: the estimator's head).
-    method : {"activmap", "gradmap"}
-    top : float
-        Fraction for the ActivMap threshold and the CAM segmentation (0.3).
-    min_iou : float
-        APn threshold as a fraction (0.5 for AP50).
-    sigma, level : float
-        GradMap blur (pixels) and segmentation level.
-    threshold, others : float
-        Class-specific filter rule (:meth:`ClassSpecificGates.class_filters`).
-    batch_size : int
-
-    Returns
-    -------
-    GateLocalization
-    """
-    from ..data.types import PartBatch
-    from ..metrics.localization import class_localization, filter_localization, iou
-    from ..metrics.ranking import top_pixels
-
-    if method not in MAP_METHODS:
-        raise InputError(f"method must be one of {MAP_METHODS}, got {method!r}")
-    if not 0 < top <= 1:
-        raise InputError(f"top must lie in (0, 1], got {top}")
-    if isinstance(gates, ClassSpecificGates):
-        gates._check_fitted()
-        g = gates.gates_
-        if model is None:
-            gates._check_fitted(need_network=True)
-            model = gates.network_
-        layer_name = resolve_layer(model, layer if layer is not None else gates.layer_)[0]
-        if head_weight is None:
-            head_weight = gates.head_.weight.detach()
-    else:
-        g = torch.as_tensor(gates)
-        if model is None or layer is None:
-            raise InputError("with a gate tensor, pass model= and layer= too")
-        layer_name = resolve_layer(model, layer)[0]
-    if g.dim() != 2:
-        raise InputError(f"gates must be C x K, got shape {tuple(g.shape)}")
-    c, k = g.shape
-    images = _check_images(images)
-    n = images.shape[0]
-    if isinstance(masks, PartBatch):
-        if labels is None:
-            labels = masks.labels
-        if masks.object_mask is None:
-            raise InputError("this PartBatch has no object_mask; pass N x H x W masks")
-        masks = masks.object_mask
-    if labels is None:
-        raise InputError("labels= is needed (the class of each image)")
-    y = as_labels(labels).reshape(-1)
-    masks = torch.as_tensor(masks)
-    if y.shape[0] != n or masks.shape != (n, *images.shape[-2:]):
-        raise InputError(
-            f"expected N = {n} labels and N x H x W = {(n, *images.shape[-2:])} masks, got "
-            f"{tuple(y.shape)} and {tuple(masks.shape)}"
-        )
-    _check_label_range(y, c)
-    masks = masks.bool()
-
-    acts = _layer_maps(model, layer_name, images, batch_size)  # N x K x h x w
-    if acts.shape[1] != k:
-        raise InputError(
-            f"layer {layer_name!r} has {acts.shape[1]} channels but the gates have K = {k}"
-        )
-    size = tuple(images.shape[-2:])
-    thr = _activ_thresholds(acts, top)
-    w = None
-    if head_weight is not None:
-        w = torch.as_tensor(head_weight).detach().float().cpu()
-        if w.shape != (c, k):
-            raise InputError(f"head_weight must be C x K = {(c, k)}, got {tuple(w.shape)}")
-    gf = g.detach().float().cpu()
-    ious, areas, cam_ious, camg_ious = [], [], [], []
-    with model_guard(model):
-        for i in range(0, n, batch_size):
-            a = acts[i : i + batch_size]
-            m = masks[i : i + batch_size]
-            yb = y[i : i + batch_size]
-            if method == "activmap":
-                up = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-                seg = up >= thr[None, :, None, None]
-            else:
-                seg = _grad_segments(model, layer_name, images[i : i + batch_size], sigma, level)
-            ious.append(iou(seg, m))
-            areas.append(seg.float().mean((-2, -1)))
-            if w is not None:
-                for weights, out in ((w[yb], cam_ious), (w[yb] * gf[yb], camg_ious)):
-                    cam = (a * weights[:, :, None, None]).sum(1, keepdim=True)
-                    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-                    out.append(iou(top_pixels(cam[:, 0], float(top)), m))
-    ious_t = torch.cat(ious)
-    table = filter_localization(ious_t, y, c, min_iou)
-    spec_class = torch.full((k,), -1, dtype=torch.long)
-    for ci in range(c):
-        spec_class[_class_filters(gf, ci, threshold, others)] = ci
-    sel = spec_class >= 0
-    nan = torch.full((k,), float("nan"), dtype=torch.float64)
-    rows = torch.arange(k)
-    cls = spec_class.clamp_min(0)
-    s_iou = torch.where(sel, table.iou_per_class[rows, cls].cpu(), nan)
-    s_ap = torch.where(sel, table.ap_per_class[rows, cls].cpu(), nan)
-    n_spec = int(sel.sum())
-    return GateLocalization(
-        method=method,
-        min_iou=min_iou,
-        filters=table,
-        specific_class=spec_class,
-        specific_iou_per_filter=s_iou,
-        specific_ap_per_filter=s_ap,
-        specific_iou=float(s_iou[sel].mean()) if n_spec else float("nan"),
-        specific_ap=float(s_ap[sel].mean()) if n_spec else float("nan"),
-        all_iou=table.iou,
-        all_ap=table.ap,
-        pooled_iou=float(ious_t.double().mean()),
-        pooled_ap=float((ious_t >= min_iou).double().mean()),
-        n_specific=n_spec,
-        cam=class_localization(torch.cat(cam_ious), y, c, min_iou) if w is not None else None,
-        cam_gated=(
-            class_localization(torch.cat(camg_ious), y, c, min_iou) if w is not None else None
-        ),
-        ious=ious_t,
-        areas=torch.cat(areas),
-    )

@@ -12,7 +12,8 @@ module                     what
 ``orthogonality``          ``O₁``, ``O₂`` (+ streaming covariance)
 ``locality``               pixel / keypoint / Voronoi (Alg. 3) / mask part probabilities,
                            locality entropy
-``localization``           IoU, APn tables, pointing game, energy pointing game, top-k
+``localization``           IoU, APn tables, pointing game, energy pointing game, top-k,
+                           the localization of class-specific gated filters
 ``curves``                 deletion / insertion curves and areas, masking test
 ``sanity``                 cascading randomisation, Spearman / Pearson similarity
 ``information``            Gaussian total correlation, channel–class mutual information
@@ -57,11 +58,13 @@ from .locality import (
 from .localization import (
     ClassLocalization,
     FilterLocalization,
+    GateLocalization,
     LocalizationAccumulator,
     box_masks,
     class_localization,
     energy_pointing_game,
     filter_localization,
+    gate_localization,
     iou,
     pointing_game,
     top_k_intersection,
@@ -84,6 +87,7 @@ __all__ = [
     "EntropySplit",
     "EntropySplitAccumulator",
     "FilterLocalization",
+    "GateLocalization",
     "Locality",
     "LocalityAccumulator",
     "LocalizationAccumulator",
@@ -108,6 +112,7 @@ __all__ = [
     "f_cls",
     "f_reg",
     "filter_localization",
+    "gate_localization",
     "gaussian_total_correlation",
     "insertion_curve",
     "iou",

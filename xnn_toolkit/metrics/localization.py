@@ -21,12 +21,15 @@ without images give NaN rows in per-class tables and are skipped in the argmax a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..data.types import PartBatch
 from ..errors import InputError
+from ..layers import LayerSpec
 from ._inputs import (
     _as_labels,
     _as_maps,
@@ -41,11 +44,13 @@ from .ranking import _pixel_count, pixel_ranks
 __all__ = [
     "ClassLocalization",
     "FilterLocalization",
+    "GateLocalization",
     "LocalizationAccumulator",
     "box_masks",
     "class_localization",
     "energy_pointing_game",
     "filter_localization",
+    "gate_localization",
     "iou",
     "pointing_game",
     "top_k_intersection",
@@ -435,3 +440,269 @@ def class_localization(
     ClassLocalization
     """
     return LocalizationAccumulator(num_classes, min_iou).update(ious, labels).class_result()
+
+
+# --------------------------------------------------------------------------- gates
+
+
+#: Filter maps of :func:`gate_localization`.
+MAP_METHODS = ("activmap", "gradmap")
+
+
+@dataclass
+class GateLocalization:
+    """Localization of class-specific filters vs all filters of the layer (Liang et al. 2020 App.
+    H).
+
+    Filter maps are read from the STD path (ungated), as at test time (:doc:`/methods/gates`). The
+    *gated* selection keeps, for each class ``c``, its class-specific filters (see
+    :meth:`~xnn_toolkit.heads.ClassSpecificGates.class_filters`) and scores each on the
+    images of class ``c``;
+    the *ungated* baseline scores every filter of the layer on the class it localizes best
+    (App. H.1, ``c* = argmax_c APn_c^k``, ties by the higher IoU), which favours the baseline.
+
+    The paper's own comparison (Liang et al. 2020 §5.1) is between networks: :attr:`all_iou` and
+    :attr:`all_ap` of a CSG fine-tune against those of the same fine-tune without gating,
+    ``ClassSpecificGates(recipe="finetune", lambda1=0.0, lambda2=0.0)`` with the same
+    ``random_state`` (``bench/gates.py --finetune`` runs both).
+
+    Attributes
+    ----------
+    method : str
+        ``"activmap"`` or ``"gradmap"``.
+    min_iou : float
+        The ``n %`` of APn as a fraction (0.5: AP50).
+    filters : FilterLocalization
+        App. H.1 tables over all ``K`` filters (``xnn_toolkit.metrics.localization``).
+    specific_class : Tensor
+        ``K`` int64: the class a filter is specific to, ``-1`` for none.
+    specific_iou_per_filter, specific_ap_per_filter : Tensor
+        ``K`` float64: ``IoU_c^k`` and ``APn_c^k`` on the filter's gated class (NaN for
+        non-specific filters).
+    specific_iou, specific_ap : float
+        Means over the class-specific filters (NaN when there is none).
+    all_iou, all_ap : float
+        Means over all filters of ``IoU^k`` and ``APn^k`` (App. H.1: each filter on the class
+        it localizes best).
+    pooled_iou, pooled_ap : float
+        Every filter on every image, with no class assigned (a filter without a gate serves
+        all classes): the mean IoU and the share of IoUs ``>= min_iou`` over all ``N x K``
+        pairs.
+    n_specific : int
+        Number of class-specific filters.
+    cam, cam_gated : ClassLocalization or None
+        App. H.2 for CAM ``Σ_k W_yk A_k`` with the head's weights for the true class, and for
+        the gated CAM ``Σ_k W_yk G_yk A_k`` (None when no head weights are known).
+    ious : Tensor
+        ``N x K`` per-image, per-filter IoU.
+    areas : Tensor
+        ``N x K`` share of each image's pixels in each filter's segment.
+    """
+
+    method: str
+    min_iou: float
+    filters: Any
+    specific_class: torch.Tensor
+    specific_iou_per_filter: torch.Tensor
+    specific_ap_per_filter: torch.Tensor
+    specific_iou: float
+    specific_ap: float
+    all_iou: float
+    all_ap: float
+    pooled_iou: float
+    pooled_ap: float
+    n_specific: int
+    cam: Any = None
+    cam_gated: Any = None
+    ious: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    areas: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def gate_localization(
+    gates: Any,
+    model: nn.Module | None,
+    images: torch.Tensor,
+    masks: Any,
+    labels: torch.Tensor | None = None,
+    *,
+    layer: LayerSpec | None = None,
+    head_weight: torch.Tensor | None = None,
+    method: str = "activmap",
+    top: float = 0.3,
+    min_iou: float = 0.5,
+    sigma: float = 5.0,
+    level: float = 1.0,
+    threshold: float = 0.5,
+    others: float = 0.2,
+    batch_size: int = 32,
+) -> GateLocalization:
+    """Per-filter IoU / APn of gated class-specific filters vs the layer's filters ungated.
+
+    Liang et al. 2020 App. G (maps) and H (metrics); :doc:`/methods/gates`. The filter maps
+    are those of :mod:`xnn_toolkit.attribution.filters`: ActivMap segments the bilinearly
+    upsampled activation above the filter's top-``top`` threshold over the whole image set
+    (:func:`~xnn_toolkit.attribution.filters.activation_thresholds`, exact here); GradMap
+    calls :class:`~xnn_toolkit.attribution.filters.GradMap` for every filter, sharing one
+    forward pass per batch. CAM: ``Σ_k W_yk A_k`` upsampled, top ``top`` pixels of each map;
+    gated CAM uses ``W_yk G_yk``. IoU and APn come from this module.
+
+    Parameters
+    ----------
+    gates : ClassSpecificGates or Tensor
+        A fitted estimator (its layer, network and head are used by default) or a ``C x K``
+        gate matrix (then ``model`` and ``layer`` are needed).
+    model : nn.Module or None
+        The network whose filters are scored; default the estimator's ``network_``. Left
+        unchanged.
+    images : Tensor
+        ``N x C x H x W`` model inputs.
+    masks : Tensor or PartBatch
+        ``N x H x W`` bool object masks at the images' size (a PartBatch gives its
+        ``object_mask`` and, when ``labels`` is None, its labels).
+    labels : Tensor, optional
+        ``N`` classes.
+    layer : layer spec, optional
+        The gated layer (default: the estimator's).
+    head_weight : Tensor, optional
+        ``C x K`` CAM weights (default: the estimator's head).
+    method : {"activmap", "gradmap"}
+    top : float
+        Fraction for the ActivMap threshold and the CAM segmentation (0.3).
+    min_iou : float
+        APn threshold as a fraction (0.5 for AP50).
+    sigma, level : float
+        GradMap blur (pixels) and segmentation level.
+    threshold, others : float
+        Class-specific filter rule (:meth:`~xnn_toolkit.heads.ClassSpecificGates.class_filters`).
+    batch_size : int
+
+    Returns
+    -------
+    GateLocalization
+    """
+    import torch.nn.functional as F
+
+    from .._device import model_device
+    from .._guard import model_guard
+    from ..attribution._capture import shared_passes
+    from ..attribution.filters import GradMap, activmap_masks, top_share_thresholds
+    from ..datafit import as_labels
+    from ..heads.gates import (
+        ClassSpecificGates,
+        _check_images,
+        _check_label_range,
+        _class_filters,
+        _layer_maps,
+    )
+    from ..layers import resolve_layer
+    from .ranking import top_pixels
+
+    if method not in MAP_METHODS:
+        raise InputError(f"method must be one of {MAP_METHODS}, got {method!r}")
+    if not 0 < top < 1:
+        raise InputError(f"top must lie in (0, 1), got {top}")
+    if isinstance(gates, ClassSpecificGates):
+        gates._check_fitted()
+        g = gates.gates_
+        if model is None:
+            gates._check_fitted(need_network=True)
+            model = gates.network_
+        layer_name = resolve_layer(model, layer if layer is not None else gates.layer_)[0]
+        if head_weight is None:
+            head_weight = gates.head_.weight.detach()
+    else:
+        g = torch.as_tensor(gates)
+        if model is None or layer is None:
+            raise InputError("with a gate tensor, pass model= and layer= too")
+        layer_name = resolve_layer(model, layer)[0]
+    if g.dim() != 2:
+        raise InputError(f"gates must be C x K, got shape {tuple(g.shape)}")
+    c, k = g.shape
+    images = _check_images(images)
+    n = images.shape[0]
+    if isinstance(masks, PartBatch):
+        if labels is None:
+            labels = masks.labels
+        if masks.object_mask is None:
+            raise InputError("this PartBatch has no object_mask; pass N x H x W masks")
+        masks = masks.object_mask
+    if labels is None:
+        raise InputError("labels= is needed (the class of each image)")
+    y = as_labels(labels).reshape(-1)
+    masks = torch.as_tensor(masks)
+    if y.shape[0] != n or masks.shape != (n, *images.shape[-2:]):
+        raise InputError(
+            f"expected N = {n} labels and N x H x W = {(n, *images.shape[-2:])} masks, got "
+            f"{tuple(y.shape)} and {tuple(masks.shape)}"
+        )
+    _check_label_range(y, c)
+    masks = masks.bool()
+
+    acts = _layer_maps(model, layer_name, images, batch_size)  # N x K x h x w
+    if acts.shape[1] != k:
+        raise InputError(
+            f"layer {layer_name!r} has {acts.shape[1]} channels but the gates have K = {k}"
+        )
+    size = tuple(images.shape[-2:])
+    # every position of every image: the exact top-``top`` threshold of each filter
+    thr = top_share_thresholds(acts.transpose(0, 1).reshape(k, -1), top)
+    gradmap = GradMap(model, layer_name, sigma=sigma, threshold=level)
+    w = None
+    if head_weight is not None:
+        w = torch.as_tensor(head_weight).detach().float().cpu()
+        if w.shape != (c, k):
+            raise InputError(f"head_weight must be C x K = {(c, k)}, got {tuple(w.shape)}")
+    gf = g.detach().float().cpu()
+    ious, areas, cam_ious, camg_ious = [], [], [], []
+    with model_guard(model):
+        for i in range(0, n, batch_size):
+            a = acts[i : i + batch_size]
+            m = masks[i : i + batch_size]
+            yb = y[i : i + batch_size]
+            if method == "activmap":
+                up = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+                seg = activmap_masks(up, thr[None, :])
+            else:  # one forward, one backward per filter
+                xb = images[i : i + batch_size].to(model_device(model))
+                with shared_passes(xb):
+                    seg = torch.stack([gradmap.attribute(xb, f).mask.cpu() for f in range(k)], 1)
+            ious.append(iou(seg, m))
+            areas.append(seg.float().mean((-2, -1)))
+            if w is not None:
+                for weights, out in ((w[yb], cam_ious), (w[yb] * gf[yb], camg_ious)):
+                    cam = (a * weights[:, :, None, None]).sum(1, keepdim=True)
+                    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+                    out.append(iou(top_pixels(cam[:, 0], float(top)), m))
+    ious_t = torch.cat(ious)
+    table = filter_localization(ious_t, y, c, min_iou)
+    spec_class = torch.full((k,), -1, dtype=torch.long)
+    for ci in range(c):
+        spec_class[_class_filters(gf, ci, threshold, others)] = ci
+    sel = spec_class >= 0
+    nan = torch.full((k,), float("nan"), dtype=torch.float64)
+    rows = torch.arange(k)
+    cls = spec_class.clamp_min(0)
+    s_iou = torch.where(sel, table.iou_per_class[rows, cls].cpu(), nan)
+    s_ap = torch.where(sel, table.ap_per_class[rows, cls].cpu(), nan)
+    n_spec = int(sel.sum())
+    return GateLocalization(
+        method=method,
+        min_iou=min_iou,
+        filters=table,
+        specific_class=spec_class,
+        specific_iou_per_filter=s_iou,
+        specific_ap_per_filter=s_ap,
+        specific_iou=float(s_iou[sel].mean()) if n_spec else float("nan"),
+        specific_ap=float(s_ap[sel].mean()) if n_spec else float("nan"),
+        all_iou=table.iou,
+        all_ap=table.ap,
+        pooled_iou=float(ious_t.double().mean()),
+        pooled_ap=float((ious_t >= min_iou).double().mean()),
+        n_specific=n_spec,
+        cam=class_localization(torch.cat(cam_ious), y, c, min_iou) if w is not None else None,
+        cam_gated=(
+            class_localization(torch.cat(camg_ious), y, c, min_iou) if w is not None else None
+        ),
+        ious=ious_t,
+        areas=torch.cat(areas),
+    )

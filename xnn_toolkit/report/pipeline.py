@@ -904,7 +904,8 @@ def _paths_section(report: Report, run: _Run) -> None:
 
 
 def _gates_section(report: Report, run: _Run) -> None:
-    from ..heads.gates import ClassSpecificGates, gate_localization
+    from ..heads.gates import ClassSpecificGates
+    from ..metrics.localization import gate_localization
     from ..viz.gates import class_filter_gallery, gate_matrix_figure
 
     cfg = run.cfg
