@@ -52,20 +52,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._device import model_device
-from .._guard import model_guard
 from .._io import checked_load, load_estimator_files, loaded_params, save_estimator_files
-from ..datafit import as_labels, data_fit
+from ..datafit import as_labels
 from ..errors import AssetError, InputError, NotFittedError
 from ..hooks import intervene
 from ._base import Head, keeps_global_rng
-from ._placement import auto_layers, check_layers
-from .paths import (
+from ._training import (
     _batches,
     _class_mean,
     _expand,
-    _first_images,
-    _known_labels,
     _RowOptimizer,
+    check_counts,
+    check_label_range,
+    epoch_loop,
+    prepare,
 )
 
 __all__ = [
@@ -437,8 +437,7 @@ class InformationDropout(Head):
         with intervene(model, {n: partial(run.edit, n) for n in names}, freeze=True):
             with torch.no_grad():
                 for x, y in _batches(data, self.batch_size, gen, door):
-                    if bool(((y < 0) | (y >= n_out)).any()):
-                        raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
+                    check_label_range(y, n_out)
                     rows = row_of[y]
                     counts += torch.bincount(rows[rows >= 0], minlength=len(counts))
                     model(x.to(dev))
@@ -478,34 +477,17 @@ class InformationDropout(Head):
         InformationDropout
             ``self``.
         """
-        from .paths import ClassPaths
-
         self._check_params()
-        door = data_fit(model, data, arg="data").images
-        model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
-        dev = model_device(model, self.device)
-        probe = door(_first_images(data), 0).to(dev)
-        layers = auto_layers(model, probe) if self.layers == "auto" else list(self.layers)
-        names, shapes = check_layers(model, layers, probe)
-        with model_guard(model, eval_mode=True), torch.no_grad():
-            out = model(probe)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            raise InputError("the model must return N x K logits")
-        n_out = int(out.shape[1])
-        # The class bookkeeping (rows, counts, errors) is the one of ClassPaths.
-        helper = ClassPaths(classes=self.classes, min_images=self.min_images)
-        cls, row_of = helper._rows_setup(n_out)
-        known = _known_labels(data)
-        if known is not None and bool(((known < 0) | (known >= n_out)).any()):
-            raise InputError(f"labels must be in 0..{n_out - 1} (the network's logits)")
+        fit = prepare(model, data, self.layers, self.device, self.classes)
+        model, dev, names, shapes, n_out = fit.model, fit.device, fit.names, fit.shapes, fit.n_out
+        cls, row_of = fit.classes, fit.row_of
         priors, mus, sigmas, scales, counts = self._survey(
-            model, data, names, dev, n_out, row_of, door
+            model, data, names, dev, n_out, row_of, fit.door
         )
         self.priors_, self.prior_mu_, self.prior_sigma_, self.scales_ = priors, mus, sigmas, scales
-        keep = helper._check_counts(counts, cls)
+        keep = check_counts(counts, cls, self.classes, self.min_images)
         n_rows = len(cls)
 
-        torch.manual_seed(self.random_state)
         logits: dict[str, torch.Tensor] = {}
         heads: dict[str, nn.Module] = {}
         if self.mode == "class":
@@ -527,46 +509,44 @@ class InformationDropout(Head):
         noise_gen = torch.Generator(device=dev).manual_seed(self.random_state)
         run = _DropRun(self, noise_gen)
         run.logits, run.heads, run.check = logits, heads, priors
-        gen = torch.Generator().manual_seed(self.random_state)
-        row_of_dev = row_of.to(dev)
-        history = []
+
+        def step(epoch: int, x, y, rows) -> dict[str, float]:
+            run.rows, run.noisy = rows, True
+            out = model(x)
+            run.noisy = False
+            ce = F.cross_entropy(out, y, reduction="none")
+            kl = ce.new_zeros(len(y))
+            for n in names:
+                kl = kl + self._kl(n, run.f[n], run.alpha[n]).flatten(1).mean(1)
+            ce_k = _class_mean(ce, rows, n_rows)
+            kl_k = _class_mean(kl, rows, n_rows) * self.beta
+            total = (ce_k + kl_k).sum()
+            if self.mode == "class":
+                grads = torch.autograd.grad(total, list(logits.values()))
+                present = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+                present[rows] = True
+                row_opt.step(grads, present)
+            else:
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+            run.f.clear()
+            run.alpha.clear()
+            return {
+                "ce": float(ce_k.detach().sum()),
+                "kl": float(kl_k.detach().sum()),
+                "total": float(total.detach()),
+            }
+
         with intervene(model, {n: partial(run.edit, n) for n in names}, freeze=True):
-            for _ in range(self.epochs):
-                sums = {"ce": 0.0, "kl": 0.0, "total": 0.0}
-                steps = 0
-                for x, y in _batches(data, self.batch_size, gen, door):
-                    y = y.to(dev)
-                    rows = row_of_dev[y]
-                    ok = rows >= 0
-                    if not bool(ok.any()):
-                        continue
-                    x, y, rows = x[ok.to(x.device)].to(dev), y[ok], rows[ok]
-                    run.rows, run.noisy = rows, True
-                    out = model(x)
-                    run.noisy = False
-                    ce = F.cross_entropy(out, y, reduction="none")
-                    kl = ce.new_zeros(len(y))
-                    for n in names:
-                        kl = kl + self._kl(n, run.f[n], run.alpha[n]).flatten(1).mean(1)
-                    ce_k = _class_mean(ce, rows, n_rows)
-                    kl_k = _class_mean(kl, rows, n_rows) * self.beta
-                    total = (ce_k + kl_k).sum()
-                    if self.mode == "class":
-                        grads = torch.autograd.grad(total, list(logits.values()))
-                        present = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-                        present[rows] = True
-                        row_opt.step(grads, present)
-                    else:
-                        opt.zero_grad(set_to_none=True)
-                        total.backward()
-                        opt.step()
-                    run.f.clear()
-                    run.alpha.clear()
-                    sums["ce"] += float(ce_k.detach().sum())
-                    sums["kl"] += float(kl_k.detach().sum())
-                    sums["total"] += float(total.detach())
-                    steps += 1
-                history.append({k: v / max(steps, 1) for k, v in sums.items()})
+            history = epoch_loop(
+                fit,
+                data,
+                epochs=self.epochs,
+                batch_size=self.batch_size,
+                gen=torch.Generator().manual_seed(self.random_state),
+                step=step,
+            )
         self.layers_ = names
         self.n_outputs_ = n_out
         self.history_ = history
