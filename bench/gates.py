@@ -411,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _ovr_mi(features, labels, num_classes, **kw):
     """``K x C`` one-vs-rest mutual information (the metrics module's per-class table)."""
     return mutual_information_score(features, labels, num_classes, **kw).per_class.cpu()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
