@@ -109,7 +109,7 @@ KNOWN_UNRESOLVED = [
     # functions and classes of internal modules
     "xnn_toolkit.heads._nmf_solvers.fit_full",
     "xnn_toolkit.heads._nmf_solvers.fit_online",
-    "xnn_toolkit.heads.gates.block_order",
+    "xnn_toolkit.heads.gate_objective.block_order",
     "xnn_toolkit.report.heatmaps.class_method",
     "xnn_toolkit.report.score_metrics.MetricSpec",
 ]

@@ -14,8 +14,7 @@ from torch import nn
 
 from xnn_toolkit._guard import HOOK_DICTS, model_guard
 from xnn_toolkit.errors import InputError, LayerNotFoundError, NotFittedError
-from xnn_toolkit.heads.gates import (
-    ClassSpecificGates,
+from xnn_toolkit.heads.gate_objective import (
     block_order,
     default_g,
     density_bounds,
@@ -24,6 +23,7 @@ from xnn_toolkit.heads.gates import (
     project_gates,
     sparsity_penalty,
 )
+from xnn_toolkit.heads.gates import ClassSpecificGates
 from xnn_toolkit.metrics import gate_localization, mutual_information_score
 
 C, K = 4, 16

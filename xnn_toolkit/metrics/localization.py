@@ -587,13 +587,9 @@ def gate_localization(
     from ..attribution._capture import shared_passes
     from ..attribution.filters import GradMap, activmap_masks, top_share_thresholds
     from ..datafit import as_labels
-    from ..heads.gates import (
-        ClassSpecificGates,
-        _check_images,
-        _check_label_range,
-        _class_filters,
-        _layer_maps,
-    )
+    from ..heads._gate_data import _check_images, _layer_maps
+    from ..heads.gate_objective import _check_label_range, _class_filters
+    from ..heads.gates import ClassSpecificGates
     from ..layers import resolve_layer
     from .ranking import top_pixels
 

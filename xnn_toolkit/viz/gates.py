@@ -1,7 +1,7 @@
 """Figures of class-specific gates (:doc:`/methods/gates`, Liang et al. 2020 Fig. 4 / App. E).
 
 - :func:`gate_matrix_figure`: the gate matrix, classes x filters, with the filters ordered by
-  :func:`xnn_toolkit.heads.gates.block_order` (by the class of their largest gate, then the
+  :func:`xnn_toolkit.heads.gate_objective.block_order` (by the class of their largest gate, then the
   most exclusive first) so that its class blocks show;
 - :func:`class_filter_gallery`: for one class, a few of its images and the ActivMaps of its
   top filters (class-specific ones first), drawn with
@@ -21,7 +21,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import InputError
-from ..heads.gates import block_order
+from ..heads.gate_objective import block_order
 from .heatmaps import DisplayFigure, heatmap_grid
 
 __all__ = ["gate_matrix_figure", "class_filter_gallery", "top_class_filters"]
@@ -45,7 +45,7 @@ def gate_matrix_figure(
     class_names : sequence of str, optional
         ``C`` row labels.
     ordered : bool
-        Reorder the columns by :func:`~xnn_toolkit.heads.gates.block_order`; the x tick
+        Reorder the columns by :func:`~xnn_toolkit.heads.gate_objective.block_order`; the x tick
         labels then give the original filter indices (when ``K <= 64``).
     cmap : str
     width : float
