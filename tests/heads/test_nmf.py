@@ -24,15 +24,13 @@ from torch import nn
 from xnn_toolkit.errors import AssetError, InputError, LayerNotFoundError, NotFittedError
 from xnn_toolkit.heads import (
     NMFConcepts,
-    NMFFaithfulness,
     PerClassNMF,
-    concept_importance,
     concept_maps,
-    nmf_faithfulness,
     select_rank,
     top_images,
 )
 from xnn_toolkit.heads import _nmf_solvers as solvers
+from xnn_toolkit.metrics import NMFFaithfulness, concept_importance, nmf_faithfulness
 
 # --------------------------------------------------------------------------------------------
 # Fixtures

@@ -3,22 +3,15 @@
 XNN / SRAE and its baselines (:doc:`/methods/xnn`), NMF concepts (§3), information-bottleneck class
 paths and information-dropout masks (§4), class-specific gates (§5). Each follows the
 scikit-learn estimator conventions: hyperparameters in ``__init__``, ``fit`` returns
-``self``, learned attributes end in ``_``, ``save`` / ``load`` without pickle.
+``self``, learned attributes end in ``_``, ``save`` / ``load`` without pickle. What the
+fitted heads do to the model (NMF faithfulness and concept importance, the gates'
+localization) are metrics (:mod:`xnn_toolkit.metrics`).
 """
 
 from .gates import ClassSpecificGates, GateScores
 from .infodrop import InformationDropout
-from .nmf import (
-    NMFConcepts,
-    NMFFaithfulness,
-    PerClassNMF,
-    RankTable,
-    concept_importance,
-    concept_maps,
-    nmf_faithfulness,
-    select_rank,
-    top_images,
-)
+from .nmf import NMFConcepts
+from .nmf_tools import PerClassNMF, RankTable, concept_maps, select_rank, top_images
 from .paths import ClassPaths, HitRates, Misclassification
 from .xnn import XNN, LassoXNN
 
@@ -32,12 +25,9 @@ __all__ = [
     "LassoXNN",
     "Misclassification",
     "NMFConcepts",
-    "NMFFaithfulness",
     "PerClassNMF",
     "RankTable",
-    "concept_importance",
     "concept_maps",
-    "nmf_faithfulness",
     "select_rank",
     "top_images",
 ]

@@ -17,11 +17,14 @@ module                     what
 ``curves``                 deletion / insertion curves and areas, masking test
 ``sanity``                 cascading randomisation, Spearman / Pearson similarity
 ``information``            Gaussian total correlation, channel–class mutual information
+``concepts``               NMF faithfulness (reconstruction in the forward pass), concept
+                           importance
 ``invariance``             SHADE entropies, binned entropy split, BinAct test, probes
 =========================  ===========================================================
 """
 
 from ._inputs import resize_heatmaps
+from .concepts import NMFFaithfulness, concept_importance, nmf_faithfulness
 from .covariance import CovarianceAccumulator
 from .curves import Curve, MaskingResult, deletion_curve, insertion_curve, masking_test
 from .faithfulness import f_cls, f_reg
@@ -93,6 +96,7 @@ __all__ = [
     "LocalizationAccumulator",
     "MaskingResult",
     "MutualInformationScore",
+    "NMFFaithfulness",
     "Orthogonality",
     "OrthogonalityAccumulator",
     "ProbeReport",
@@ -105,6 +109,7 @@ __all__ = [
     "cascading_randomization",
     "class_conditional_entropy",
     "class_localization",
+    "concept_importance",
     "decodability_probes",
     "deletion_curve",
     "energy_pointing_game",
@@ -121,6 +126,7 @@ __all__ = [
     "mask_part_probabilities",
     "masking_test",
     "mutual_information_score",
+    "nmf_faithfulness",
     "orthogonality",
     "orthogonality_scores",
     "pearson_correlation",

@@ -60,7 +60,7 @@ def photo_sections(
         ``report``.
     """
     from ..heads import NMFConcepts
-    from ..heads.nmf import concept_maps
+    from ..heads.nmf_tools import concept_maps
     from ..hooks import record
     from ..models import load_model
     from ..viz.concepts import concept_overlay

@@ -742,8 +742,10 @@ def _localization_section(report: Report, run: _Run) -> None:
 
 
 def _nmf_section(report: Report, run: _Run) -> None:
-    from ..heads.nmf import NMFConcepts, concept_importance, concept_maps, nmf_faithfulness
-    from ..heads.nmf import top_images as concept_top_images
+    from ..heads.nmf import NMFConcepts
+    from ..heads.nmf_tools import concept_maps
+    from ..heads.nmf_tools import top_images as concept_top_images
+    from ..metrics.concepts import concept_importance, nmf_faithfulness
     from ..viz.concepts import concept_gallery
     from ..viz.heatmaps import overlay_grid
 

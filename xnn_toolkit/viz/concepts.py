@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
-from ..heads.nmf import concept_maps
+from ..heads.nmf_tools import concept_maps
 from .heatmaps import FORMATS, save_figure
 
 __all__ = ["concept_overlay", "concept_gallery"]
