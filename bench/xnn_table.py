@@ -1,7 +1,7 @@
 """Our Table 3.1 (Khorram 2020): XNN heads on fc6 of the bundled VGG, all classes (issue 4).
 
-Fits SRAE, NN, SAE, CAE (:class:`~xnn_toolkit.heads.xnn.XNN`, the thesis's defaults: hidden
-800, 100, n = 5, β = η = q = 1) and Lasso (:class:`~xnn_toolkit.heads.xnn.LassoXNN`, its α
+Fits SRAE, NN, SAE, CAE (:class:`~xnn_toolkit.heads.XNN`, the thesis's defaults: hidden
+800, 100, n = 5, β = η = q = 1) and Lasso (:class:`~xnn_toolkit.heads.LassoXNN`, its α
 sweep) one-vs-all on ``fc6`` of ``bundled:vgg_synth`` for every class of the synthetic part
 data (docs/methods/xnn.rst), then scores them as in docs/methods/metrics.rst:
 
@@ -172,7 +172,7 @@ def main() -> None:
 
     from xnn_toolkit import default_read_layer, extract, load_model
     from xnn_toolkit.data import PartBatch, SyntheticParts
-    from xnn_toolkit.heads.xnn import XNN, LassoXNN
+    from xnn_toolkit.heads import XNN, LassoXNN
     from xnn_toolkit.metrics import f_cls, f_reg, locality, orthogonality
     from xnn_toolkit.metrics import voronoi_part_probabilities as voronoi
     from xnn_toolkit.report.heatmaps import class_heatmaps, xfeature_heatmaps

@@ -13,20 +13,22 @@ from torch import nn
 
 from xnn_toolkit.errors import InputError, LayerNotFoundError, NotFittedError
 from xnn_toolkit.heads._placement import auto_layers, check_layers
-from xnn_toolkit.heads.paths import (
-    PAPER_BETAS,
-    ClassPaths,
+from xnn_toolkit.heads._training import _RowOptimizer
+from xnn_toolkit.heads.path_analysis import (
     HitRates,
-    _RowOptimizer,
-    binarize,
-    code_objective,
     composite_2x2,
     hit_rate,
     jaccard_matrix,
-    mask_from_logit,
     misclassification_analysis,
-    paper_objective,
     path_similarity,
+)
+from xnn_toolkit.heads.paths import (
+    PAPER_BETAS,
+    ClassPaths,
+    binarize,
+    code_objective,
+    mask_from_logit,
+    paper_objective,
 )
 from xnn_toolkit.zoo import resnet_small, vgg_small
 

@@ -10,9 +10,9 @@ import torch
 from torch.nn import functional as F
 
 from xnn_toolkit.errors import InputError, NotFittedError
-from xnn_toolkit.heads.xnn import (
-    XNN,
-    LassoXNN,
+from xnn_toolkit.heads.lasso_xnn import LassoXNN
+from xnn_toolkit.heads.xnn import XNN
+from xnn_toolkit.heads.xnn_network import (
     _GroupedLinear,
     faithfulness_loss,
     pull_away_loss,
@@ -270,7 +270,7 @@ def test_heads_trained_in_blocks_equal_heads_trained_together():
 
 
 def test_auto_heads_per_step_blocks_by_weight_size_on_cpu():
-    from xnn_toolkit.heads.xnn import _GroupedXNN
+    from xnn_toolkit.heads.xnn_network import _GroupedXNN
 
     est = XNN()
     mod = _GroupedXNN(
@@ -322,7 +322,7 @@ def test_lasso_matches_sklearn_at_chosen_alpha():
 
 def test_predictor_init_gives_every_head_both_signs():
     """All-equal signs of v leave a head unable to reach logits of the other sign."""
-    from xnn_toolkit.heads.xnn import _GroupedXNN
+    from xnn_toolkit.heads.xnn_network import _GroupedXNN
 
     for n in (2, 3, 5):
         mod = _GroupedXNN(

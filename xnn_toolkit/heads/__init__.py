@@ -10,10 +10,12 @@ localization) are metrics (:mod:`xnn_toolkit.metrics`).
 
 from .gates import ClassSpecificGates, GateScores
 from .infodrop import InformationDropout
+from .lasso_xnn import LassoXNN
 from .nmf import NMFConcepts
 from .nmf_tools import PerClassNMF, RankTable, concept_maps, select_rank, top_images
-from .paths import ClassPaths, HitRates, Misclassification
-from .xnn import XNN, LassoXNN
+from .path_analysis import HitRates, Misclassification
+from .paths import ClassPaths
+from .xnn import XNN
 
 __all__ = [
     "XNN",

@@ -307,7 +307,7 @@ class InformationDropout(Head):
     Parameters
     ----------
     layers : "auto" or sequence of layer specs
-        Where to inject noise (same placement as :class:`~xnn_toolkit.heads.paths.ClassPaths`).
+        Where to inject noise (same placement as :class:`~xnn_toolkit.heads.ClassPaths`).
         ``N x C x H x W`` and ``N x D`` outputs are supported.
     prior : {"auto", "log_uniform", "log_normal"}
         ``log_uniform`` for ReLU layers (``f ≥ 0``), ``log_normal`` for strictly positive
@@ -325,7 +325,7 @@ class InformationDropout(Head):
         Report the log-uniform KL as ``−log(α/(α_max + α_min))`` (≥ 0) instead of ``−log α``
         (the two differ by a constant and have the same gradients).
     lr, epochs, batch_size : training schedule (Adam).
-    classes, min_images : as in :class:`~xnn_toolkit.heads.paths.ClassPaths` (class mode).
+    classes, min_images : as in :class:`~xnn_toolkit.heads.ClassPaths` (class mode).
     random_state : int
         Seed of the batch order and of the noise.
     device : str or torch.device, optional

@@ -301,7 +301,8 @@ def _fit_xnn(
     Positives per class: 80 % of the rarest class's images (at most 200, the thesis's CUB
     setting has 50); negatives: all other images up to 8 000 (:doc:`/methods/xnn`).
     """
-    from ..heads.xnn import XNN, LassoXNN
+    from ..heads.lasso_xnn import LassoXNN
+    from ..heads.xnn import XNN
 
     counts = torch.bincount(bank.labels)
     n_pos = max(2, min(200, int(int(counts[counts > 0].min()) * 0.8)))
