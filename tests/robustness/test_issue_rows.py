@@ -355,7 +355,7 @@ def test_existing_out_under_torchrun_is_one_line_on_every_rank(tmp_path, capsys,
 
 
 def test_every_shard_is_scored_with_the_configured_threads(vgg, monkeypatch):
-    import xnn_toolkit.report.scoring as scoring
+    import xnn_toolkit.report._score_shard as scoring
 
     seen = []
     real = scoring._heatmaps
