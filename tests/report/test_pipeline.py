@@ -286,7 +286,7 @@ def test_missing_train_split_fits_on_unscored_test_images(tmp_path, monkeypatch)
 
 def test_orthogonality_per_class_counts_dead_x_features_without_warning(recwarn):
     from xnn_toolkit.metrics import orthogonality
-    from xnn_toolkit.report.pipeline import _orthogonality_per_class
+    from xnn_toolkit.report._explain_stages import _orthogonality_per_class
 
     gen = torch.Generator().manual_seed(0)
     maps = torch.rand(6, 3, 4, 4, generator=gen)
