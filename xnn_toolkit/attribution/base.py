@@ -274,7 +274,7 @@ def _check_inputs(inputs: object, model: nn.Module | None = None) -> torch.Tenso
     """The batch a method may use: 4-D, float, finite, the model's channels, dtype and
     device (a float64 batch for a float32 model is converted; NaN is refused, since it
     would come back as a NaN heatmap that looks like a result)."""
-    from ..models import _first_conv_channels, check_input
+    from ..preprocessing import _first_conv_channels, check_input
 
     if not isinstance(inputs, torch.Tensor):
         raise InputError(f"inputs must be a tensor N x C x H x W, got {type(inputs).__name__}")

@@ -319,8 +319,8 @@ def _figures(
     from ..data import load_dataset
     from ..layers import default_read_layer, resolve_layer
     from ..viz.heatmaps import heatmap_grid, xnn_figure
-    from .heatmaps import class_heatmaps, xfeature_heatmaps
     from ._explain_stages import _fit_xnn, _logits
+    from .heatmaps import class_heatmaps, xfeature_heatmaps
     from .pipeline import _fc_layer, _images, _load
 
     torch.manual_seed(seed)
