@@ -134,7 +134,7 @@ def linear_probe(model: nn.Module, layer: str, x, y, epochs: int, batch: int, se
 
 def fit_seconds(model, x, y, **kw) -> tuple[float, ClassSpecificGates]:
     t0 = time.perf_counter()
-    est = ClassSpecificGates(**kw).fit(model, x, y)
+    est = ClassSpecificGates(**kw).fit(model, (x, y))
     return time.perf_counter() - t0, est
 
 

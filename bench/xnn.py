@@ -111,13 +111,13 @@ def run(name: str, s: Setting, reps: int, xnn: type, profile: bool = False) -> d
 
     def grouped(**extra) -> float:
         t = time.perf_counter()
-        xnn(**kw, **extra).fit(z, logits, labels)
+        xnn(**kw, **extra).fit(z, logits, labels=labels)
         return time.perf_counter() - t
 
     def one_by_one() -> float:
         t = time.perf_counter()
         for k in range(s.classes):
-            xnn(classes=[k], **kw).fit(z, logits, labels)
+            xnn(classes=[k], **kw).fit(z, logits, labels=labels)
         return time.perf_counter() - t
 
     sides = {"auto": grouped}

@@ -266,7 +266,7 @@ def frozen(data):
     model = tiny_cnn()
     model.train()  # the user's mode, restored after fit
     before = snapshot(model)
-    est = ClassSpecificGates(g=0.5 * C * K, epochs=45, batch_size=32, lr=1e-2).fit(model, *data)
+    est = ClassSpecificGates(g=0.5 * C * K, epochs=45, batch_size=32, lr=1e-2).fit(model, data)
     return model, before, est
 
 
@@ -369,7 +369,7 @@ def test_step_loss_is_the_objective():
 def test_fit_is_deterministic(data):
     x, y = data
     kw = dict(g=0.5 * C * K, epochs=9, batch_size=64, random_state=3)
-    a = ClassSpecificGates(**kw).fit(tiny_cnn(), x, y)
+    a = ClassSpecificGates(**kw).fit(tiny_cnn(), (x, y))
     b = ClassSpecificGates(**kw).fit(tiny_cnn(), (x, y))
     assert torch.equal(a.gates_, b.gates_)
     assert torch.equal(a.head_.weight, b.head_.weight)
@@ -383,7 +383,7 @@ def test_finetune_fit_copies_and_leaves_model_unchanged(data):
     before = snapshot(model)
     est = ClassSpecificGates(
         recipe="finetune", g=0.5 * C * K, epochs=45, batch_size=32, lr=1e-2, lr_backbone=1e-3
-    ).fit(model, x, y)
+    ).fit(model, (x, y))
     assert_same(snapshot(model), before)
     assert est.network_ is not model
     assert est.finetune_ == ["3", "4"]  # the conv before the gated pool, and its BN
@@ -415,16 +415,16 @@ def test_zero_lambdas_are_the_ungated_control(data):
         lr_backbone=1e-2,
         random_state=1,
     )
-    a = ClassSpecificGates(init=0.5, **kw).fit(tiny_cnn(), x, y)
-    b = ClassSpecificGates(init=0.9, **kw).fit(tiny_cnn(), x, y)
+    a = ClassSpecificGates(init=0.5, **kw).fit(tiny_cnn(), (x, y))
+    b = ClassSpecificGates(init=0.9, **kw).fit(tiny_cnn(), (x, y))
     sa, sb = a.network_.state_dict(), b.network_.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a.head_.weight, b.head_.weight)
     assert torch.equal(a.gates_, torch.ones(C, K)) and torch.equal(b.gates_, torch.ones(C, K))
     assert not torch.equal(sa["3.weight"], tiny_cnn().state_dict()["3.weight"])  # it trained
     # and with gating the init does matter
-    g1 = ClassSpecificGates(init=0.5, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), x, y)
-    g2 = ClassSpecificGates(init=0.9, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), x, y)
+    g1 = ClassSpecificGates(init=0.5, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), (x, y))
+    g2 = ClassSpecificGates(init=0.9, **dict(kw, lambda1=2.0, lambda2=0.05)).fit(tiny_cnn(), (x, y))
     assert not torch.equal(g1.gates_, g2.gates_)
 
 
@@ -433,12 +433,14 @@ def test_finetune_explicit_blocks_checked(data):
     model = tiny_cnn()
     with pytest.raises(InputError, match="runs after the gated layer"):
         ClassSpecificGates(recipe="finetune", layer="5", finetune=["9"], epochs=6, g=32.0).fit(
-            model, x, y
+            model, (x, y)
         )
     with pytest.raises(InputError, match="no parameters"):
-        ClassSpecificGates(recipe="finetune", finetune=["1"], epochs=6, g=32.0).fit(model, x, y)
+        ClassSpecificGates(recipe="finetune", finetune=["1"], epochs=6, g=32.0).fit(model, (x, y))
     with pytest.raises(LayerNotFoundError):
-        ClassSpecificGates(recipe="finetune", finetune=["nope"], epochs=6, g=32.0).fit(model, x, y)
+        ClassSpecificGates(recipe="finetune", finetune=["nope"], epochs=6, g=32.0).fit(
+            model, (x, y)
+        )
 
 
 def test_evaluate_literal(frozen, data):
@@ -472,7 +474,7 @@ def test_dataset_and_loader_inputs(data):
     )
     a = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), ds)
     b = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), loader)
-    c = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), x[:96], y[:96])
+    c = ClassSpecificGates(g=32.0, epochs=6, batch_size=32).fit(tiny_cnn(), (x[:96], y[:96]))
     assert torch.equal(a.gates_, c.gates_) and torch.equal(b.gates_, c.gates_)
 
 
@@ -483,27 +485,29 @@ def test_bad_inputs_raise_clear_errors(data):
     x, y = data
     model = tiny_cnn()
     with pytest.raises(InputError, match="no channels to gate"):
-        ClassSpecificGates(layer="8", epochs=6).fit(model, x, y)  # Flatten: N x K
+        ClassSpecificGates(layer="8", epochs=6).fit(model, (x, y))  # Flatten: N x K
     with pytest.raises(InputError, match="feasible minimum K = 16"):
-        ClassSpecificGates(g=15.0, epochs=6).fit(model, x, y)
+        ClassSpecificGates(g=15.0, epochs=6).fit(model, (x, y))
     with pytest.raises(InputError, match=r"labels must lie in \[0, 4\)"):
-        ClassSpecificGates(g=32.0, epochs=6).fit(model, x, y + 1)
+        ClassSpecificGates(g=32.0, epochs=6).fit(model, (x, y + 1))
     with pytest.raises(InputError, match=r"labels must lie in \[0, 3\)"):
-        ClassSpecificGates(g=32.0, epochs=6, num_classes=3).fit(model, x, y)
+        ClassSpecificGates(g=32.0, epochs=6, num_classes=3).fit(model, (x, y))
     with pytest.raises(InputError, match="head_init='model'"):
-        ClassSpecificGates(g=32.0, epochs=6, num_classes=5, head_init="model").fit(model, x, y)
-    with pytest.raises(InputError, match="labels= is missing"):
+        ClassSpecificGates(g=32.0, epochs=6, num_classes=5, head_init="model").fit(model, (x, y))
+    with pytest.raises(
+        InputError, match=r"without their labels; pass fit\(model, \(images, labels\)\)"
+    ):
         ClassSpecificGates(epochs=6).fit(model, x)
     with pytest.raises(LayerNotFoundError, match="no layer named"):
-        ClassSpecificGates(layer="layer44", epochs=6).fit(model, x, y)
+        ClassSpecificGates(layer="layer44", epochs=6).fit(model, (x, y))
     with pytest.raises(InputError, match="recipe must be"):
-        ClassSpecificGates(recipe="both").fit(model, x, y)
+        ClassSpecificGates(recipe="both").fit(model, (x, y))
     with pytest.raises(InputError, match="only recipe='finetune'"):
-        ClassSpecificGates(finetune=["3"]).fit(model, x, y)
+        ClassSpecificGates(finetune=["3"]).fit(model, (x, y))
     with pytest.raises(InputError, match="no CSG epoch"):
-        ClassSpecificGates(epochs=3, warmup=3).fit(model, x, y)
+        ClassSpecificGates(epochs=3, warmup=3).fit(model, (x, y))
     with pytest.raises(InputError, match="csg_ratio"):
-        ClassSpecificGates(csg_every=2, csg_ratio=3).fit(model, x, y)
+        ClassSpecificGates(csg_every=2, csg_ratio=3).fit(model, (x, y))
     with pytest.raises(InputError, match="one-shot"):
         ClassSpecificGates(recipe="finetune").fit(model, iter([(x, y)]))
     with pytest.raises(NotFittedError):
@@ -518,9 +522,9 @@ def test_model_unchanged_when_fit_raises(data):
     model.train()
     before = snapshot(model)
     with pytest.raises(InputError):
-        ClassSpecificGates(g=32.0, epochs=6).fit(model, x, y + 1)
+        ClassSpecificGates(g=32.0, epochs=6).fit(model, (x, y + 1))
     with pytest.raises(InputError):
-        ClassSpecificGates(recipe="finetune", g=32.0, epochs=6).fit(model, x, y + 1)
+        ClassSpecificGates(recipe="finetune", g=32.0, epochs=6).fit(model, (x, y + 1))
     assert_same(snapshot(model), before)
 
 
@@ -548,7 +552,7 @@ def test_save_load_finetune(tmp_path, data):
     x, y = data
     model = tiny_cnn()
     est = ClassSpecificGates(recipe="finetune", g=32.0, epochs=6, lr_backbone=1e-2).fit(
-        model, x[:64], y[:64]
+        model, (x[:64], y[:64])
     )
     est.save(tmp_path / "ft")
     back = ClassSpecificGates.load(tmp_path / "ft", model=model)

@@ -70,10 +70,10 @@ def _fit(cls):
     z, logits, labels = _problem()
     if cls is XNN:
         h = XNN(n_features=2, hidden=(4,), n_positive=30, n_negative=60, max_epochs=2)
-        return h.fit(z, logits, labels), lambda m: m.predict(z)
+        return h.fit(z, logits, labels=labels), lambda m: m.predict(z)
     if cls is LassoXNN:
         h = LassoXNN(n_features=2, n_positive=30, n_negative=60)
-        return h.fit(z, logits, labels), lambda m: m.predict(z)
+        return h.fit(z, logits, labels=labels), lambda m: m.predict(z)
     acts = torch.relu(torch.randn(12, 5, 4, 4, generator=torch.Generator().manual_seed(1)))
     if cls is NMFConcepts:
         return NMFConcepts(rank=2).fit(acts), lambda m: m.transform(acts)
@@ -141,3 +141,28 @@ def test_global_rng_kept_restores_on_error_and_can_fail():
     assert torch.equal(torch.random.get_rng_state(), state)
     torch.rand(3)  # without the guard, the state moves: the check above can fail
     assert not torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_two_fit_shapes():
+    """Heads fitted on activations: fit(X, y=None, *, layer=None, ...); heads fitted through
+    the model: fit(model, data)."""
+    import inspect
+
+    from xnn_toolkit.heads import (
+        XNN,
+        ClassPaths,
+        ClassSpecificGates,
+        InformationDropout,
+        LassoXNN,
+        NMFConcepts,
+    )
+
+    for cls in (XNN, LassoXNN, NMFConcepts):
+        params = list(inspect.signature(cls.fit).parameters.values())
+        assert [p.name for p in params[:3]] == ["self", "X", "y"], cls
+        assert params[2].default is None
+        rest = {p.name: p.kind for p in params[3:]}
+        assert rest.get("layer") == inspect.Parameter.KEYWORD_ONLY, cls
+        assert all(k == inspect.Parameter.KEYWORD_ONLY for k in rest.values()), cls
+    for cls in (ClassPaths, InformationDropout, ClassSpecificGates):
+        assert list(inspect.signature(cls.fit).parameters) == ["self", "model", "data"], cls

@@ -91,7 +91,7 @@ def test_batched_losses_equal_per_head_losses():
     """The grouped objective is the sum of the heads' own objectives (heads independent)."""
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=1)
-    m.fit(z, logits, labels)
+    m.fit(z, logits, labels=labels)
     mod = m.module_
     idx = torch.randint(0, len(z), (4, 16))
     pos = torch.rand(4, 16) < 0.3
@@ -124,7 +124,7 @@ def test_batched_losses_equal_per_head_losses():
 def test_gradients_reach_every_part():
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=1)
-    m.fit(z, logits, labels)
+    m.fit(z, logits, labels=labels)
     idx = torch.randint(0, len(z), (4, 32))
     loss = m._losses(
         m.module_,
@@ -161,7 +161,7 @@ def test_faithful_kinds_fit_a_low_rank_problem(kind):
         lr=3e-3,
         random_state=0,
     )
-    m.fit(z, logits, labels)
+    m.fit(z, logits, labels=labels)
     err = (m.predict(z) - logits[:, m.classes_]).abs().mean()
     spread = logits.abs().mean()
     assert err < 0.2 * spread, (kind, float(err), float(spread))
@@ -173,7 +173,7 @@ def test_faithful_kinds_fit_a_low_rank_problem(kind):
 def test_cae_predictor_is_weighted_least_squares():
     z, logits, labels = _problem()
     m = XNN(n_features=3, kind="cae", hidden=(16,), n_positive=40, n_negative=300, max_epochs=5)
-    m.fit(z, logits, labels)
+    m.fit(z, logits, labels=labels)
     # Re-derive v for head 0 from the same training rows with numpy's lstsq.
     g = torch.Generator().manual_seed(0)
     from xnn_toolkit.heads.xnn import _split_head_indices
@@ -193,7 +193,7 @@ def test_conv_variant_shapes_and_target_module():
     logits = z.mean((2, 3)) @ torch.randn(8, 3, generator=g)
     labels = torch.arange(600) % 3
     m = XNN(n_features=2, hidden=(6,), n_positive=30, n_negative=200, max_epochs=3).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     assert m.spatial_ == (3, 3)
     assert m.transform(z).shape == (600, 3, 2)
@@ -205,7 +205,7 @@ def test_conv_variant_shapes_and_target_module():
 def test_target_module_matches_transform_fc():
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8, 4), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     for i, c in enumerate(m.classes_.tolist()):
         torch.testing.assert_close(
@@ -216,7 +216,7 @@ def test_target_module_matches_transform_fc():
 def test_save_load_round_trip(tmp_path):
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     m.save(tmp_path / "head")
     back = XNN.load(tmp_path / "head")
@@ -228,8 +228,8 @@ def test_save_load_round_trip(tmp_path):
 def test_seeded_fits_are_identical():
     z, logits, labels = _problem()
     kw = dict(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=3)
-    a = XNN(**kw).fit(z, logits, labels).predict(z)
-    b = XNN(**kw).fit(z, logits, labels).predict(z)
+    a = XNN(**kw).fit(z, logits, labels=labels).predict(z)
+    b = XNN(**kw).fit(z, logits, labels=labels).predict(z)
     torch.testing.assert_close(a, b)
 
 
@@ -247,9 +247,9 @@ def test_heads_trained_in_blocks_equal_heads_trained_together():
         patience=10,
         batch_size=10_000,
     )
-    together = XNN(heads_per_step=None, **kw).fit(z, logits, labels)
+    together = XNN(heads_per_step=None, **kw).fit(z, logits, labels=labels)
     for k in (1, 3):
-        blocks = XNN(heads_per_step=k, **kw).fit(z, logits, labels)
+        blocks = XNN(heads_per_step=k, **kw).fit(z, logits, labels=labels)
         for (name, a), (_, b) in zip(
             together.module_.named_parameters(), blocks.module_.named_parameters()
         ):
@@ -260,13 +260,13 @@ def test_heads_trained_in_blocks_equal_heads_trained_together():
         }
     # a block size in small batches trains as well (different batch order, same quality)
     small = dict(kw, batch_size=64)
-    fit_a = XNN(heads_per_step=None, **small).fit(z, logits, labels)
-    fit_b = XNN(heads_per_step=2, **small).fit(z, logits, labels)
+    fit_a = XNN(heads_per_step=None, **small).fit(z, logits, labels=labels)
+    fit_b = XNN(heads_per_step=2, **small).fit(z, logits, labels=labels)
     assert abs(fit_a.best_val_loss_.mean() - fit_b.best_val_loss_.mean()) < 0.5 * float(
         fit_a.best_val_loss_.mean()
     )
     with pytest.raises(InputError, match="heads_per_step"):
-        XNN(heads_per_step=0, **kw).fit(z, logits, labels)
+        XNN(heads_per_step=0, **kw).fit(z, logits, labels=labels)
 
 
 def test_auto_heads_per_step_blocks_by_weight_size_on_cpu():
@@ -295,7 +295,7 @@ def test_lasso_matches_sklearn_at_chosen_alpha():
     from sklearn.linear_model import Lasso
 
     z, logits, labels = _problem(d=16)
-    m = LassoXNN(n_features=3, n_positive=40, n_negative=400).fit(z, logits, labels)
+    m = LassoXNN(n_features=3, n_positive=40, n_negative=400).fit(z, logits, labels=labels)
     from xnn_toolkit.heads.xnn import _split_head_indices
 
     g = torch.Generator().manual_seed(0)
@@ -337,7 +337,7 @@ def test_every_x_feature_starts_active_on_its_heads_training_rows():
 
     z, logits, labels = _problem()
     m = XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300, max_epochs=0).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     tr, _, _, _ = _split_head_indices(
         labels, m.classes_.tolist(), 40, 300, 0.1, torch.Generator().manual_seed(0)
@@ -353,7 +353,7 @@ def test_every_x_feature_starts_active_on_its_heads_training_rows():
         X._start_active = lambda *a: None
         e0 = (
             XNN(n_features=4, hidden=(8, 6), n_positive=40, n_negative=300, max_epochs=0)
-            .fit(z, logits, labels)
+            .fit(z, logits, labels=labels)
             .transform(z)
         )
     finally:
@@ -365,7 +365,7 @@ def test_fit_leaves_the_global_rng_alone():
     z, logits, labels = _problem()
     before = torch.get_rng_state()
     XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=2).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -376,21 +376,21 @@ def test_fit_leaves_the_global_rng_alone():
 def test_errors():
     z, logits, labels = _problem()
     with pytest.raises(InputError, match="n_features"):
-        XNN(n_features=24).fit(z, logits, labels)
+        XNN(n_features=24).fit(z, logits, labels=labels)
     with pytest.raises(InputError, match="no examples"):
-        XNN(n_features=2, classes=[0, 9]).fit(z, torch.cat([logits] * 3, 1), labels)
+        XNN(n_features=2, classes=[0, 9]).fit(z, torch.cat([logits] * 3, 1), labels=labels)
     bad = z.clone()
     bad[3, 2] = float("nan")
     with pytest.raises(InputError, match="NaN"):
-        XNN(n_features=2).fit(bad, logits, labels)
+        XNN(n_features=2).fit(bad, logits, labels=labels)
     with pytest.raises(InputError, match="fewer examples"):
-        XNN(n_features=2, n_positive=100000).fit(z, logits, labels)
+        XNN(n_features=2, n_positive=100000).fit(z, logits, labels=labels)
     with pytest.raises(NotFittedError):
         XNN().predict(z)
     with pytest.raises(InputError, match="logits"):
         XNN(n_features=2).fit(z)
     m = XNN(n_features=2, hidden=(8,), n_positive=40, n_negative=200, max_epochs=1).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     with pytest.raises(InputError, match="D = 24"):
         m.transform(torch.zeros(3, 5))
@@ -407,9 +407,9 @@ def test_n_features_must_be_below_dim_z(cls):
     z, logits, labels = _problem(d=12)
     for n in (12, 13, 40):
         with pytest.raises(InputError, match=r"n_features must be between 1 and dim Z - 1 = 11"):
-            cls(n_features=n).fit(z, logits, labels)
+            cls(n_features=n).fit(z, logits, labels=labels)
     with pytest.raises(InputError, match="n_features"):
-        cls(n_features=0).fit(z, logits, labels)
+        cls(n_features=0).fit(z, logits, labels=labels)
 
 
 @pytest.mark.parametrize("cls", [XNN, LassoXNN])
@@ -458,7 +458,9 @@ def test_non_finite_input(where):
     for cls in (XNN, LassoXNN):
         with pytest.raises(InputError, match=match):
             cls(n_features=2).fit(
-                data, None if where == "bank" else logits, None if where == "bank" else labels
+                data,
+                None if where == "bank" else logits,
+                labels=None if where == "bank" else labels,
             )
 
 
@@ -472,12 +474,12 @@ def test_fewer_positives_or_negatives_than_asked():
             match=r"n_positive=50 but some classes have fewer "
             r"examples: \{1: 40\}; lower n_positive",
         ):
-            cls(n_features=2, n_positive=50).fit(z, logits, short)
+            cls(n_features=2, n_positive=50).fit(z, logits, labels=short)
     with pytest.raises(InputError, match="leaves no positive for validation"):
-        XNN(n_features=2, n_positive=4, val_fraction=0.1).fit(z, logits, labels)
+        XNN(n_features=2, n_positive=4, val_fraction=0.1).fit(z, logits, labels=labels)
     with pytest.warns(UserWarning, match="asked for 5000 negatives per class but only 900"):
         m = XNN(n_features=2, hidden=(8,), n_positive=20, n_negative=5000, max_epochs=1).fit(
-            z, logits, labels
+            z, logits, labels=labels
         )
     assert m.history_
 
@@ -507,7 +509,7 @@ def test_xfeature_figure_of_a_fitted_head(tmp_path):
         z, logits = model[:5](x), model(x)
     labels = torch.arange(90) % 3
     head = XNN(n_features=3, hidden=(8,), n_positive=20, n_negative=50, max_epochs=3).fit(
-        z, logits, labels
+        z, logits, labels=labels
     )
     pick = torch.tensor([0, 1, 2])
     maps = xfeature_heatmaps(model, x[pick], labels[pick], head, "fc", "conv")

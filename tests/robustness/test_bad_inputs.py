@@ -551,7 +551,9 @@ def test_xnn_fit_and_transform(data, n_features):
         batch_size=16,
         val_fraction=0.25,
     )
-    res = check("XNN.fit", lambda: head.fit(z, logits, labels), finite=finite, names=HEAD_NAMES)
+    res = check(
+        "XNN.fit", lambda: head.fit(z, logits, labels=labels), finite=finite, names=HEAD_NAMES
+    )
     if not isinstance(res, XnnError):
         check("XNN.transform", lambda: head.transform(z), finite=finite, names=HEAD_NAMES)
         return
@@ -575,7 +577,8 @@ def test_xnn_fit_and_transform(data, n_features):
         batch_size=16,
         val_fraction=0.25,
     )
-    check("XNN.fit (repaired)", lambda: ok.fit(good, balanced + 0.1 * good @ w), names=[])
+    y = balanced + 0.1 * good @ w
+    check("XNN.fit (repaired)", lambda: ok.fit(good, y, labels=torch.arange(40) % 3), names=[])
     out = check("XNN.transform (repaired)", lambda: ok.transform(good), names=[])
     assert out.shape[0] == len(good)
 
@@ -677,7 +680,7 @@ def test_head_load_corruptions(saved_heads, tmp_path_factory, head, kind, where,
 MODEL_HEADS = {
     "ClassSpecificGates": (
         lambda: ClassSpecificGates(layer="relu", epochs=1, batch_size=8, warmup=0),
-        lambda h, net, x, y: h.fit(net, x, y),
+        lambda h, net, x, y: h.fit(net, (x, y)),
     ),
     "ClassPaths": (
         lambda: ClassPaths(layers=["relu"], epochs=1, batch_size=8, min_images=2),

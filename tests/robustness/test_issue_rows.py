@@ -246,13 +246,13 @@ def _problem(n: int = 60, d: int = 6, k: int = 3):
 def test_float_labels_are_refused_not_truncated():
     z, logits, labels = _problem()
     with pytest.raises(InputError, match="labels must be integer.*never rounded"):
-        XNN(n_features=2, hidden=(4,), max_epochs=1).fit(z, logits, labels.float() + 0.7)
+        XNN(n_features=2, hidden=(4,), max_epochs=1).fit(z, logits, labels=labels.float() + 0.7)
 
 
 def test_xnn_load_validates_json_and_weights(tmp_path):
     z, logits, labels = _problem()
     m = XNN(n_features=2, hidden=(4,), n_positive=10, n_negative=10, max_epochs=1)
-    m.fit(z, logits, labels)
+    m.fit(z, logits, labels=labels)
     m.save(tmp_path / "h")
     meta = json.loads((tmp_path / "h.json").read_text())
     meta["params"]["kind"] = "junk"
@@ -269,7 +269,7 @@ def test_xnn_load_validates_json_and_weights(tmp_path):
 def test_non_numeric_logits_are_an_input_error():
     z, _, _ = _problem()
     with pytest.raises(InputError, match="logits must be a numeric"):
-        XNN().fit(z, logits="abc")
+        XNN().fit(z, "abc")
 
 
 # --------------------------------------------------------------- attribution

@@ -33,7 +33,7 @@ def _collate_xy(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
 class _Source:
     """Batches of ``(images, labels)`` from tensors, a Dataset or an iterable of batches."""
 
-    def __init__(self, data: Any, labels: Any, batch_size: int) -> None:
+    def __init__(self, data: Any, labels: Any, batch_size: int, fitting: bool = False) -> None:
         self.batch_size = batch_size
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dataset = None
@@ -42,8 +42,12 @@ class _Source:
         if isinstance(data, torch.Tensor):
             if labels is None:
                 raise InputError(
-                    "images were given as a tensor but labels= is missing; pass "
-                    "fit(model, images, labels) or fit(model, (images, labels))"
+                    "data: images were given as a tensor without their labels; pass "
+                    + (
+                        "fit(model, (images, labels))"
+                        if fitting
+                        else "(images, labels), or the images with labels="
+                    )
                 )
             self.tensors = (data, as_labels(labels))
         elif isinstance(data, tuple | list) and data and isinstance(data[0], torch.Tensor):

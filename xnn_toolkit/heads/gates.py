@@ -389,7 +389,7 @@ class ClassSpecificGates(_GateIO, _GateTraining, Head):
 
     # ---------------------------------------------------------------- fitting
     @keeps_global_rng
-    def fit(self, model: nn.Module, data: Any, labels: Any = None) -> ClassSpecificGates:
+    def fit(self, model: nn.Module, data: Any) -> ClassSpecificGates:
         """Learn the gates (and the new head, and fine-tuned blocks) on labelled images.
 
         Parameters
@@ -398,13 +398,12 @@ class ClassSpecificGates(_GateIO, _GateTraining, Head):
             The pretrained network. It is left exactly as it was (parameters, buffers,
             modes, ``requires_grad`` and hooks), also when ``fit`` raises.
         data : tensors, Dataset or iterable
-            ``(images, labels)`` tensors (``N x C x H x W``, ``N``), images with
-            ``labels=``, a Dataset of ``(image, label, ...)`` samples, or an iterable of
-            ``(images, labels, ...)`` batches (e.g. a DataLoader; one that can be iterated
-            again each epoch for ``recipe="finetune"``). Images are preprocessed as the
+            ``(images, labels)`` tensors (``N x C x H x W``, ``N``), a Dataset of
+            ``(image, label, ...)`` samples, or an iterable of ``(images, labels, ...)``
+            batches (e.g. a DataLoader; one that can be iterated again each epoch for
+            ``recipe="finetune"``), as :meth:`ClassPaths.fit
+            <xnn_toolkit.heads.ClassPaths.fit>` takes them. Images are preprocessed as the
             model expects.
-        labels : Tensor, optional
-            ``N`` labels when ``data`` is an image tensor.
 
         Returns
         -------
@@ -425,7 +424,7 @@ class ClassSpecificGates(_GateIO, _GateTraining, Head):
         model = getattr(model, "model", model)  # a LoadedModel normalised raw data at the door
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        source = _Source(data, labels, self.batch_size)
+        source = _Source(data, None, self.batch_size, fitting=True)
         source.door = door
         if self.recipe == "finetune" and not source.reiterable:
             raise InputError(

@@ -83,13 +83,16 @@ class LassoXNN(_HeadsBase):
     def fit(
         self,
         X: object,
-        logits: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
         labels: torch.Tensor | None = None,
+        layer: str | None = None,
     ) -> LassoXNN:
-        """Fit one Lasso per class over the alpha sweep; see :meth:`XNN.fit`."""
+        """Fit one Lasso per class over the alpha sweep; the arguments are those of
+        :meth:`XNN.fit <xnn_toolkit.heads.XNN.fit>`."""
         from sklearn.linear_model import lasso_path
 
-        data = _as_data(X, self.layer, logits, labels)
+        data = _as_data(X, layer if layer is not None else self.layer, y, labels)
         proxy = XNN(
             n_features=self.n_features,
             classes=self.classes,

@@ -464,8 +464,10 @@ class XNN(_HeadsBase):
     def fit(
         self,
         X: object,
-        logits: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        *,
         labels: torch.Tensor | None = None,
+        layer: str | None = None,
     ) -> XNN:
         """Fit all class heads together.
 
@@ -474,17 +476,22 @@ class XNN(_HeadsBase):
         X : Tensor or ActivationBank
             Activations ``N x D`` (fully connected) or ``N x D x H x W`` (conv variant), or a
             bank (its ``logits`` and ``labels`` are used unless given).
-        logits : Tensor, optional
-            ``N x K`` pre-softmax outputs of the network (the targets ``ŷ``).
+        y : Tensor, optional
+            ``N x K`` pre-softmax outputs of the network: the targets ``ŷ`` the heads mimic
+            (a bank's ``logits`` by default).
         labels : Tensor, optional
-            ``N`` class labels that define positives (default: the network's argmax).
+            ``N`` class labels that define positives (default: the bank's labels, else the
+            network's argmax).
+        layer : str, optional
+            The bank's layer to explain (default: the ``layer`` given to the constructor, or
+            the bank's only layer).
 
         Returns
         -------
         XNN
             ``self``.
         """
-        data = _as_data(X, self.layer, logits, labels)
+        data = _as_data(X, layer if layer is not None else self.layer, y, labels)
         classes = self._validate(data)
         device = torch.device(self.device or "cpu")
         # One generator for sampling, initialisation and batch order: seeded fits repeat
