@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,19 +15,6 @@ from ..errors import InputError
 from ..hooks import record
 
 __all__: list[str] = []
-
-
-def _collate_xy(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the first two items (image, label) of dataset samples; drop the rest."""
-    try:
-        xs = torch.stack([torch.as_tensor(s[0]) for s in batch])
-        ys = as_labels([s[1] for s in batch])
-    except (TypeError, IndexError, ValueError, RuntimeError) as exc:
-        raise InputError(
-            "dataset samples must be (image, label, ...) with C x H x W images of one size; "
-            f"got {type(batch[0]).__name__}: {exc}"
-        ) from exc
-    return xs, ys
 
 
 class _Source:
@@ -96,30 +83,11 @@ class _Source:
     def _batches(
         self, shuffle: bool, generator: torch.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.tensors is not None:
-            x, y = self.tensors
-            n = x.shape[0]
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            for i in range(0, n, self.batch_size):
-                idx = order[i : i + self.batch_size]
-                yield x[idx], y[idx]
-            return
-        if self.dataset is not None:
-            loader = torch.utils.data.DataLoader(
-                self.dataset,
-                batch_size=self.batch_size,
-                shuffle=shuffle,
-                generator=generator if shuffle else None,
-                collate_fn=_collate_xy,
-            )
-            yield from loader
-            return
-        for batch in self.iterable:
-            if not isinstance(batch, tuple | list) or len(batch) < 2:
-                raise InputError(
-                    f"every batch must be (images, labels, ...); got {type(batch).__name__}"
-                )
-            x, y = batch[0], as_labels(batch[1]).reshape(-1)
+        from ._training import _raw_batches  # the heads' one data adapter
+
+        kind = "pair" if self.tensors else "dataset" if self.dataset is not None else "iterable"
+        data = self.tensors or self.dataset or self.iterable
+        for x, y in _raw_batches(data, self.batch_size, generator, shuffle=shuffle, kind=kind):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or y.shape[0] != x.shape[0]:
                 raise InputError(
                     "every batch must hold N x C x H x W images and N labels; got "

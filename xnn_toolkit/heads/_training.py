@@ -102,21 +102,30 @@ def _batches(
 
 
 def _raw_batches(
-    data: object, batch_size: int, gen: torch.Generator
+    data: object,
+    batch_size: int,
+    gen: torch.Generator | None,
+    shuffle: bool = True,
+    kind: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if _is_pair(data):
+    """The one data adapter of the heads fitted on images: ``(images, labels)`` tensors, a
+    map-style dataset of ``(image, label, ...)`` samples or an iterable of batches (kept in
+    its own order); shuffled with ``gen`` where the order is ours and ``shuffle`` is set.
+    ``kind`` (``"pair"``, ``"dataset"``, ``"iterable"``) overrides the detection."""
+    kind = kind or ("pair" if _is_pair(data) else "dataset" if _is_dataset(data) else "iterable")
+    if kind == "pair":
         x, y = _check_pair(data)
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
         for s in range(0, len(x), batch_size):
             idx = order[s : s + batch_size]
             yield x[idx], y[idx]
-    elif _is_dataset(data):
-        seed = int(torch.randint(2**62, (1,), generator=gen))
+    elif kind == "dataset":
+        seed = int(torch.randint(2**62, (1,), generator=gen)) if shuffle else 0
         loader = torch.utils.data.DataLoader(
             data,
             batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
             collate_fn=_collate_pairs,
         )
         yield from loader
