@@ -24,7 +24,13 @@ from .captum_bridge import (
     Saliency,
 )
 from .excitation import ContrastiveExcitationBackprop, ExcitationBackprop, excitation_mode
-from .filters import ActivMap, GradMap, activation_thresholds
+from .filters import (
+    ActivMap,
+    GradMap,
+    activation_thresholds,
+    activmap_masks,
+    top_share_thresholds,
+)
 from .gradcam_bridge import (
     AblationCAM,
     EigenCAM,
@@ -102,6 +108,8 @@ __all__ = [
     "WinnerTakesAll",
     "ZPlus",
     "activation_thresholds",
+    "activmap_masks",
+    "top_share_thresholds",
     "as_target",
     "available_methods",
     "default_rules",

@@ -26,6 +26,7 @@ from ..layers import resolve_layer
 from ._gate_data import (
     _first_tensor,
 )
+from ._training import run_epochs
 from .gate_objective import (
     _check_label_range,
     l1_density,
@@ -208,55 +209,68 @@ class _GateTraining:
                 for group in opt.param_groups:
                     group["lr"] = base * factor
 
-    def _log(self, history: list, epoch: int, csg: bool, stats: list, n: int, gates) -> None:
+    def _row(self, epoch: int, stats: list, gates) -> dict:
+        """One history row: mean losses, the gates' density, the STD path's accuracy."""
+        n = sum(s["n"] for s in stats)
         mean = {
             key: float(np.mean([s[key] for s in stats])) if stats else float("nan")
             for key in ("loss", "ce_std", "ce_csg", "penalty")
         }
-        row = {
+        return {
             "epoch": epoch,
-            "path": "csg" if csg else "std",
+            "path": "csg" if self._is_csg_epoch(epoch) else "std",
             **mean,
             "density": l1_density(gates),
             "std_accuracy": sum(s["correct"] for s in stats) / max(n, 1),
         }
-        history.append(row)
-        if self.verbose:
-            print(
-                f"epoch {epoch:3d} {row['path']}: loss {row['loss']:.4f} "
-                f"acc {row['std_accuracy']:.4f} density {row['density']:.4f}"
-            )
+
+    def _epochs(self, batches, features, head, gates, g, optimizers) -> list:
+        """The shared epoch loop (:func:`~xnn_toolkit.heads._training.run_epochs`) over
+        ``batches(epoch)`` of ``(inputs, labels)``; ``features`` maps inputs to the pooled
+        activations of the gated layer."""
+
+        def step(epoch: int, x, y) -> dict:
+            out = self._step(features(x), y, self._is_csg_epoch(epoch), head, gates, g, optimizers)
+            return {**out, "n": int(y.shape[0])}
+
+        head.train()
+        return run_epochs(
+            self.epochs,
+            batches,
+            step,
+            lambda epoch, stats: self._row(epoch, stats, gates),
+            start=lambda epoch: self._set_lr(epoch, optimizers),
+            verbose=self.verbose,
+        )
 
     def _train_frozen(self, ext, head, gates, g, opt_head, opt_gates, gen, history) -> None:
         feats, y = ext.features, ext.labels
         n = feats.shape[0]
-        optimizers = (opt_head, opt_gates, None)
-        head.train()
-        for epoch in range(self.epochs):
-            self._set_lr(epoch, optimizers)
-            csg = self._is_csg_epoch(epoch)
+
+        def batches(epoch: int):
             order = torch.randperm(n, generator=gen).to(feats.device)
-            stats = []
             for i in range(0, n, self.batch_size):
                 idx = order[i : i + self.batch_size]
-                stats.append(self._step(feats[idx], y[idx], csg, head, gates, g, optimizers))
-            self._log(history, epoch, csg, stats, n, gates)
+                yield feats[idx], y[idx]
+
+        optimizers = (opt_head, opt_gates, None)
+        history += self._epochs(batches, lambda f: f, head, gates, g, optimizers)
 
     def _train_finetune(
         self, network, layer, source, head, gates, g, c, optimizers, device, gen, history
     ) -> None:
-        head.train()
+        def batches(epoch: int):
+            for x, y in source.batches(shuffle=True, generator=gen):
+                y = y.to(device)
+                _check_label_range(y, c)
+                yield x.to(device), y
+
         with record(network, layer, detach=False, eval_mode=False) as rec:
-            for epoch in range(self.epochs):
-                self._set_lr(epoch, optimizers)
-                csg = self._is_csg_epoch(epoch)
-                stats, n = [], 0
-                for x, y in source.batches(shuffle=True, generator=gen):
-                    y = y.to(device)
-                    _check_label_range(y, c)
-                    network(x.to(device))
-                    f = rec.activations[layer].float().mean((2, 3))
-                    rec.clear()
-                    stats.append(self._step(f, y, csg, head, gates, g, optimizers))
-                    n += int(y.shape[0])
-                self._log(history, epoch, csg, stats, n, gates)
+
+            def features(x):
+                network(x)
+                f = rec.activations[layer].float().mean((2, 3))
+                rec.clear()
+                return f
+
+            history += self._epochs(batches, features, head, gates, g, optimizers)

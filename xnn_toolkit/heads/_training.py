@@ -369,6 +369,61 @@ def known_counts(fit: ModelFit, data: object) -> torch.Tensor | None:
 # --------------------------------------------------------------------------- the epoch loop
 
 
+def run_epochs(
+    epochs: int,
+    batches: Callable[[int], Iterator[tuple]],
+    step: Callable[..., dict | None],
+    summarize: Callable[[int, list[dict]], dict],
+    *,
+    start: Callable[[int], None] | None = None,
+    end: Callable[[int], None] | None = None,
+    verbose: bool = False,
+) -> list[dict]:
+    """The one epoch loop of the heads that train (class paths, information dropout, gates).
+
+    Parameters
+    ----------
+    epochs : int
+    batches : callable
+        ``batches(epoch)``: that epoch's batches (shuffled by the caller from its
+        ``random_state`` generator).
+    step : callable
+        ``step(epoch, *batch) -> stats`` (a dict; ``None`` skips the batch).
+    summarize : callable
+        ``summarize(epoch, stats) -> history row``.
+    start, end : callable, optional
+        Called with the epoch index before its first and after its last batch.
+    verbose : bool
+        Print each history row.
+
+    Returns
+    -------
+    list of dict
+        One row per epoch.
+    """
+    history = []
+    for epoch in range(epochs):
+        if start is not None:
+            start(epoch)
+        stats = []
+        for batch in batches(epoch):
+            out = step(epoch, *batch)
+            if out is not None:
+                stats.append(out)
+        if end is not None:
+            end(epoch)
+        row = summarize(epoch, stats)
+        history.append(row)
+        if verbose:
+            print(
+                f"epoch {epoch:3d}: "
+                + " ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                )
+            )
+    return history
+
+
 def epoch_loop(
     fit: ModelFit,
     data: object,
@@ -378,8 +433,10 @@ def epoch_loop(
     gen: torch.Generator,
     step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]],
     end_of_epoch: Callable[[int], None] | None = None,
+    verbose: bool = False,
 ) -> list[dict[str, float]]:
-    """Run ``epochs`` passes over ``data``; return the history (mean of each term per step).
+    """:func:`run_epochs` over ``data`` for the heads with class rows; the history is the mean
+    of each loss term per step.
 
     Parameters
     ----------
@@ -394,12 +451,12 @@ def epoch_loop(
         the images of fitted classes only (``rows`` their class rows).
     end_of_epoch : callable, optional
         Called with the epoch index after its last batch.
+    verbose : bool
+        Print each epoch's row.
     """
     row_of = fit.row_of.to(fit.device)
-    history = []
-    for epoch in range(epochs):
-        sums: dict[str, float] = {}
-        steps = 0
+
+    def batches(epoch: int) -> Iterator[tuple]:
         for x, y in _batches(data, batch_size, gen, fit.door):
             check_label_range(y, fit.n_out)
             y = y.to(fit.device)
@@ -409,13 +466,16 @@ def epoch_loop(
                 continue
             if not bool(keep.all()):
                 x, y, rows = x[keep.to(x.device)], y[keep], rows[keep]
-            for k, v in step(epoch, x.to(fit.device), y, rows).items():
+            yield x.to(fit.device), y, rows
+
+    def summarize(epoch: int, stats: list[dict]) -> dict:
+        sums: dict[str, float] = {}
+        for s in stats:
+            for k, v in s.items():
                 sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        if end_of_epoch is not None:
-            end_of_epoch(epoch)
-        history.append({k: v / max(steps, 1) for k, v in sums.items()})
-    return history
+        return {k: v / max(len(stats), 1) for k, v in sums.items()}
+
+    return run_epochs(epochs, batches, step, summarize, end=end_of_epoch, verbose=verbose)
 
 
 # --------------------------------------------------------------------------- per-class math
