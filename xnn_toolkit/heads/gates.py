@@ -207,7 +207,9 @@ class ClassSpecificGates(_GateIO, _GateTraining, Head):
     random_state : int
         Seeds the head's initialisation and the shuffling.
     device : str or torch.device, optional
-        Where the head, the gates (and the fine-tuned copy) live; default the model's device.
+        Where the head computes (its gates, classifier and fine-tuned copy live there);
+        ``None``: where its input is (the model's device). The user's model is never moved;
+        the frozen recipe's pooled features are moved to this device.
     verbose : bool
         Print one line per epoch.
 

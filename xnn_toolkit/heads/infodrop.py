@@ -329,7 +329,8 @@ class InformationDropout(Head):
     random_state : int
         Seed of the batch order and of the noise.
     device : str or torch.device, optional
-        Must match the model's device.
+        Where the head computes; ``None``: where its input is (the model's device). The
+        model is never moved, so a device other than the model's is refused.
 
     Attributes
     ----------

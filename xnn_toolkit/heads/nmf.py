@@ -196,7 +196,8 @@ class NMFConcepts(Head):
         Seeds the randomized SVD of the initialisation (and ``nndsvdar``/``random``).
         The global torch RNG is never touched.
     device : str, torch.device or None
-        Where to compute; ``None``: the device of the input tensor (CPU for banks).
+        Where the head computes; ``None``: where its input is (the activations' device; CPU
+        for a bank). The same meaning for every head.
     online : bool
         Stream the data in batches of ``batch_size`` images and never hold ``X`` whole:
         mini-batch NMF with exact sufficient statistics ``S Sᵀ``, ``S Xᵀ`` (Mairal et al.

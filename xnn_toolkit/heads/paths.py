@@ -312,7 +312,8 @@ class ClassPaths(Head):
     random_state : int
         Seed of the batch order.
     device : str or torch.device, optional
-        Must match the model's device (the model is never moved); default: the model's.
+        Where the head computes; ``None``: where its input is (the model's device). The
+        model is never moved, so a device other than the model's is refused.
 
     Attributes
     ----------

@@ -319,7 +319,8 @@ class XNN(_HeadsBase):
     random_state : int
         Seed of sampling, initialisation and batch order.
     device : str or torch.device, optional
-        Where to train (default: CPU).
+        Where the head computes; ``None``: where its input is (the activations' device; CPU
+        for a bank). The same meaning for every head.
     layer : str, optional
         Layer to read from an activation bank.
     heads_per_step : int, "auto" or None
@@ -493,7 +494,7 @@ class XNN(_HeadsBase):
         """
         data = _as_data(X, layer if layer is not None else self.layer, y, labels)
         classes = self._validate(data)
-        device = torch.device(self.device or "cpu")
+        device = torch.device(self.device) if self.device is not None else data.z.device
         # One generator for sampling, initialisation and batch order: seeded fits repeat
         # exactly and torch's global RNG is left alone.
         gen = torch.Generator().manual_seed(self.random_state)
