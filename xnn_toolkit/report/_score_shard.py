@@ -165,15 +165,18 @@ def _shard_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63 - 1)
 
 
-def _score_shard(plan: _Plan, k: int, loaded: Iterator[Batch]) -> torch.Tensor:
+def _score_shard(
+    plan: _Plan, k: int, loaded: Iterator[Batch], pool: ThreadPoolExecutor
+) -> torch.Tensor:
     """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method),
-    from its batches, the next ones of ``loaded``."""
+    from its batches, the next ones of ``loaded``; ``pool`` (one thread, the run's) computes
+    the pure metrics."""
     start, stop = plan.bounds(k)
     dev = model_device(plan.model)
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.cfg.threads)
     try:
-        return _score_rows(plan, k, start, stop, dev, loaded)
+        return _score_rows(plan, k, start, stop, dev, loaded, pool)
     finally:
         torch.set_num_threads(threads)
 
@@ -195,7 +198,13 @@ def _prediction(model: nn.Module, x: torch.Tensor, passes: Any) -> torch.Tensor:
 
 
 def _score_rows(
-    plan: _Plan, k: int, start: int, stop: int, dev: torch.device, loaded: Iterator[Batch]
+    plan: _Plan,
+    k: int,
+    start: int,
+    stop: int,
+    dev: torch.device,
+    loaded: Iterator[Batch],
+    pool: ThreadPoolExecutor,
 ) -> torch.Tensor:
     cfg = plan.cfg
     later = []
@@ -203,10 +212,7 @@ def _score_rows(
     devices = [dev] if dev.type == "cuda" else []
     # the pure metrics (functions of the maps and the ground truth: no model, no RNG) of one
     # batch run in a second thread while the next batch is explained
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics") as pool,
-        torch.random.fork_rng(devices=devices),
-    ):
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_shard_seed(cfg.seed, k))
         for want in _shard_batches(plan, k):
             idx, x, labels, parts = next(loaded)

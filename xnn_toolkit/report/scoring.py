@@ -40,6 +40,7 @@ import os
 import time
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -717,6 +718,8 @@ def _run(
         plan.cfg.num_workers,
     )
     writer = store.BackgroundWriter() if folder is not None and group.rank == 0 else None
+    # one thread for the pure metrics of the whole run (they overlap the next batch)
+    metrics_pool = ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics")
     try:
         for r in range(0, len(pending), group.world):
             mine = pending[r + group.rank] if r + group.rank < len(pending) else None
@@ -724,7 +727,7 @@ def _run(
             if mine is not None:
                 ts = time.perf_counter()
                 try:
-                    value = _score_shard(plan, mine, loaded)
+                    value = _score_shard(plan, mine, loaded, metrics_pool)
                 except Exception as exc:  # noqa: BLE001 - every rank raises in gather_results
                     error = exc
                 seconds = time.perf_counter() - ts
@@ -750,6 +753,7 @@ def _run(
             group.on_rank0(lambda: writer.drain(), "write a shard")  # type: ignore[union-attr]
     finally:
         loaded.close()
+        metrics_pool.shutdown(wait=True)
         if writer is not None:
             writer.close()
         if bar is not None:
