@@ -215,19 +215,18 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> to
     if with_mask:
         s = inp.parts.object_mask.cpu().numpy()[:, None].astype(np.float64)
     device = str(inp.images.device)
+    call = {
+        "x_batch": x,
+        "y_batch": inp.classes.cpu().numpy(),
+        "a_batch": a,
+        "s_batch": s,
+        "device": device,
+    }
     if pure:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            out = metric(
-                model=None,
-                x_batch=x,
-                y_batch=inp.classes.cpu().numpy(),
-                a_batch=a,
-                s_batch=s,
-                explain_func=None,
-                device=device,
-            )
-        return _per_image(cls, out, n)
+        # the runner's metrics thread: no model, no explain function, and no global state
+        # touched (stdout, warning filters and NumPy's generator belong to the main thread;
+        # disable_warnings keeps Quantus quiet)
+        return _per_image(cls, metric(model=None, explain_func=None, **call), n)
     explain = quantus_explain_func(inp.method, **inp.method_options) if inp.method else None
     state = np.random.get_state()  # noqa: NPY002 - Quantus draws from the global generator
     # Quantus draws from NumPy's global generator: seed it from the runner's per-shard torch
@@ -237,15 +236,7 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> to
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             with model_guard(inp.model):
-                out = metric(
-                    model=inp.model,
-                    x_batch=x,
-                    y_batch=inp.classes.cpu().numpy(),
-                    a_batch=a,
-                    s_batch=s,
-                    explain_func=explain,
-                    device=device,
-                )
+                out = metric(model=inp.model, explain_func=explain, **call)
     finally:
         np.random.set_state(state)  # noqa: NPY002
     return _per_image(cls, out, n)
