@@ -193,3 +193,19 @@ def test_cli_loads_photo_files_with_workers_and_the_tables_do_not_change(tmp_pat
     assert main([*base, "--num-workers", "-1", "--out", str(tmp_path / "c")]) == 2
     assert "--num-workers must be auto or an int >= 0" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_bad_num_workers_is_an_input_error_naming_it(tmp_path, bad):
+    from xnn_toolkit.errors import InputError
+
+    cfg = ScoringConfig(methods=("gradcam",), metrics=("pointing_game",), layer="4", n=2)
+    with pytest.raises(InputError, match="num_workers must be an int >= 0"):
+        score_dataset(
+            tiny_model(),
+            dataset(2),
+            dataclasses.replace(cfg, num_workers=bad),
+            out=tmp_path / "run",
+            progress=False,
+        )
+    assert not (tmp_path / "run").exists()  # nothing half-written
