@@ -166,3 +166,23 @@ def test_two_fit_shapes():
         assert all(k == inspect.Parameter.KEYWORD_ONLY for k in rest.values()), cls
     for cls in (ClassPaths, InformationDropout, ClassSpecificGates):
         assert list(inspect.signature(cls.fit).parameters) == ["self", "model", "data"], cls
+
+
+def test_heads_read_samples_and_batches_as_extract_does():
+    """One adapter: the heads fitted on images split samples and batches with extract's
+    functions (tuples with annotations, dicts), and refuse data without labels."""
+    from xnn_toolkit.errors import InputError
+    from xnn_toolkit.heads._training import _collate_pairs, _split_batch
+
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = [0, 2, 1]
+    a = _collate_pairs([(x[i], y[i], {"ann": i}) for i in range(3)])
+    b = _collate_pairs([{"image": x[i], "label": y[i]} for i in range(3)])
+    assert torch.equal(a[0], x) and torch.equal(b[0], x)
+    assert a[1].tolist() == b[1].tolist() == y
+    xb, yb = _split_batch({"image": x, "label": torch.tensor(y)})
+    assert torch.equal(xb, x) and yb.tolist() == y
+    with pytest.raises(InputError, match="labels are missing"):
+        _collate_pairs([x[i] for i in range(3)])
+    with pytest.raises(InputError, match=r"each batch must be \(images, labels"):
+        _split_batch(x)

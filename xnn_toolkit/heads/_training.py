@@ -80,14 +80,20 @@ def _known_labels(data: object) -> torch.Tensor | None:
 
 
 def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, tuple | list) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-        if isinstance(x, torch.Tensor):
-            return x, as_labels(y).reshape(-1)
-    raise InputError(
-        f"each batch must be (images, labels, ...), got {type(batch).__name__}; pass a "
-        "DataLoader of (image, label) pairs, a Dataset, or an (images, labels) tuple"
-    )
+    """``(images, labels)`` of one batch, split as :func:`xnn_toolkit.extract` splits them
+    (pairs, tuples, dicts); the heads need the labels."""
+    from ..bank.extraction import _split_batch as split
+
+    try:
+        x, y = split(batch)
+    except InputError:
+        x, y = None, None
+    if not isinstance(x, torch.Tensor) or y is None:
+        raise InputError(
+            f"each batch must be (images, labels, ...), got {type(batch).__name__}; pass a "
+            "DataLoader of (image, label) pairs, a Dataset, or an (images, labels) tuple"
+        )
+    return x, as_labels(y).reshape(-1)
 
 
 def _batches(
@@ -142,18 +148,21 @@ def _raw_batches(
 
 
 def _collate_pairs(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(image, label, ...)`` samples; what follows the label (annotations) is
-    dropped, so that datasets with ground truth can be used as they are."""
+    """Stack samples as :func:`xnn_toolkit.extract` does (``(image, label, ...)`` or
+    ``{"image": ..., "label": ...}``; annotations after the label are dropped); the heads
+    need the labels."""
+    from ..bank.extraction import _collate
+
     try:
-        xs = torch.stack([torch.as_tensor(s[0]) for s in samples])
-    except (TypeError, IndexError, RuntimeError) as exc:
+        xs, ys = _collate(samples)
+    except RuntimeError as exc:  # images of different sizes
         raise InputError(
             "dataset samples must be (image, label, ...) with C x H x W images of one size; "
             f"got {type(samples[0]).__name__}: {exc}"
         ) from None
-    if not all(isinstance(s, tuple | list) and len(s) > 1 for s in samples):
+    if ys is None:
         raise InputError("dataset samples must be (image, label, ...) pairs; labels are missing")
-    return xs, as_labels([s[1] for s in samples])
+    return xs, as_labels(ys)
 
 
 def _first_images(data: object) -> torch.Tensor:
