@@ -431,12 +431,12 @@ def _head_fingerprint(t: _Target) -> dict[str, Any]:
     return {"kind": t.kind}
 
 
-def _dataset_probe(dataset: Any, n: int) -> int:
+def _dataset_probe(dataset: Any, n: int, first: tuple) -> int:
     """CRC-32 of the first and last scored images and labels (to refuse resuming on other
-    data)."""
+    data); ``first`` is item 0, already read."""
     crc = 0
     for i in sorted({0, n - 1}):
-        item = dataset[i]
+        item = first if i == 0 else dataset[i]
         crc = zlib.crc32(item[0].detach().cpu().contiguous().numpy().tobytes(), crc)
         if len(item) > 1:
             crc = zlib.crc32(str(int(item[1])).encode(), crc)
@@ -499,7 +499,7 @@ def _plan(
             "scored": n,
             "ground_truth": sorted(have),
             "part_names": part_names,
-            "probe_crc32": _dataset_probe(dataset, n),
+            "probe_crc32": _dataset_probe(dataset, n, item),
         },
         "seed": cfg.seed,
         "per_image_columns": [
