@@ -73,8 +73,9 @@ def test_shared_passes_equal_separate_passes_on_the_tiny_model(tmp_path):
         score_dataset(model, ds, cfg, out=tmp_path / "run", progress=False)
     finally:
         count.handle.remove()
-    # per batch: c-MWP, MWP, one forward for Grad-CAM and Grad-CAM++, CAM; no prediction pass
-    assert count.n == 2 * 4
+    # per batch: one forward for c-MWP and MWP, one for Grad-CAM and Grad-CAM++, CAM's own;
+    # no prediction pass
+    assert count.n == 2 * 3
     _check_against_separate_passes(model, ds, tmp_path / "run", cfg, "4")
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ class _SharedPasses:
         self.x = x  # kept alive, so that its storage cannot be reused by another tensor
         self.key = _batch_key(x)
         self.output: torch.Tensor | None = None
-        self.forwards: dict[tuple[int, str], _Forward] = {}
+        self.forwards: dict[tuple, Any] = {}  # key -> _Forward (or a method's own record)
 
     def same(self, x: torch.Tensor) -> bool:
         return _batch_key(x) == self.key

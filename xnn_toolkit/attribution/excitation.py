@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConservationWarning, InputError
 from ..layers import LayerSpec, default_read_layer
-from ._capture import _backward_to_read, _run
+from ._capture import _SHARED, _backward_to_read, _run
 from .base import (
     Attribution,
     AttributionInfo,
@@ -551,8 +551,9 @@ _ROUTE_NODES = (
 )
 
 
-def _mark_contrast(top: torch.Tensor) -> str:
-    """Mark the top linear / conv layer below ``top`` for the dual subtraction.
+def _mark_contrast(top: torch.Tensor, on: bool = True) -> str:
+    """Mark (``on``) or unmark the top linear / conv layer below ``top`` for the dual
+    subtraction.
 
     Walks down from ``top`` through routing, activation, normalisation and pooling calls to
     the first recorded linear or conv call and sets its ``contrast`` flag.
@@ -574,7 +575,7 @@ def _mark_contrast(top: torch.Tensor) -> str:
         if isinstance(call, OpCall):
             seen.append(f"{_name(call.func)} ({call.where or 'top'})")
             if call.kind == "linear":
-                call.contrast = True
+                call.contrast = on
                 return call.where
             if call.kind not in _PASS_KINDS:
                 break
@@ -684,12 +685,7 @@ class ExcitationBackprop(AttributionMethod):
             residual=self.residual,
         )
         rules.update(self.rules or {})
-        log = _Log()
-        log.batch = int(x.shape[0])
-        head = getattr(target, "head", None)
-        extra = [("head", head)] if isinstance(head, nn.Module) else []
-        mode = _ExcitationMode([("", self.model), *extra], rules, log)
-        fwd = _run(self.model, x, target, read, mode=mode)
+        fwd, log = self._forward(x, target, read, rules)
         signal = target.excitation(fwd.top)
         params: dict[str, object] = {
             "stabilizer": self.stabilizer,
@@ -698,6 +694,11 @@ class ExcitationBackprop(AttributionMethod):
         }
         if self.contrastive:
             params["contrast_layer"] = _mark_contrast(fwd.top)
+        elif fwd.shared:  # a forward shared with c-MWP: its top layer may be marked
+            try:
+                _mark_contrast(fwd.top, on=False)
+            except InputError:
+                pass  # nothing to unmark: no c-MWP can have run on this target
         raw = _backward_to_read(fwd, signal)
         if fwd.read_calls > 1:
             log.fallback(
@@ -719,6 +720,50 @@ class ExcitationBackprop(AttributionMethod):
         )
         heat = _heatmap(raw, tuple(x.shape[-2:]), clamp=self.contrastive)
         return Attribution(raw=raw, heatmap=heat, metadata=info)
+
+    def _forward(self, x: torch.Tensor, target: Target, read: object, rules: dict) -> tuple:
+        """The forward pass under the excitation rules, and its log.
+
+        Inside :func:`~xnn_toolkit.attribution._capture.shared_passes`, MWP and c-MWP with the
+        same rules on the same batch, layer and target layer share one forward: the graph is
+        kept, and each backward pass starts from the log as the forward left it (its own
+        conservation books, rules and fallbacks)."""
+        shared = _SHARED.get()
+        key = None
+        if (
+            shared is not None
+            and self.rules is None
+            and type(target).transform is Target.transform
+            and shared.same(x)
+        ):
+            key = (
+                "excitation",
+                id(self.model),
+                str(read),
+                str(target.layer),
+                self.batchnorm,
+                self.stabilizer,
+                self.stabilizer_mode,
+                self.residual,
+            )
+            hit = shared.forwards.get(key)
+            if hit is not None:
+                fwd, log, state = hit
+                log.rules, log.fallbacks = dict(state[0]), {k: list(v) for k, v in state[1].items()}
+                log.lost, log.lost_zero, log.contrast = {}, None, None
+                fwd.grads.clear()  # the same signal gives another map with c-MWP's mark
+                return fwd, log
+        log = _Log()
+        log.batch = int(x.shape[0])
+        head = getattr(target, "head", None)
+        extra = [("head", head)] if isinstance(head, nn.Module) else []
+        mode = _ExcitationMode([("", self.model), *extra], rules, log)
+        fwd = _run(self.model, x, target, read, mode=mode)
+        if key is not None:
+            fwd.shared = True
+            state = (dict(log.rules), {k: list(v) for k, v in log.fallbacks.items()})
+            shared.forwards[key] = (fwd, log, state)
+        return fwd, log
 
     def _warn_lost(self, books: Conservation, read: str) -> None:
         if not self.contrastive:
