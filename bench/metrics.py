@@ -179,7 +179,7 @@ def bench_localisation(quick: bool) -> None:
         print(f"RESULT {name}_max_abs_diff_vs_quantus {diff:.1e} abs")
 
 
-def _scoring_setting(real: bool, quick: bool):
+def _scoring_setting(real: bool, quick: bool, methods: tuple[str, ...] | None = None):
     """(model or LoadedModel, data set, config, name) of one scoring setting."""
     from xnn_toolkit.data import Normalized, SyntheticParts
     from xnn_toolkit.models import load_model
@@ -208,7 +208,7 @@ def _scoring_setting(real: bool, quick: bool):
             SyntheticParts.mean,
             SyntheticParts.std,
         )
-        methods = ("cmwp", "gradcam")
+        methods = methods or ("cmwp", "gradcam")
         metrics = (
             "pointing_game",
             "energy_pointing_game",
@@ -224,13 +224,13 @@ def _scoring_setting(real: bool, quick: bool):
     return model, data, cfg, n, size, name
 
 
-def bench_scoring(quick: bool, real: bool) -> None:
+def bench_scoring(quick: bool, real: bool, methods: tuple[str, ...] | None = None) -> None:
     import tempfile
 
     from xnn_toolkit.attribution import explain
     from xnn_toolkit.report import score_dataset
 
-    model, data, cfg, n, size, name = _scoring_setting(real, quick)
+    model, data, cfg, n, size, name = _scoring_setting(real, quick, methods)
     batch, methods = cfg.batch_size, cfg.methods
     reps = 1 if quick else (3 if real else 5)
     folder = tempfile.mkdtemp(prefix="xnn-bench-scoring-")
@@ -258,7 +258,7 @@ def bench_scoring(quick: bool, real: bool) -> None:
     _, t_fb, _, _ = _alternate(lambda: None, forward_backward, reps)
     model.zero_grad(set_to_none=True)
     pg = res.value("pointing_game", methods[0])
-    key = "real" if real else "synthetic"
+    key = "real" if real else "synthetic" + ("_" + "_".join(methods) if methods else "")
     print(
         f"scoring  {name}: {n} images {size}x{size}, {len(methods)} methods "
         f"({', '.join(methods)}), {len(cfg.metrics)} metrics: runner {t_score:.2f} s "
@@ -276,6 +276,12 @@ def main() -> None:
     parser.add_argument("--only-scoring", action="store_true", help="the scoring part alone")
     parser.add_argument("--skip-synthetic", action="store_true", help="no synthetic scoring")
     parser.add_argument("--skip-real", action="store_true", help="no real-model scoring")
+    parser.add_argument(
+        "--synthetic-methods",
+        default=None,
+        help="comma-separated methods of the synthetic setting (default cmwp,gradcam); e.g. "
+        "mwp,cmwp, which share one forward per batch",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, CPU")
@@ -283,7 +289,8 @@ def main() -> None:
         bench_voronoi(args.quick)
         bench_localisation(args.quick)
     if not args.skip_synthetic:
-        bench_scoring(args.quick, real=False)
+        chosen = tuple(args.synthetic_methods.split(",")) if args.synthetic_methods else None
+        bench_scoring(args.quick, real=False, methods=chosen)
     if not args.skip_real:
         bench_scoring(args.quick, real=True)
 
