@@ -186,3 +186,20 @@ def test_heads_read_samples_and_batches_as_extract_does():
         _collate_pairs([x[i] for i in range(3)])
     with pytest.raises(InputError, match=r"each batch must be \(images, labels"):
         _split_batch(x)
+
+
+def test_one_adapter_tells_samples_from_batches():
+    """A list of (image, label) samples is a dataset; a list of (images, labels) batches is
+    kept in its own order; the same for every head fitted on images."""
+    from xnn_toolkit.heads._training import _raw_batches
+
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    samples = [(x[i], int(y[i])) for i in range(6)]
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    got = list(_raw_batches(samples, 4, None, shuffle=False))
+    assert [b[0].shape[0] for b in got] == [4, 2]
+    assert torch.equal(torch.cat([b[0] for b in got]), x)
+    assert torch.equal(torch.cat([b[1] for b in got]), y)
+    kept = list(_raw_batches(batches, 3, None, shuffle=False))
+    assert [b[0].shape[0] for b in kept] == [4, 2] and torch.equal(kept[1][0], x[4:])

@@ -85,9 +85,8 @@ class _Source:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from ._training import _raw_batches  # the heads' one data adapter
 
-        kind = "pair" if self.tensors else "dataset" if self.dataset is not None else "iterable"
         data = self.tensors or self.dataset or self.iterable
-        for x, y in _raw_batches(data, self.batch_size, generator, shuffle=shuffle, kind=kind):
+        for x, y in _raw_batches(data, self.batch_size, generator, shuffle=shuffle):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or y.shape[0] != x.shape[0]:
                 raise InputError(
                     "every batch must hold N x C x H x W images and N labels; got "

@@ -43,11 +43,20 @@ def _is_pair(data: object) -> bool:
 
 
 def _is_dataset(data: object) -> bool:
-    return (
-        hasattr(data, "__getitem__")
-        and hasattr(data, "__len__")
-        and not isinstance(data, torch.utils.data.DataLoader | list | tuple | torch.Tensor)
-    )
+    """A map-style dataset of samples; a list or tuple counts as one when its items are
+    samples (a ``C x H x W`` image first), not batches (``N x C x H x W``)."""
+    if isinstance(data, torch.utils.data.DataLoader | torch.Tensor):
+        return False
+    if isinstance(data, list | tuple):
+        first = data[0] if data else None
+        if isinstance(first, dict):
+            first = next(
+                (first[k] for k in ("image", "x", "input", "inputs", "img") if k in first), None
+            )
+        elif isinstance(first, list | tuple) and first:
+            first = first[0]
+        return isinstance(first, torch.Tensor) and first.dim() == 3
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
 
 
 def _check_pair(data: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,24 +117,18 @@ def _batches(
 
 
 def _raw_batches(
-    data: object,
-    batch_size: int,
-    gen: torch.Generator | None,
-    shuffle: bool = True,
-    kind: str | None = None,
+    data: object, batch_size: int, gen: torch.Generator | None, shuffle: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The one data adapter of the heads fitted on images: ``(images, labels)`` tensors, a
     map-style dataset of ``(image, label, ...)`` samples or an iterable of batches (kept in
-    its own order); shuffled with ``gen`` where the order is ours and ``shuffle`` is set.
-    ``kind`` (``"pair"``, ``"dataset"``, ``"iterable"``) overrides the detection."""
-    kind = kind or ("pair" if _is_pair(data) else "dataset" if _is_dataset(data) else "iterable")
-    if kind == "pair":
+    its own order); shuffled with ``gen`` where the order is ours and ``shuffle`` is set."""
+    if _is_pair(data):
         x, y = _check_pair(data)
         order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
         for s in range(0, len(x), batch_size):
             idx = order[s : s + batch_size]
             yield x[idx], y[idx]
-    elif kind == "dataset":
+    elif _is_dataset(data):
         seed = int(torch.randint(2**62, (1,), generator=gen)) if shuffle else 0
         loader = torch.utils.data.DataLoader(
             data,

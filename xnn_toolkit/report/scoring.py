@@ -80,7 +80,7 @@ _CLASS_TARGETS = ("label", "predicted")
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """What to score and how (every field is recorded in the run's manifest).
+    """What to score and how (every field but ``num_workers`` is recorded in the manifest).
 
     Attributes
     ----------
