@@ -280,3 +280,51 @@ def test_top_pixels_keeps_the_k_highest_with_ties_in_row_major_order(seed):
                 want = torch.zeros(h * w, dtype=torch.bool)
                 want[order[:count]] = True
                 assert torch.equal(got[n, m].flatten(), want), (seed, k, n, m)
+
+
+def test_gate_localization_uses_the_attribution_filter_maps_on_the_real_model():
+    """On EfficientNet-Lite0 and two bundled photos: the ActivMap segments that
+    gate_localization scores are those of attribution.ActivMap with the dataset thresholds of
+    attribution.activation_thresholds, its GradMap segments those of attribution.GradMap (one
+    definition each), and the model is left as it was."""
+    from xnn_toolkit.attribution import ActivMap, activation_thresholds
+    from xnn_toolkit.data import SkimagePhotos
+    from xnn_toolkit.metrics import gate_localization
+    from xnn_toolkit.models import load_model
+
+    lm = load_model("bundled:efficientnet_lite0")
+    photos = SkimagePhotos.for_model(lm, ["chelsea", "coffee"])
+    x = lm.preprocessing.normalize(torch.stack([photos[i][0] for i in range(2)]))
+    masks = torch.zeros(2, 224, 224, dtype=torch.bool)
+    masks[:, 56:168, 56:168] = True
+    k = 8
+    before = {n: p.clone() for n, p in lm.model.state_dict().items()}
+    gates = torch.zeros(2, k)
+    gates[0, :4] = 1.0
+    gates[1, 4:] = 1.0
+    # gate_localization needs the layer to have K channels: score the first 8 of a copy
+    net = torch.nn.Sequential(lm.model.conv_stem, lm.model.bn1, lm.model.blocks)
+    pick = torch.nn.Conv2d(320, k, 1, bias=False)
+    with torch.no_grad():
+        pick.weight.zero_()
+        for i in range(k):
+            pick.weight[i, i] = 1.0
+    net = torch.nn.Sequential(net, pick, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    net.eval()
+    res = gate_localization(gates, net, x, masks, torch.tensor([0, 1]), layer="1", top=0.3)
+    thr = activation_thresholds(net, x, "1", top=0.3)
+    for f in range(k):
+        seg = ActivMap(net, "1", thresholds=thr).attribute(x, f).mask
+        want = iou(seg, masks)
+        assert torch.allclose(res.ious[:, f].double(), want.double(), atol=1e-6), f
+    # GradMap: every filter from one shared forward pass, the same masks as GradMap alone
+    from xnn_toolkit.attribution import GradMap
+
+    res_g = gate_localization(
+        gates, net, x, masks, torch.tensor([0, 1]), layer="1", method="gradmap"
+    )
+    for f in range(k):
+        seg = GradMap(net, "1").attribute(x, f).mask
+        assert torch.equal(res_g.ious[:, f], iou(seg, masks)), f
+    assert all(torch.equal(before[n], p) for n, p in lm.model.state_dict().items())
+    assert not lm.model.training
