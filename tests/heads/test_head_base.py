@@ -203,3 +203,21 @@ def test_one_adapter_tells_samples_from_batches():
     assert torch.equal(torch.cat([b[1] for b in got]), y)
     kept = list(_raw_batches(batches, 3, None, shuffle=False))
     assert [b[0].shape[0] for b in kept] == [4, 2] and torch.equal(kept[1][0], x[4:])
+
+
+@pytest.mark.parametrize("cls", [ClassPaths, InformationDropout, ClassSpecificGates])
+def test_the_shared_epoch_loop_reports_each_epoch(cls, capsys):
+    """The three heads fitted through the model train in one loop: a history row per epoch,
+    printed with verbose=True, and the same fit with verbose off."""
+    x, y = _images()
+    kw = (
+        {"layer": "0", "warmup": 1}
+        if cls is ClassSpecificGates
+        else {"layers": ["1"], "min_images": 1}
+    )
+    quiet = cls(epochs=3, batch_size=8, **kw).fit(_cnn(), (x, y))
+    loud = cls(epochs=3, batch_size=8, verbose=True, **kw).fit(_cnn(), (x, y))
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["epoch   0", "epoch   1", "epoch   2"]
+    assert len(loud.history_) == len(quiet.history_) == 3
+    assert repr(loud.history_) == repr(quiet.history_)  # (NaN entries compare by text)

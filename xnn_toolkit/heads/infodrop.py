@@ -331,6 +331,8 @@ class InformationDropout(Head):
     device : str or torch.device, optional
         Where the head computes; ``None``: where its input is (the model's device). The
         model is never moved, so a device other than the model's is refused.
+    verbose : bool
+        Print one line per epoch (the mean of each loss term), as the gates do.
 
     Attributes
     ----------
@@ -370,6 +372,7 @@ class InformationDropout(Head):
         min_images: int = 10,
         random_state: int = 0,
         device: str | torch.device | None = None,
+        verbose: bool = False,
     ) -> None:
         self.layers = layers
         self.prior = prior
@@ -386,6 +389,7 @@ class InformationDropout(Head):
         self.min_images = min_images
         self.random_state = random_state
         self.device = device
+        self.verbose = verbose
 
     # ---------------------------------------------------------------- validation
     def _check_params(self) -> None:
@@ -547,6 +551,7 @@ class InformationDropout(Head):
                 batch_size=self.batch_size,
                 gen=torch.Generator().manual_seed(self.random_state),
                 step=step,
+                verbose=self.verbose,
             )
         self.layers_ = names
         self.n_outputs_ = n_out

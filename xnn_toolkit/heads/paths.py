@@ -314,6 +314,8 @@ class ClassPaths(Head):
     device : str or torch.device, optional
         Where the head computes; ``None``: where its input is (the model's device). The
         model is never moved, so a device other than the model's is refused.
+    verbose : bool
+        Print one line per epoch (the mean of each loss term), as the gates do.
 
     Attributes
     ----------
@@ -358,6 +360,7 @@ class ClassPaths(Head):
         threshold: float = 0.5,
         random_state: int = 0,
         device: str | torch.device | None = None,
+        verbose: bool = False,
     ) -> None:
         self.layers = layers
         self.objective = objective
@@ -372,6 +375,7 @@ class ClassPaths(Head):
         self.threshold = threshold
         self.random_state = random_state
         self.device = device
+        self.verbose = verbose
 
     # ---------------------------------------------------------------- validation
     def _check_params(self) -> None:
@@ -464,6 +468,7 @@ class ClassPaths(Head):
                 gen=torch.Generator().manual_seed(self.random_state),
                 step=step,
                 end_of_epoch=end_of_epoch,
+                verbose=self.verbose,
             )
         keep_rows = kept["rows"]
         n_out = fit.n_out
