@@ -1,4 +1,4 @@
-"""``raise_heap_thresholds``: activations' memory stays mapped between batches (glibc)."""
+"""``raise_heap_thresholds``: a CPU scoring run reuses its activations' memory (glibc)."""
 
 import subprocess
 import sys
@@ -10,46 +10,47 @@ import xnn_toolkit._allocator as alloc
 
 SCRIPT = textwrap.dedent(
     """
-    import resource, torch
-    from xnn_toolkit._allocator import raise_heap_thresholds
+    import resource, sys, torch
+    import xnn_toolkit.report.scoring as scoring
+    from xnn_toolkit.data.normalized import Normalized
+    from xnn_toolkit.data.synthetic import SyntheticParts
+    from xnn_toolkit.models import load_model
+    from xnn_toolkit.report.scoring import ScoringConfig, score_dataset
 
-    def faults(n):
-        # what a forward / backward does per batch: a few blocks of 8 MiB, then freed
-        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(n):
-            a = torch.ones(2 * 2**20)
-            b = torch.ones(2 * 2**20)
-            c = torch.ones(2 * 2**20)
-            del a, b, c
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
-
-    faults(2)
-    before = faults(10)
-    assert raise_heap_thresholds()
-    faults(2)
-    print(before, faults(10))
+    if sys.argv[1] == "off":
+        scoring.raise_heap_thresholds = lambda: False
+    torch.set_num_threads(1)
+    lm = load_model("bundled:vgg_synth")
+    pre = lm.preprocessing
+    raw = SyntheticParts(64, size=64, seed=0, num_classes=10, return_annotations=True)
+    ds = Normalized(raw, pre.mean, pre.std)
+    cfg = ScoringConfig(methods=("cmwp",), metrics=("pointing_game",), batch_size=16)
+    score_dataset(lm.model, ds, cfg, progress=False)
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    score_dataset(lm.model, ds, cfg, progress=False)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
     """
 )
 
-PAGES = 3 * 8 * 2**20 // 4096  # one batch's blocks, in 4 KiB pages
+
+def _faults(mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not alloc._is_glibc(), reason="glibc's malloc thresholds only")
-def test_raised_thresholds_keep_the_blocks_mapped():
-    for _ in range(3):
-        out = subprocess.run(
-            [sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True
-        )
-        before, after = map(int, out.stdout.split()[-2:])
-        # glibc's dynamic thresholds stop at the 8 MiB blocks: the heap's top (24 MiB) is
-        # over the trim threshold (16 MiB), given back and faulted in again every batch.
-        # (A process whose history freed a larger mapped block first is already past this;
-        # try a fresh one.)
-        if before >= 5 * PAGES:
-            break
-    assert before >= 5 * PAGES, "could not reproduce glibc's default behaviour"
-    # raised to just under 32 MiB (trim threshold 62 MiB): the blocks stay mapped
-    assert after < PAGES // 10
+def test_a_scoring_run_does_not_fault_its_activations_in_again():
+    # 4 batches of 16 images at 64 x 64: the first layer's activations alone are 8 MiB
+    batch = 16 * 32 * 64 * 64 * 4 // 4096  # pages of one such block
+    # glibc's default dynamic thresholds: the heap's top is given back after each batch
+    # and faulted in again in the next (the mapped-block history of a fresh process)
+    off = _faults("off")
+    on = _faults("on")
+    assert off >= 4 * batch, off
+    # raised once per run: the blocks stay mapped
+    assert on < off / 4, (on, off)
 
 
 def test_off_glibc_nothing_happens(monkeypatch):
