@@ -7,12 +7,15 @@ Quantus the heatmaps it already holds as ``a_batch``; (b) Quantus's own call wit
 the same numbers (checked) and load the images from the same data set; the ratio
 ``runner / quantus`` is the runner's cost on top (per-batch checks, per-image tables; its
 prediction comes from the attribution's own forward pass).
-Timings alternate the two sides and report medians; one CPU thread.
+Timings alternate the two sides after one untimed run of each and report medians; one CPU
+thread for the network on both sides (the runner may use a second core for Quantus's
+interpreter-bound checks, in its metrics process).
 
 The time spent inside the c-MWP calls is reported for each side as well (the same calls on
 the same images), which separates the runner's own cost from the attribution's.
 
-Usage: ``.venv/bin/python bench/interop.py [--quick] [--images N] [--shard-size N]``
+Usage: ``.venv/bin/python bench/interop.py [--quick] [--images N] [--shard-size N]
+[--batch-size N] [--repetitions N]``
 """
 
 from __future__ import annotations
@@ -44,13 +47,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--images", type=int, default=256, help="images scored (default 256)")
     ap.add_argument("--shard-size", type=int, default=None, help="runner shard size")
+    ap.add_argument("--batch-size", type=int, default=16, help="both sides (default 16)")
+    ap.add_argument("--repetitions", type=int, default=5, help="timed runs per side")
     args = ap.parse_args()
     import quantus
 
     from xnn_toolkit.attribution.base import AttributionMethod
 
     torch.set_num_threads(1)
-    n, reps = (8, 1) if args.quick else (args.images, 3)
+    n, reps = (8, 1) if args.quick else (args.images, args.repetitions)
     # seconds spent inside the attribution calls, per side (the same c-MWP on both)
     in_attribute = {"now": 0.0}
     real_attribute = AttributionMethod.attribute
@@ -70,7 +75,7 @@ def main() -> None:
     cfg = ScoringConfig(
         methods=("cmwp",),
         metrics=("quantus:Sparseness",),
-        batch_size=16,
+        batch_size=args.batch_size,
         shard_size=args.shard_size,
     )
 
@@ -91,11 +96,13 @@ def main() -> None:
                 y_batch=y.numpy(),
                 explain_func=quantus_explain_func("cmwp"),
                 device="cpu",
-                batch_size=16,
+                batch_size=args.batch_size,
             )
         return np.asarray(out, dtype=np.float64)
 
     t_run, t_own, att_run, att_own = [], [], [], []
+    runner()  # warm-up, untimed: first-call costs of both sides
+    own_loop()
     for _ in range(reps):
         in_attribute["now"] = 0.0
         t = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
 from collections.abc import Callable
@@ -185,21 +186,28 @@ def quantus_metric_spec(name: str) -> Any:
             _check_perturbable(key, inp.model)
         return [_run_quantus(cls, inp, category in _NEEDS_MASK, pure)]
 
-    return MetricSpec(f"quantus:{key}", needs, compute, pure=pure)
+    # Quantus's own checks and metrics are interpreter-bound: pure ones go to the runner's
+    # metrics process where it has one
+    return MetricSpec(f"quantus:{key}", needs, compute, pure=pure, offloads=pure)
+
+
+@functools.cache
+def _init_parameters(cls: type) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> torch.Tensor:
     """One batch of one Quantus metric. ``pure``: the metric reads the attributions only; it
     gets no model and no explain function and runs without touching any global state (the
     runner calls it from its metrics thread)."""
-    import inspect
-
     if bool((inp.classes < 0).any()):
         raise InputError(
             f"quantus:{cls.__name__} scores the model's output for a class, but this target "
             "explains no class; use a class target ('label' / 'predicted') or drop the metric"
         )
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = _init_parameters(cls)
     kwargs: dict[str, object] = {"disable_warnings": True, "display_progressbar": False}
     if "num_classes" in accepted and not pure:
         with torch.no_grad():
@@ -207,7 +215,6 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> to
     if "return_last_correlation" in accepted:  # one number per image (MPRT)
         kwargs["return_last_correlation"] = True
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    metric = cls(**kwargs)
     n = inp.maps.shape[0]
     x = inp.images.detach().cpu().numpy()
     a = inp.maps.detach().cpu().numpy()[:, None].astype(np.float32)
@@ -223,10 +230,12 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> to
         "device": device,
     }
     if pure:
-        # the runner's metrics thread: no model, no explain function, and no global state
-        # touched (stdout, warning filters and NumPy's generator belong to the main thread;
-        # disable_warnings keeps Quantus quiet)
-        return _per_image(cls, metric(model=None, explain_func=None, **call), n)
+        # the runner's metrics thread, which hands the work to its metrics process where the
+        # run has one: no model, no explain function, and no global state touched (stdout,
+        # warning filters and NumPy's generator belong to the main thread; disable_warnings
+        # keeps Quantus quiet)
+        return _per_image(cls, inp.offload(_quantus_pure, cls, kwargs, call), n)
+    metric = cls(**kwargs)
     explain = quantus_explain_func(inp.method, **inp.method_options) if inp.method else None
     state = np.random.get_state()  # noqa: NPY002 - Quantus draws from the global generator
     # Quantus draws from NumPy's global generator: seed it from the runner's per-shard torch
@@ -240,6 +249,11 @@ def _run_quantus(cls: type, inp: Any, with_mask: bool, pure: bool = False) -> to
     finally:
         np.random.set_state(state)  # noqa: NPY002
     return _per_image(cls, out, n)
+
+
+def _quantus_pure(cls: type, kwargs: dict[str, object], call: dict[str, object]) -> Any:
+    """A pure Quantus metric on one batch (NumPy in and out; may run in the metrics process)."""
+    return cls(**kwargs)(model=None, explain_func=None, **call)
 
 
 def _per_image(cls: type, out: Any, n: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ the others in order in this thread. The rows are image-major (image, target, met
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ from ..attribution.targets import Class, HeadOutput
 from ..data.types import PartBatch
 from ..datafit import DataFit
 from ..errors import InputError
+from ._metrics_process import Offload, run_here
 from ._score_batches import Batch
 from .score_metrics import GROUND_TRUTH, MetricSpec, ScoreInputs
 
@@ -166,17 +167,24 @@ def _shard_seed(seed: int, k: int) -> int:
 
 
 def _score_shard(
-    plan: _Plan, k: int, loaded: Iterator[Batch], pool: ThreadPoolExecutor
-) -> torch.Tensor:
-    """The ``rows x ncols`` float64 values of shard ``k`` (image-major, then target, method),
-    from its batches, the next ones of ``loaded``; ``pool`` (one thread, the run's) computes
-    the pure metrics."""
+    plan: _Plan,
+    k: int,
+    loaded: Iterator[Batch],
+    pool: ThreadPoolExecutor,
+    offload: Offload = run_here,
+) -> Callable[[], torch.Tensor]:
+    """Explain and score shard ``k`` from its batches, the next ones of ``loaded``; returns
+    ``finish()``, which waits for the pure metrics still running and gives the shard's
+    ``rows x ncols`` float64 values (image-major, then target, method). ``pool`` (one
+    thread, the run's) computes the pure metrics, which hand their interpreter-bound work
+    to ``offload`` (the run's metrics process, see :mod:`._metrics_process`); the caller
+    explains the next shard before it calls ``finish``, so they overlap it too."""
     start, stop = plan.bounds(k)
     dev = model_device(plan.model)
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.cfg.threads)
     try:
-        return _score_rows(plan, k, start, stop, dev, loaded, pool)
+        return _score_rows(plan, k, start, stop, dev, loaded, pool, offload)
     finally:
         torch.set_num_threads(threads)
 
@@ -205,13 +213,13 @@ def _score_rows(
     dev: torch.device,
     loaded: Iterator[Batch],
     pool: ThreadPoolExecutor,
-) -> torch.Tensor:
+    offload: Offload,
+) -> Callable[[], torch.Tensor]:
     cfg = plan.cfg
-    later = []
+    later: list[_Job] = []
+    unsent: list[_Job] = []
     saved: dict[str, Any] = {"order": [], "groups": {}, "maps": {}}
     devices = [dev] if dev.type == "cuda" else []
-    # the pure metrics (functions of the maps and the ground truth: no model, no RNG) of one
-    # batch run in a second thread while the next batch is explained
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_shard_seed(cfg.seed, k))
         for want in _shard_batches(plan, k):
@@ -224,6 +232,12 @@ def _score_rows(
             x = x.to(dev)
             if parts is not None and dev.type != "cpu":
                 parts = parts.to(dev)
+            # the pure metrics (functions of the maps and the ground truth: no model, no RNG)
+            # of the previous batch go to the metrics thread now, once this batch is loaded:
+            # they overlap its heatmaps, where the network leaves the interpreter free
+            for job in unsent:
+                job.pure = pool.submit(_pure_values, job.pair)
+            unsent = []
             pairs: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
             # one batch, one set of forward passes: the prediction comes from the first
             # method's forward, and methods reading the same layer share theirs
@@ -246,23 +260,33 @@ def _score_rows(
                         pairs.append((ti, mi, classes, maps))
             assert pred is not None
             for ti in range(len(plan.targets)):
-                group = [p for p in pairs if p[0] == ti]
-                pure = pool.submit(_pure_values, _Pair(plan, idx, x, parts, group))
-                alone = _alone_values(_Pair(plan, idx, x, parts, group))
-                later.append((idx, labels, pred, group, ti, pure, alone))
-        blocks = []
-        for idx, labels, pred, group, ti, pure, alone in later:
-            rows = _rows(plan, idx, labels, pred, group, ti, pure.result(), alone)
-            if ti == 0:
-                blocks.append([])
-            blocks[-1] += rows
+                pair = _Pair(plan, idx, x, parts, [p for p in pairs if p[0] == ti], offload)
+                job = _Job(pair, labels, pred, ti, _alone_values(pair))
+                later.append(job)
+                unsent.append(job)
+        for job in unsent:
+            job.pure = pool.submit(_pure_values, job.pair)
     if plan.maps_dir is not None:
         from ..interop.maps import write_shard
 
         maps = {key: torch.cat(v) for key, v in saved.pop("maps").items()}
         write_shard(plan.maps_dir, k, maps, saved)
-    # image-major: row (i, t, m)
-    return torch.cat([torch.stack(rows, 1).reshape(-1, plan.ncols) for rows in blocks])
+
+    def finish() -> torch.Tensor:
+        blocks: list[list[torch.Tensor]] = []
+        for job in later:
+            assert job.pure is not None
+            pure = job.pure.result()
+            rows = _rows(
+                plan, job.pair.idx, job.labels, job.pred, job.pair.group, job.ti, pure, job.alone
+            )
+            if job.ti == 0:
+                blocks.append([])
+            blocks[-1] += rows
+        # image-major: row (i, t, m)
+        return torch.cat([torch.stack(rows, 1).reshape(-1, plan.ncols) for rows in blocks])
+
+    return finish
 
 
 @dataclass(frozen=True)
@@ -274,6 +298,7 @@ class _Pair:
     x: torch.Tensor
     parts: PartBatch | None
     group: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    offload: Offload = run_here
 
     def inputs(self, maps: torch.Tensor, classes: torch.Tensor, mi: int | None) -> ScoreInputs:
         cfg = self.plan.cfg
@@ -290,7 +315,21 @@ class _Pair:
             batch_size=max(64, cfg.batch_size),
             method=cfg.methods[mi] if mi is not None else "",
             method_options=_method_options(self.plan, mi, method) if mi is not None else {},
+            offload=self.offload,
         )
+
+
+@dataclass
+class _Job:
+    """A scored batch and target: its pure metrics' future (sent once the next batch is
+    loaded) and the other metrics' values."""
+
+    pair: _Pair
+    labels: torch.Tensor
+    pred: torch.Tensor
+    ti: int
+    alone: list[dict[str, list[torch.Tensor]]]
+    pure: Future | None = None
 
 
 def _pure_values(pair: _Pair) -> dict[str, list[torch.Tensor]]:

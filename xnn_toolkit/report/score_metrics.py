@@ -45,6 +45,7 @@ from ..metrics import (
     top_pixels,
     voronoi_part_probabilities,
 )
+from ._metrics_process import Offload, run_here
 
 __all__ = ["GROUND_TRUTH", "MetricSpec", "ScoreInputs", "available_metrics", "get_metric"]
 
@@ -96,6 +97,10 @@ class ScoreInputs:
         Quantus's robustness and randomisation metrics, call it again).
     method_options : dict
         Its constructor options, ``layer`` included.
+    offload : callable
+        ``offload(fn, *args) -> fn(*args)``: where a pure metric runs work that holds the
+        interpreter (pure Python and NumPy on Python objects; ``fn`` and ``args`` picklable):
+        the run's metrics process when it has one, else here.
     """
 
     maps: torch.Tensor
@@ -110,6 +115,7 @@ class ScoreInputs:
     cache: dict = field(default_factory=dict)
     method: str = ""
     method_options: dict = field(default_factory=dict)
+    offload: Offload = run_here
 
 
 Compute = Callable[[ScoreInputs], list[torch.Tensor]]
@@ -140,6 +146,10 @@ class MetricSpec:
         A function of the maps and the ground truth only (no model, no random draws): the
         runner computes it in its metrics thread, off the critical path. Stacked metrics
         are pure.
+    offloads : bool
+        A pure metric that hands interpreter-bound work to :attr:`ScoreInputs.offload`
+        (Quantus's complexity metrics): the runner then starts its metrics process where it
+        can.
     """
 
     name: str
@@ -149,6 +159,7 @@ class MetricSpec:
     context: bool = False
     stacked: bool = False
     pure: bool = False
+    offloads: bool = False
 
     def __post_init__(self) -> None:
         if self.stacked and not self.pure:

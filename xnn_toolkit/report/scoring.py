@@ -39,7 +39,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._allocator import raise_heap_thresholds
 from .._device import model_device
 from ..attribution import available_methods, get_method
 from ..attribution.targets import ClassHeadTarget, Target
@@ -58,6 +59,7 @@ from ..errors import InputError, SpecError, close_matches
 from ..layers import resolve_layer
 from . import _score_store as store
 from ._distributed import Group
+from ._metrics_process import MIN_BATCHES, MetricsProcess
 from ._score_batches import batches
 from ._score_shard import (
     _Plan,
@@ -633,6 +635,9 @@ def score_dataset(
             plan, maps_dir=Path(out).resolve() / "maps", maps_info=json.loads(json.dumps(info))
         )
     group = Group(model_device(model))
+    if model_device(model).type == "cpu":
+        # the activations' memory stays mapped between batches (see _allocator)
+        raise_heap_thresholds()
     folder = store.RunFolder(Path(out).resolve(), plan.header) if out is not None else None
     try:
         return _run(plan, group, folder, overwrite, resume, progress, t0)
@@ -698,62 +703,99 @@ def _run(
         group.on_rank0(
             lambda: folder.manifest["complete"] or folder.start_run(info), "record the run"
         )
-    bar = None
-    if progress and group.rank == 0 and pending:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=plan.n,
-            initial=sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in results),
-            unit="img",
-            desc="score",
-            leave=False,
-        )
-    # this rank's shards, in order, loaded ahead by one DataLoader; shards are written by a
-    # background thread on rank 0 while the next ones are scored
     mine_all = pending[group.rank :: group.world]
-    loaded = batches(
-        plan.dataset,
-        [b for k in mine_all for b in _shard_batches(plan, k)],
-        plan.cfg.num_workers,
+    # a helper process for interpreter-bound pure metrics (see _metrics_process), forked
+    # before the progress bar's, writer's and metrics' threads start
+    helper = MetricsProcess.start(
+        any(spec.offloads for spec in plan.metrics)
+        and group.world == 1
+        and model_device(plan.model).type == "cpu"
+        and sum(len(_shard_batches(plan, k)) for k in mine_all) >= MIN_BATCHES
     )
-    writer = store.BackgroundWriter() if folder is not None and group.rank == 0 else None
-    # one thread for the pure metrics of the whole run (they overlap the next batch)
-    metrics_pool = ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics")
     try:
-        for r in range(0, len(pending), group.world):
-            mine = pending[r + group.rank] if r + group.rank < len(pending) else None
-            value, error, seconds = None, None, 0.0
-            if mine is not None:
-                ts = time.perf_counter()
-                try:
-                    value = _score_shard(plan, mine, loaded, metrics_pool)
-                except Exception as exc:  # noqa: BLE001 - every rank raises in gather_results
-                    error = exc
-                seconds = time.perf_counter() - ts
-            got = group.gather_results(value, error, plan.ncols)
-            secs = group.all_gather(torch.tensor([seconds], dtype=torch.float64))
-            new = {}
-            for rank, m in enumerate(got):
-                if r + rank < len(pending):
-                    k = pending[r + rank]
-                    results[k] = (
-                        m if m is not None else torch.zeros(0, plan.ncols, dtype=torch.float64)
-                    )
-                    a, b = plan.bounds(k)
-                    new[k] = (a, b, results[k], float(secs[rank][0]))
-            if folder is not None:
-                group.on_rank0(
-                    lambda new=new: writer.submit(folder.write_shards, new),  # type: ignore[union-attr]
-                    "write a shard",
-                )
-            if bar is not None:
-                bar.update(sum(b - a for a, b, _, _ in new.values()))
+        bar = None
+        if progress and group.rank == 0 and pending:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=plan.n,
+                initial=sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in results),
+                unit="img",
+                desc="score",
+                leave=False,
+            )
+        # this rank's shards, in order, loaded ahead by one DataLoader; shards are written by a
+        # background thread on rank 0 while the next ones are scored
+        loaded = batches(
+            plan.dataset,
+            [b for k in mine_all for b in _shard_batches(plan, k)],
+            plan.cfg.num_workers,
+        )
+        writer = store.BackgroundWriter() if folder is not None and group.rank == 0 else None
+        # one thread for the pure metrics of the whole run (they overlap the next batch)
+        metrics_pool = ThreadPoolExecutor(1, thread_name_prefix="xnn-score-metrics")
+    except BaseException:
+        helper.close()
+        raise
+
+    def gather(
+        r: int, finish: Callable[[], torch.Tensor] | None, error: Exception | None, seconds: float
+    ) -> None:
+        """Finish this rank's shard of round ``r`` and gather every rank's (errors too)."""
+        value = None
+        if finish is not None:
+            ts = time.perf_counter()
+            try:
+                value = finish()
+            except Exception as exc:  # noqa: BLE001 - every rank raises in gather_results
+                error = exc
+            seconds += time.perf_counter() - ts
+        got = group.gather_results(value, error, plan.ncols)
+        secs = group.all_gather(torch.tensor([seconds], dtype=torch.float64))
+        new = {}
+        for rank, m in enumerate(got):
+            if r + rank < len(pending):
+                k = pending[r + rank]
+                results[k] = m if m is not None else torch.zeros(0, plan.ncols, dtype=torch.float64)
+                a, b = plan.bounds(k)
+                new[k] = (a, b, results[k], float(secs[rank][0]))
+        if folder is not None:
+            group.on_rank0(
+                lambda: writer.submit(folder.write_shards, new),  # type: ignore[union-attr]
+                "write a shard",
+            )
+        if bar is not None:
+            bar.update(sum(b - a for a, b, _, _ in new.values()))
+
+    try:
+        # each round's shard is explained before the previous round's is finished and
+        # gathered: the previous shard's last pure metrics overlap this shard's first batch
+        before: tuple[int, Callable[[], torch.Tensor] | None, Exception | None, float] | None
+        before = None
+        for r in [*range(0, len(pending), group.world), None]:
+            now = None
+            if r is not None:
+                mine = pending[r + group.rank] if r + group.rank < len(pending) else None
+                finish, error, seconds = None, None, 0.0
+                # after an error on this rank, the loader is not where the next shard starts:
+                # explain nothing more; the error reaches every rank at its round's gather
+                if mine is not None and (before is None or before[2] is None):
+                    ts = time.perf_counter()
+                    try:
+                        finish = _score_shard(plan, mine, loaded, metrics_pool, helper)
+                    except Exception as exc:  # noqa: BLE001 - every rank raises in gather
+                        error = exc
+                    seconds = time.perf_counter() - ts
+                now = (r, finish, error, seconds)
+            if before is not None:
+                gather(*before)
+            before = now
         if folder is not None:
             group.on_rank0(lambda: writer.drain(), "write a shard")  # type: ignore[union-attr]
     finally:
         loaded.close()
         metrics_pool.shutdown(wait=True)
+        helper.close()
         if writer is not None:
             writer.close()
         if bar is not None:
