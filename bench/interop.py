@@ -14,8 +14,12 @@ interpreter-bound checks, in its metrics process).
 The time spent inside the c-MWP calls is reported for each side as well (the same calls on
 the same images), which separates the runner's own cost from the attribution's.
 
+The minor page faults of each side are reported too: ``--default-malloc`` leaves glibc's
+heap thresholds alone (the runner raises them otherwise) and ``--no-helper`` keeps the
+interpreter-bound Quantus work in the metrics thread, to measure what each of these does.
+
 Usage: ``.venv/bin/python bench/interop.py [--quick] [--images N] [--shard-size N]
-[--batch-size N] [--repetitions N]``
+[--batch-size N] [--repetitions N] [--default-malloc] [--no-helper]``
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import resource
 import statistics
 import sys
 import time
@@ -49,11 +54,26 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=None, help="runner shard size")
     ap.add_argument("--batch-size", type=int, default=16, help="both sides (default 16)")
     ap.add_argument("--repetitions", type=int, default=5, help="timed runs per side")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's heap thresholds as they are (the runner raises them otherwise)",
+    )
+    ap.add_argument(
+        "--no-helper", action="store_true", help="no metrics process (the metrics thread only)"
+    )
     args = ap.parse_args()
     import quantus
 
+    import xnn_toolkit.report.scoring as scoring
     from xnn_toolkit.attribution.base import AttributionMethod
+    from xnn_toolkit.report._metrics_process import MetricsProcess
 
+    if args.default_malloc:
+        scoring.raise_heap_thresholds = lambda: False
+    if args.no_helper:
+        start = MetricsProcess.start.__func__
+        MetricsProcess.start = classmethod(lambda cls, wanted: start(cls, False))
     torch.set_num_threads(1)
     n, reps = (8, 1) if args.quick else (args.images, args.repetitions)
     # seconds spent inside the attribution calls, per side (the same c-MWP on both)
@@ -100,19 +120,24 @@ def main() -> None:
             )
         return np.asarray(out, dtype=np.float64)
 
-    t_run, t_own, att_run, att_own = [], [], [], []
+    def faults() -> int:  # minor page faults of this process so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    t_run, t_own, att_run, att_own, f_run, f_own = [], [], [], [], [], []
     runner()  # warm-up, untimed: first-call costs of both sides
     own_loop()
     for _ in range(reps):
         in_attribute["now"] = 0.0
-        t = time.perf_counter()
+        f, t = faults(), time.perf_counter()
         a = runner()
         t_run.append(time.perf_counter() - t)
+        f_run.append(faults() - f)
         att_run.append(in_attribute["now"])
         in_attribute["now"] = 0.0
-        t = time.perf_counter()
+        f, t = faults(), time.perf_counter()
         b = own_loop()
         t_own.append(time.perf_counter() - t)
+        f_own.append(faults() - f)
         att_own.append(in_attribute["now"])
     AttributionMethod.attribute = real_attribute
     diff = float(np.abs(a - b).max())
@@ -120,7 +145,8 @@ def main() -> None:
     print(
         f"images {n}, repetitions {reps}: runner {r:.2f} s, quantus loop {o:.2f} s; inside the "
         f"c-MWP calls: runner {statistics.median(att_run):.2f} s, quantus loop "
-        f"{statistics.median(att_own):.2f} s"
+        f"{statistics.median(att_own):.2f} s; minor page faults: runner "
+        f"{statistics.median(f_run):.0f}, quantus loop {statistics.median(f_own):.0f}"
     )
     print(f"RESULT quantus_sparseness_runner_over_quantus_loop {r / o:.2f} ratio")
     print(f"RESULT quantus_sparseness_max_abs_diff {diff:.1e} abs")

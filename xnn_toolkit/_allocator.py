@@ -7,7 +7,7 @@ only when the process frees an ``mmap``-served block: the threshold becomes that
 size (at most 32 MiB on 64-bit systems). A CNN's forward and backward allocate and free
 blocks of several MiB per batch; if nothing larger has been freed before, every batch maps
 or grows, touches, and gives back those megabytes again, and each new page costs a page
-fault (tens of thousands per second on the CPU: 10–20 % of a small network's time).
+fault (tens of thousands per run; ``bench/interop.py`` measures it).
 
 :func:`raise_heap_thresholds` allocates and frees one block just under glibc's cap, the
 same as any large temporary array does, so the dynamic thresholds rise to it: later blocks

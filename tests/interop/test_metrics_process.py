@@ -42,6 +42,8 @@ def test_offload_runs_in_another_process_and_the_helper_exits():
         assert pid is not None and pid != os.getpid()
         assert helper(os.getpid) == pid  # the work runs there
         assert helper(np.add, np.arange(3), 1).tolist() == [1, 2, 3]
+        # Ctrl-C stops the runner, which closes the helper: the helper ignores it
+        assert helper(signal.getsignal, signal.SIGINT) == signal.SIG_IGN
     finally:
         helper.close()
     assert not helper.active

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +39,12 @@ MIN_BATCHES = 8
 def run_here(fn: Callable[..., Any], *args: Any) -> Any:
     """Call ``fn(*args)`` in this thread (no metrics process)."""
     return fn(*args)
+
+
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group: the runner stops and closes the helper, which
+    # must not print a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def can_fork() -> bool:
@@ -61,7 +68,9 @@ class MetricsProcess:
         """Fork the helper now (from the calling thread) if ``wanted`` and possible."""
         if not wanted or not can_fork():
             return cls(None)
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_interrupts
+        )
         try:
             # fork now, before the runner's own threads start
             pool.submit(os.getpid).result()
