@@ -225,3 +225,64 @@ def test_explain_takes_weights_and_names_a_file_that_does_not_fit(tmp_path, caps
     err = capsys.readouterr().err
     assert "w.safetensors" in err and "missing" in err and "unexpected: fc6.weight" in err
     assert not (tmp_path / "r").exists()
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+_THP_SCRIPT = """
+import resource
+import xnn_toolkit.cli as cli
+
+cli._cpu_allocator_defaults()  # what the xnn command does first
+import torch
+
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    a = torch.ones(16 * 2**20)  # 64 MiB, as large activations are
+    del a
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="no transparent huge pages here")
+def test_the_xnn_command_backs_large_cpu_buffers_with_huge_pages():
+    def faults(**env):
+        full = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        res = subprocess.run(
+            [sys.executable, "-c", _THP_SCRIPT],
+            capture_output=True,
+            text=True,
+            env={**full, **env},
+            timeout=120,
+            check=True,
+        )
+        return int(res.stdout.split()[-1])
+
+    pages = 5 * 64 * 2**20 // 4096  # one fault per 4 KiB page without huge pages
+    on = faults()
+    assert on < pages / 5, on  # one fault per 2 MiB (and a few)
+    if _thp_mode() == "madvise":  # with "always" the kernel uses huge pages anyway
+        assert faults(THP_MEM_ALLOC_ENABLE="0") > pages / 2  # the user's choice is kept
+
+
+def test_console_main_sets_the_allocator_before_main_and_keeps_a_users_value(monkeypatch):
+    import xnn_toolkit.cli as cli
+
+    seen = []
+    monkeypatch.setattr(
+        cli, "main", lambda: seen.append(os.environ.get("THP_MEM_ALLOC_ENABLE")) or 0
+    )
+    for preset, want in ((None, "1"), ("0", "0")):
+        if preset is None:
+            monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+        else:
+            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+        with pytest.raises(SystemExit) as done:
+            cli.console_main()
+        assert done.value.code == 0 and seen[-1] == want
