@@ -266,7 +266,7 @@ def test_the_xnn_command_backs_large_cpu_buffers_with_huge_pages():
 
     pages = 5 * 64 * 2**20 // 4096  # one fault per 4 KiB page without huge pages
     on = faults()
-    assert on < pages / 5, on  # one fault per 2 MiB (and a few)
+    assert on < pages / 3, on  # one fault per 2 MiB (and some 4 KiB ones)
     if _thp_mode() == "madvise":  # with "always" the kernel uses huge pages anyway
         assert faults(THP_MEM_ALLOC_ENABLE="0") > pages / 2  # the user's choice is kept
 
